@@ -1,0 +1,305 @@
+"""The A2I Transformer: self-attention over each atom's neighbour tokens -> per-atom energies.
+
+Every atom ``i`` sees its neighbours ``j`` (within the cutoff ``r_c``) as a set of tokens, one per
+neighbour, built from the displacement ``r_ij = R_j - R_i`` and the species of ``i`` and ``j``. A
+stack of pre-norm transformer blocks lets the tokens of atom ``i`` attend to each other: the
+attention between tokens ``j`` and ``k`` couples the triplet ``(j, i, k)``, which is where three-body
+and higher terms come from. A readout pools the tokens into ``E_i``; the potential sums them.
+
+Two featurisations (``A2IConfig.featurization``):
+
+* ``"invariant"`` (default): tokens from a radial basis of ``d_ij``; every attention logit between
+  tokens ``j`` and ``k`` gets a learned bias ``sum_l a_l(h_j) b_l(h_k) cos(theta_jik)^l``. The bias is
+  folded into the query-key product as extra dimensions (``(r_j . r_k)^l`` is a dot product of
+  tensor powers of the unit vectors), so it costs one matmul. Exactly E(3) invariant.
+* ``"coordinates"``: the paper's minimal featurisation, tokens from ``r_ij / r_c`` and ``d_ij / r_c``.
+  Invariant to permutations and translations, not rotations: train with random rotations.
+
+Smoothness: a smooth envelope ``c(d)`` (zero with vanishing derivatives at ``r_c``) weights every
+key in the softmax, ``w_jk = c_k exp(s_jk) / (exp(s_sink) + sum_k c_k exp(s_jk))``, and every token
+in the pooling. A neighbour at the cutoff has no influence, so energies and forces stay continuous
+as atoms cross it. The learned sink logit keeps the denominator away from zero.
+
+This module knows only jax and flax; the jax-md glue lives in ``a2ijax.potential``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+FEATURIZATIONS = ("invariant", "coordinates")
+ENVELOPES = ("polynomial", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class A2IConfig:
+    """Hyperparameters of the A2I Transformer. Frozen: a config is data, hashable and static.
+
+    Attributes:
+      cutoff: neighbour cutoff ``r_c`` in the length unit of the positions. Neighbours at or
+        beyond it have no influence on the energy.
+      n_species: number of species; species ids run over ``0 .. n_species - 1``.
+      width: token width ``D`` (embedding size of every token).
+      heads: attention heads ``H``; ``width`` must be divisible by ``heads``.
+      layers: number of transformer blocks.
+      mlp_ratio: hidden width of each block's MLP, as a multiple of ``width``.
+      n_radial: size of the radial (Bessel) basis that featurises ``d_ij`` (invariant tokens).
+      angular_order: highest power ``l`` of ``cos(theta_jik)`` in the learned attention bias
+        (``invariant`` only); adds ``sum_l 3**l`` dimensions to each query/key. 0 disables angles.
+      envelope: ``"polynomial"`` (zero with vanishing first and second derivatives at ``r_c``) or
+        ``"cosine"`` (vanishing first derivative only).
+      envelope_exponent: exponent ``p`` of the polynomial envelope.
+      featurization: ``"invariant"`` or ``"coordinates"`` (see the module docstring).
+      avg_neighbors: typical number of neighbours inside the cutoff; divides the pooled sum so that
+        activations stay of order one. A constant, not learned; changing it changes the model.
+      atom_chunk: evaluate at most this many atoms at once, rematerialising each chunk in the
+        backward pass, so that peak memory is bounded by the chunk rather than by ``N``. Results
+        do not depend on it (up to float rounding). 0 evaluates all atoms at once.
+      dtype: compute dtype (``None``: promote from the inputs and parameters), e.g. ``"bfloat16"``.
+      param_dtype: dtype of the parameters, e.g. ``"float32"`` or ``"float64"``.
+    """
+
+    cutoff: float = 2.5
+    n_species: int = 1
+    width: int = 32
+    heads: int = 4
+    layers: int = 2
+    mlp_ratio: int = 2
+    n_radial: int = 8
+    angular_order: int = 2
+    envelope: str = "polynomial"
+    envelope_exponent: int = 6
+    featurization: str = "invariant"
+    avg_neighbors: float = 32.0
+    atom_chunk: int = 2048
+    dtype: str | None = None
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        def need(ok: bool, what: str):
+            if not ok:
+                raise ValueError(f"A2IConfig: {what}")
+
+        need(float(self.cutoff) > 0, f"cutoff must be positive, got {self.cutoff!r}")
+        for name in ("n_species", "width", "heads", "layers", "mlp_ratio", "n_radial"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
+        for name in ("angular_order", "atom_chunk"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 0, f"{name} must be an int >= 0, got {value!r}")
+        need(self.width % self.heads == 0,
+             f"width ({self.width}) must be divisible by heads ({self.heads})")
+        need(self.envelope in ENVELOPES, f"envelope must be one of {ENVELOPES}, got {self.envelope!r}")
+        need(isinstance(self.envelope_exponent, int) and self.envelope_exponent >= 2,
+             f"envelope_exponent must be an int >= 2, got {self.envelope_exponent!r}")
+        need(self.featurization in FEATURIZATIONS,
+             f"featurization must be one of {FEATURIZATIONS}, got {self.featurization!r}")
+        need(float(self.avg_neighbors) > 0, f"avg_neighbors must be positive, got {self.avg_neighbors!r}")
+        for name in ("dtype", "param_dtype"):
+            value = getattr(self, name)
+            if value is None and name == "dtype":
+                continue
+            try:
+                ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+            except TypeError:
+                ok = False
+            need(ok, f"{name} must name a floating dtype, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> A2IConfig:
+        """Builds a config from a mapping, naming any key that is not a field."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"A2IConfig: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def envelope(x: Array, kind: str = "polynomial", p: int = 6) -> Array:
+    """Smooth cutoff ``c(x)`` of the reduced distance ``x = d / r_c``: 1 at 0, 0 for ``x >= 1``."""
+    inside = x < 1.0
+    x = jnp.where(inside, x, 0.0)  # keep the unused branch finite for gradients
+    if kind == "polynomial":
+        # 1 - (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) - p(p+1)/2 x^(p+2): c, c', c'' vanish at x = 1.
+        xp = x**p
+        c = 1.0 - 0.5 * (p + 1) * (p + 2) * xp + p * (p + 2) * xp * x - 0.5 * p * (p + 1) * xp * x * x
+    elif kind == "cosine":
+        c = 0.5 * (jnp.cos(jnp.pi * x) + 1.0)
+    else:
+        raise ValueError(f"unknown envelope {kind!r}; expected one of {ENVELOPES}")
+    return jnp.where(inside, c, 0.0)
+
+
+def bessel_basis(x: Array, n: int) -> Array:
+    """``sin(k pi x) / x`` for ``k = 1..n`` of the reduced distance ``x > 0``: ``[..., n]``."""
+    k = jnp.arange(1, n + 1, dtype=x.dtype)
+    return jnp.sin(jnp.pi * k * x[..., None]) / x[..., None]
+
+
+def tensor_powers(u: Array, order: int) -> list[Array]:
+    """Flattened tensor powers ``u^(x)l`` for ``l = 0..order`` of vectors ``u [..., dim]``.
+
+    ``<u^(x)l, v^(x)l> = (u . v)^l``, so a dot product of these features gives powers of the cosine.
+    """
+    power = jnp.ones(u.shape[:-1] + (1,), u.dtype)
+    powers = [power]
+    for _ in range(order):
+        power = (power[..., :, None] * u[..., None, :]).reshape(u.shape[:-1] + (-1,))
+        powers.append(power)
+    return powers
+
+
+def _lookup(table: Array, ids: Array) -> Array:
+    """Rows of ``table`` for integer ``ids``; an id out of range gives NaN, never a clamped row."""
+    return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention among the tokens of each atom, envelope-weighted keys, a sink logit."""
+
+    config: A2IConfig
+
+    @nn.compact
+    def __call__(self, x: Array, c: Array, angular: list[Array] | None) -> Array:
+        cfg = self.config
+        n, k, d = x.shape
+        h, dh = cfg.heads, cfg.width // cfg.heads
+        n_ang = (cfg.angular_order + 1) if angular is not None else 0
+        dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        # One fused projection for queries, keys, values and the angular bias coefficients.
+        proj = nn.Dense(3 * d + 2 * h * n_ang, name="qkv", **dense)(x)  # [n, K, 3D + 2H(L+1)]
+        q, kk, v = (proj[..., i * d:(i + 1) * d].reshape(n, k, h, dh) for i in range(3))
+        q = q / math.sqrt(dh)
+        if angular is not None:
+            a = proj[..., 3 * d:3 * d + h * n_ang].reshape(n, k, h, n_ang)
+            b = proj[..., 3 * d + h * n_ang:].reshape(n, k, h, n_ang)
+            # Extra query/key dimensions whose dot product is sum_l a_l(j) b_l(k) cos^l(theta_jik).
+            q = jnp.concatenate([q] + [a[..., l, None] * y[:, :, None, :] for l, y in enumerate(angular)], -1)
+            kk = jnp.concatenate([kk] + [b[..., l, None] * y[:, :, None, :] for l, y in enumerate(angular)], -1)
+        logits = jnp.einsum("nqhd,nkhd->nhqk", q, kk)  # [n, H, K, K]
+        sink = self.param("sink", nn.initializers.zeros, (h,), cfg.param_dtype).astype(logits.dtype)
+        sink = sink[None, :, None, None]  # [1, H, 1, 1]
+        # log-weights log(c_k) + s_jk of the live keys; dead keys (c_k = 0) are excluded exactly.
+        live = (c > 0)[:, None, None, :]  # [n, 1, 1, K]
+        log_c = jnp.log(jnp.where(c > 0, c, 1.0)).astype(logits.dtype)[:, None, None, :]
+        lw = jnp.where(live, logits + log_c, -jnp.inf)
+        m = jax.lax.stop_gradient(jnp.maximum(jnp.max(lw, -1, keepdims=True), sink))
+        e = jnp.exp(lw - m)  # [n, H, K, K], each <= 1
+        weights = e / (jnp.exp(sink - m) + jnp.sum(e, -1, keepdims=True))  # denominator >= 1
+        out = jnp.einsum("nhqk,nkhd->nqhd", weights, v).reshape(n, k, d)
+        return nn.Dense(d, name="out", **dense)(out)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(LN(x))``, then ``x + MLP(LN(x))``."""
+
+    config: A2IConfig
+
+    @nn.compact
+    def __call__(self, x: Array, c: Array, angular: list[Array] | None) -> Array:
+        cfg = self.config
+        dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        norm = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        x = x + SelfAttention(cfg, name="attention")(nn.LayerNorm(name="norm_attention", **norm)(x), c, angular)
+        y = nn.LayerNorm(name="norm_mlp", **norm)(x)
+        y = nn.Dense(cfg.mlp_ratio * cfg.width, name="mlp_in", **dense)(y)
+        y = nn.Dense(cfg.width, name="mlp_out", **dense)(nn.silu(y))
+        return x + y
+
+
+class A2ITransformer(nn.Module):
+    """Per-atom energies from neighbour displacements.
+
+    Inputs are per atom, so any subset of atoms (a chunk) can be evaluated on its own:
+      dR: ``[n, K, dim]`` displacements ``r_ij = R_j - R_i`` to the ``K`` neighbour slots.
+      species_center: ``[n]`` species ids of the atoms.
+      species_neighbor: ``[n, K]`` species ids of the neighbours.
+      pair_mask: ``[n, K]`` True where the slot holds a real neighbour.
+    Returns ``[n]`` per-atom energies.
+    """
+
+    config: A2IConfig
+
+    @nn.compact
+    def __call__(self, dR: Array, species_center: Array, species_neighbor: Array, pair_mask: Array) -> Array:
+        cfg = self.config
+        dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        n, k, dim = dR.shape
+        rc = jnp.asarray(cfg.cutoff, dR.dtype)
+        # Empty slots become a vector at 2 r_c: outside the envelope, finite gradients.
+        far = jnp.zeros((dim,), dR.dtype).at[0].set(2.0 * rc)
+        dR = jnp.where(pair_mask[..., None], dR, far)  # [n, K, dim]
+        d = jnp.sqrt(jnp.sum(dR * dR, -1))  # [n, K]
+        x = d / rc
+        c = envelope(x, cfg.envelope, cfg.envelope_exponent)  # [n, K]
+
+        init = nn.initializers.normal(1.0)
+        center_table = self.param("center_embedding", init, (cfg.n_species, cfg.width), cfg.param_dtype)
+        neighbor_table = self.param("neighbor_embedding", init, (cfg.n_species, cfg.width), cfg.param_dtype)
+        center = _lookup(center_table, species_center)  # [n, D]
+        neighbor = _lookup(neighbor_table, species_neighbor)  # [n, K, D]
+
+        angular = None
+        if cfg.featurization == "invariant":
+            geometry = bessel_basis(x, cfg.n_radial)  # [n, K, n_radial]
+            if cfg.angular_order > 0:
+                angular = tensor_powers(dR / d[..., None], cfg.angular_order)  # [n, K, dim^l] each
+        else:
+            geometry = jnp.concatenate([dR / rc, x[..., None]], -1)  # [n, K, dim + 1]
+        tokens = nn.Dense(cfg.width, name="embed_geometry", **dense)(geometry) + neighbor + center[:, None, :]
+
+        for layer in range(cfg.layers):
+            tokens = Block(cfg, name=f"block_{layer}")(tokens, c, angular)  # [n, K, D]
+        tokens = nn.LayerNorm(name="norm_out", dtype=cfg.dtype, param_dtype=cfg.param_dtype)(tokens)
+        pooled = jnp.einsum("nk,nkd->nd", c.astype(tokens.dtype), tokens) / cfg.avg_neighbors  # [n, D]
+        y = nn.Dense(cfg.width, name="readout_hidden", **dense)(pooled + center.astype(pooled.dtype))
+        y = nn.Dense(1, name="readout", **dense)(nn.silu(y))[:, 0]  # [n]
+
+        scale = self.param("energy_scale", nn.initializers.ones, (cfg.n_species,), cfg.param_dtype)
+        shift = self.param("energy_shift", nn.initializers.zeros, (cfg.n_species,), cfg.param_dtype)
+        return _lookup(scale, species_center) * y + _lookup(shift, species_center)
+
+
+def per_atom_energies(
+    model: A2ITransformer,
+    params: Any,
+    dR: Array,
+    species_center: Array,
+    species_neighbor: Array,
+    pair_mask: Array,
+) -> Array:
+    """``model.apply`` over all atoms, in rematerialised chunks of ``config.atom_chunk`` atoms.
+
+    Chunking bounds peak memory by the chunk: the backward pass recomputes each chunk's forward
+    pass instead of storing its ``[n, H, K, K]`` attention weights. Atoms are padded up to a whole
+    number of equal chunks with empty neighbour slots, and the padding is cut off again.
+    """
+    n = dR.shape[0]
+    chunk = model.config.atom_chunk
+    if chunk == 0 or n <= chunk:
+        return model.apply(params, dR, species_center, species_neighbor, pair_mask)
+    n_chunks = -(-n // chunk)
+    size = -(-n // n_chunks)
+    pad = n_chunks * size - n
+
+    def split(a):
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape((n_chunks, size) + a.shape[1:])
+
+    @jax.checkpoint
+    def one_chunk(args):
+        return model.apply(params, *args)
+
+    energies = jax.lax.map(one_chunk, tuple(split(a) for a in (dR, species_center, species_neighbor, pair_mask)))
+    return energies.reshape(-1)[:n]

@@ -1,0 +1,279 @@
+"""jax-md glue: the A2I Transformer as a potential with jax-md's builder shape.
+
+``a2i_neighbor_list`` mirrors ``jax_md.energy.nequip_neighbor_list``::
+
+    neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(displacement_fn, box, config, species)
+    nbrs   = neighbor_fn.allocate(R)               # Dense [N, K] list, empty slots hold N
+    params = init_fn(key, R, neighbor=nbrs)        # a plain pytree
+    E      = energy_fn(params, R, neighbor=nbrs)   # scalar; per_atom=True gives [N]
+    F      = quantity.force(lambda R, **kw: energy_fn(params, R, **kw))(R, neighbor=nbrs)
+
+Forces are only ever ``-grad E``, and stress comes from ``jax_md.quantity.stress`` (extra keyword
+arguments such as ``box=`` and ``perturbation=`` go to the displacement function). ``a2i_pair`` is
+the all-pairs variant for small systems, with the same signatures.
+
+Errors:
+* Called outside ``jit`` (concrete arrays), bad input raises a ``ValueError`` naming the problem:
+  shape, dtype, species out of range, NaN/inf positions, an overflowed neighbour list.
+* Inside ``jit`` nothing can raise, so errors are carried as data: an overflowed neighbour list
+  (``neighbor.did_buffer_overflow``) or a species id out of range makes the energy and the forces
+  NaN instead of silently dropping neighbours. Check ``did_buffer_overflow`` between jitted steps and
+  call :func:`reallocate`, as jax-md does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax_md import partition
+
+from a2ijax.model import A2IConfig, A2ITransformer, per_atom_energies
+
+Array = jax.Array
+DisplacementFn = Callable[..., Array]
+
+
+class NeighborListOverflowError(ValueError):
+    """The neighbour list had more neighbours than slots: reallocate it (see ``reallocate``)."""
+
+
+def _is_concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def lattice_matrix(box: Any, dim: int) -> np.ndarray:
+    """The ``[dim, dim]`` matrix whose columns are the lattice vectors of a jax-md ``box``."""
+    box = np.asarray(box, dtype=np.float64)
+    if box.ndim == 0:
+        return box * np.eye(dim)
+    if box.ndim == 1:
+        if box.shape[0] != dim:
+            raise ValueError(f"box has {box.shape[0]} side lengths, positions have dimension {dim}")
+        return np.diag(box)
+    if box.shape != (dim, dim):
+        raise ValueError(f"box matrix has shape {box.shape}, expected ({dim}, {dim})")
+    return box
+
+
+def check_box(displacement_fn: DisplacementFn, box: Any, cutoff: float, dim: int = 3,
+              fractional_coordinates: bool = False) -> None:
+    """Raises if a periodic direction of ``box`` is too narrow for minimum-image displacements.
+
+    A direction counts as periodic when ``displacement_fn`` maps its lattice vector to zero, so
+    ``space.free`` boxes are never rejected. Minimum-image displacements see a single image of each
+    neighbour only if every perpendicular width of the box exceeds ``2 * cutoff``.
+    """
+    lattice = lattice_matrix(box, dim)
+    if np.linalg.det(lattice) == 0 or not np.all(np.isfinite(lattice)):
+        raise ValueError(f"box {lattice.tolist()} is singular or not finite")
+    widths = 1.0 / np.linalg.norm(np.linalg.inv(lattice), axis=1)  # perpendicular widths
+    origin = jnp.zeros((dim,))
+    for axis in range(dim):
+        probe = np.eye(dim)[axis] if fractional_coordinates else lattice[:, axis]
+        image = np.asarray(displacement_fn(jnp.asarray(probe, origin.dtype), origin))
+        periodic = np.linalg.norm(image) < 1e-6 * np.linalg.norm(lattice[:, axis])
+        if periodic and widths[axis] <= 2.0 * cutoff:
+            raise ValueError(
+                f"box too small for the cutoff: the periodic box is {widths[axis]:.6g} wide along "
+                f"lattice vector {axis}, but minimum-image displacements need more than "
+                f"2 x cutoff = {2.0 * cutoff:.6g}. Use a larger box (replicate the cell) or a "
+                "smaller cutoff.")
+
+
+def _check_inputs(config: A2IConfig, R: Array, species: Array | None, mask: Array | None) -> None:
+    """Shape and dtype checks always; value checks (NaN, species range) on concrete arrays only."""
+    if R.ndim != 2:
+        raise ValueError(f"positions R must have shape [n_atoms, spatial_dim], got shape {R.shape}")
+    if not jnp.issubdtype(R.dtype, jnp.floating):
+        raise ValueError(f"positions R must be floating point, got dtype {R.dtype}")
+    n = R.shape[0]
+    if _is_concrete(R) and not np.all(np.isfinite(np.asarray(R))):
+        bad = np.argwhere(~np.all(np.isfinite(np.asarray(R)), axis=1))[:, 0]
+        raise ValueError(f"positions contain NaN or inf for atoms {bad[:10].tolist()}")
+    if species is not None:
+        if species.shape != (n,):
+            raise ValueError(f"species must have shape [n_atoms] = ({n},), got {species.shape}")
+        if not jnp.issubdtype(species.dtype, jnp.integer):
+            raise ValueError(f"species must be integer ids, got dtype {species.dtype}")
+        if _is_concrete(species):
+            s = np.asarray(species)
+            if s.size and (s.min() < 0 or s.max() >= config.n_species):
+                raise ValueError(
+                    f"species ids must lie in [0, {config.n_species}) (config.n_species = "
+                    f"{config.n_species}), got ids in [{s.min()}, {s.max()}]")
+    elif config.n_species > 1:
+        raise ValueError(f"config.n_species = {config.n_species}: pass species=[n_atoms] ids")
+    if mask is not None:
+        if mask.shape != (n,):
+            raise ValueError(f"mask must have shape [n_atoms] = ({n},), got {mask.shape}")
+        if mask.dtype != jnp.bool_:
+            raise ValueError(f"mask must be boolean (True for real atoms), got dtype {mask.dtype}")
+
+
+def _a2i_energy(model: A2ITransformer, params: Any, R: Array, idx: Array,
+                displacement_fn: DisplacementFn, species: Array | None, mask: Array | None,
+                per_atom: bool, **kwargs) -> Array:
+    """Energy from a Dense neighbour index ``idx [N, K]`` (empty slots hold ``N``)."""
+    n = R.shape[0]
+    species = jnp.zeros((n,), jnp.int32) if species is None else species
+    pair_mask = idx < n  # [N, K]
+    j = jnp.where(pair_mask, idx, 0)
+    if mask is not None:  # padded atoms are neither centres nor neighbours
+        pair_mask = pair_mask & mask[:, None] & mask[j]
+    displacement = jax.vmap(jax.vmap(lambda Rj, Ri: displacement_fn(Rj, Ri, **kwargs), (0, None)))
+    dR = displacement(R[j], R)  # [N, K, dim], r_ij = R_j - R_i
+    energies = per_atom_energies(model, params, dR, species, species[j], pair_mask)  # [N]
+    if mask is not None:
+        energies = jnp.where(mask, energies, 0.0)
+    return energies if per_atom else jnp.sum(energies)
+
+
+def _init(model: A2ITransformer, key: Array, R: Array, idx: Array, displacement_fn: DisplacementFn,
+          species: Array | None) -> Any:
+    """Parameters from a few atoms: their shapes do not depend on ``N`` or ``K``."""
+    few = min(R.shape[0], 4)
+    species = jnp.zeros((R.shape[0],), jnp.int32) if species is None else species
+    pair_mask = idx[:few] < R.shape[0]
+    j = jnp.where(pair_mask, idx[:few], 0)
+    dR = jax.vmap(jax.vmap(displacement_fn, (0, None)))(R[j], R[:few])
+    return model.init(key, dR, species[:few], species[j], pair_mask)
+
+
+def a2i_neighbor_list(
+    displacement_fn: DisplacementFn,
+    box: Any,
+    config: A2IConfig,
+    species: Array | None = None,
+    **nl_kwargs,
+) -> tuple[partition.NeighborFn, Callable[..., Any], Callable[..., Array]]:
+    """A2I potential on a jax-md Dense neighbour list.
+
+    Args:
+      displacement_fn: from ``jax_md.space`` (``free``, ``periodic``, ``periodic_general``).
+      box: the jax-md box (side, sides ``[dim]`` or lattice matrix ``[dim, dim]``); checked against
+        ``2 * config.cutoff`` along every periodic direction.
+      config: the model's hyperparameters.
+      species: ``[N]`` integer species ids; may instead be passed to each call as ``species=``.
+      **nl_kwargs: passed to ``jax_md.partition.neighbor_list`` (``dr_threshold``,
+        ``capacity_multiplier``, ``fractional_coordinates``, ...). The format is always Dense.
+        A skin (``dr_threshold``) saves rebuilds but adds tokens: attention cost grows as ``K**2``.
+
+    Returns:
+      ``(neighbor_fn, init_fn, energy_fn)`` with ``init_fn(key, R, neighbor, **kw) -> params`` and
+      ``energy_fn(params, R, neighbor, *, species=None, mask=None, per_atom=False, **kw)``. ``mask``
+      ``[N]`` marks real atoms (False: padding that contributes nothing); ``**kw`` go to
+      ``displacement_fn`` (e.g. ``box``, ``perturbation`` for stress).
+    """
+    if "format" in nl_kwargs and nl_kwargs["format"] is not partition.Dense:
+        raise ValueError("a2i_neighbor_list needs format=partition.Dense")
+    nl_kwargs.pop("format", None)
+    species = None if species is None else jnp.asarray(species)
+    fractional = nl_kwargs.get("fractional_coordinates", False)
+    dim = int(np.shape(box)[0]) if np.ndim(box) else 3
+    check_box(displacement_fn, box, config.cutoff, dim, fractional)
+    neighbor_fn = partition.neighbor_list(displacement_fn, box, config.cutoff, format=partition.Dense, **nl_kwargs)
+    model = A2ITransformer(config)
+
+    def _neighbors(neighbor: Any) -> partition.NeighborList:
+        if neighbor is None:
+            raise ValueError("a2i_neighbor_list energy needs neighbor=neighbor_fn.allocate(R)")
+        if neighbor.format is not partition.Dense:
+            raise ValueError(f"neighbour list must be Dense, got {neighbor.format}")
+        if _is_concrete(neighbor.idx) and bool(neighbor.did_buffer_overflow):
+            raise NeighborListOverflowError(
+                f"neighbour list overflowed its capacity of {neighbor.idx.shape[1]} slots per atom: "
+                "reallocate it with a2ijax.potential.reallocate(neighbor_fn, R, neighbor)")
+        return neighbor
+
+    def init_fn(key: Array, R: Array, neighbor: Any = None, **kwargs) -> Any:
+        s = kwargs.pop("species", species)
+        _check_inputs(config, R, s, None)
+        idx = _neighbors(neighbor).idx
+        return _init(model, key, R, idx, lambda a, b: displacement_fn(a, b, **kwargs), s)
+
+    def energy_fn(params: Any, R: Array, neighbor: Any = None, *, species: Array | None = species,
+                  mask: Array | None = None, per_atom: bool = False, **kwargs) -> Array:
+        _check_inputs(config, R, species, mask)
+        neighbor = _neighbors(neighbor)
+        if neighbor.idx.shape[0] != R.shape[0]:
+            raise ValueError(f"neighbour list is for {neighbor.idx.shape[0]} atoms, R has {R.shape[0]}")
+        energy = _a2i_energy(model, params, R, neighbor.idx, displacement_fn, species, mask, per_atom, **kwargs)
+        # An overflowed list has lost neighbours: poison energy and forces rather than truncate.
+        return energy * jnp.where(neighbor.did_buffer_overflow, jnp.nan, 1.0).astype(energy.dtype)
+
+    return neighbor_fn, init_fn, energy_fn
+
+
+def all_pairs_index(n: int) -> Array:
+    """``[n, n - 1]`` Dense index of every other atom: row ``i`` lists ``j != i`` in order."""
+    m = np.arange(n - 1)[None, :]
+    i = np.arange(n)[:, None]
+    return jnp.asarray(np.where(m < i, m, m + 1), jnp.int32)
+
+
+def a2i_pair(
+    displacement_fn: DisplacementFn,
+    box: Any,
+    config: A2IConfig,
+    species: Array | None = None,
+    *,
+    fractional_coordinates: bool = False,
+) -> tuple[Callable[..., Any], Callable[..., Array]]:
+    """All-pairs A2I potential for small systems: every other atom is a token (no neighbour list).
+
+    Same model and signatures as :func:`a2i_neighbor_list`, returning ``(init_fn, energy_fn)``;
+    ``neighbor=`` is accepted and ignored so that one MD driver can call either. Cost and memory
+    grow as ``N**3``: meant for clusters and for checking the neighbour-list path.
+    """
+    species = None if species is None else jnp.asarray(species)
+    dim = int(np.shape(box)[0]) if np.ndim(box) else 3
+    check_box(displacement_fn, box, config.cutoff, dim, fractional_coordinates)
+    model = A2ITransformer(config)
+
+    def init_fn(key: Array, R: Array, neighbor: Any = None, **kwargs) -> Any:
+        s = kwargs.pop("species", species)
+        _check_inputs(config, R, s, None)
+        return _init(model, key, R, all_pairs_index(R.shape[0]), lambda a, b: displacement_fn(a, b, **kwargs), s)
+
+    def energy_fn(params: Any, R: Array, neighbor: Any = None, *, species: Array | None = species,
+                  mask: Array | None = None, per_atom: bool = False, **kwargs) -> Array:
+        del neighbor
+        _check_inputs(config, R, species, mask)
+        return _a2i_energy(model, params, R, all_pairs_index(R.shape[0]), displacement_fn, species, mask,
+                           per_atom, **kwargs)
+
+    return init_fn, energy_fn
+
+
+def batched_energy_and_forces(energy_fn: Callable[..., Array]) -> Callable[..., tuple[Array, Array]]:
+    """vmap of ``(E, F = -dE/dR)`` over a batch of systems of one shape.
+
+    Returns ``fn(params, R [B, N, dim], neighbor, species=None, mask=None) -> (E [B], F [B, N, dim])``
+    where ``neighbor`` is a NeighborList whose arrays carry the batch axis (``idx [B, N, K]``) and
+    ``species``/``mask`` are ``[B, N]``. Systems of different sizes are padded to a common ``N``
+    with ``mask`` False on the padding.
+    """
+    def one(params, R, neighbor, species, mask):
+        energy, grad = jax.value_and_grad(
+            lambda R: energy_fn(params, R, neighbor=neighbor, species=species, mask=mask))(R)
+        return energy, -grad
+
+    return jax.vmap(one, in_axes=(None, 0, 0, 0, 0))
+
+
+def reallocate(neighbor_fn: partition.NeighborFn, R: Array, neighbor: partition.NeighborList,
+               growth: float = 1.5, **kwargs) -> partition.NeighborList:
+    """A new neighbour list for ``R`` with at least ``growth`` times the old capacity.
+
+    Reallocation changes the shape ``[N, K]`` and so recompiles whatever consumes it; growing
+    geometrically keeps repeated overflows to a handful of recompilations.
+    """
+    fresh = neighbor_fn.allocate(R, **kwargs)
+    target = min(int(np.ceil(growth * neighbor.idx.shape[1])), R.shape[0] - 1)
+    if fresh.idx.shape[1] < target:
+        fresh = neighbor_fn.allocate(R, extra_capacity=target - fresh.idx.shape[1], **kwargs)
+    return fresh

@@ -1,0 +1,366 @@
+"""The invariants of DESIGN.md, each checked so that it fails when the property is broken.
+
+Numbers refer to DESIGN.md's list. Both featurisations where the property applies; periodic and
+free boundaries; three species; float64 wherever derivatives are compared.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import CUTOFF, assert_nontrivial, jittered_lattice, random_species, small_config
+from jax_md import quantity, space
+
+from a2ijax import a2i_neighbor_list, a2i_pair, batched_energy_and_forces, reallocate
+from a2ijax.potential import NeighborListOverflowError
+
+FEATURIZATIONS = ["invariant", "coordinates"]
+
+
+def periodic_model(featurization, side, species, **cfg):
+    displacement, shift = space.periodic(side)
+    neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(displacement, side, small_config(featurization, **cfg), species)
+    return displacement, neighbor_fn, init_fn, energy_fn
+
+
+def energy_and_forces(energy_fn, params, R, **kw):
+    E, G = jax.value_and_grad(lambda R: energy_fn(params, R, **kw))(R)
+    return E, -G
+
+
+# 1. Permutation --------------------------------------------------------------------------------
+@pytest.mark.parametrize("featurization", FEATURIZATIONS)
+def test_permutation_permutes_atom_energies_and_forces(periodic_liquid, featurization):
+    R, side, species = periodic_liquid
+    _, neighbor_fn, init_fn, energy_fn = periodic_model(featurization, side, species)
+    nbrs = neighbor_fn.allocate(R)
+    params = init_fn(jax.random.PRNGKey(0), R, nbrs)
+    E_i = energy_fn(params, R, nbrs, per_atom=True)
+    E, F = energy_and_forces(energy_fn, params, R, neighbor=nbrs)
+    assert_nontrivial(F)
+
+    perm = jnp.asarray(np.random.default_rng(5).permutation(R.shape[0]))
+    Rp, sp = R[perm], species[perm]
+    nbrs_p = neighbor_fn.allocate(Rp)
+    E_ip = energy_fn(params, Rp, nbrs_p, species=sp, per_atom=True)
+    Ep, Fp = energy_and_forces(energy_fn, params, Rp, neighbor=nbrs_p, species=sp)
+    np.testing.assert_allclose(E_ip, E_i[perm], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(Ep, E, rtol=1e-12)
+    np.testing.assert_allclose(Fp, F[perm], rtol=1e-9, atol=1e-11)
+
+
+# 2. Translation and periodic images -----------------------------------------------------------
+@pytest.mark.parametrize("featurization", FEATURIZATIONS)
+def test_translation_and_periodic_images(periodic_liquid, featurization):
+    R, side, species = periodic_liquid
+    displacement, neighbor_fn, init_fn, energy_fn = periodic_model(featurization, side, species)
+    nbrs = neighbor_fn.allocate(R)
+    params = init_fn(jax.random.PRNGKey(1), R, nbrs)
+    E, F = energy_and_forces(energy_fn, params, R, neighbor=nbrs)
+    assert_nontrivial(F)
+
+    Rt = jnp.mod(R + jnp.array([0.37, -1.91, 2.55]), side)  # translated and wrapped back
+    Et, Ft = energy_and_forces(energy_fn, params, Rt, neighbor=neighbor_fn.allocate(Rt))
+    np.testing.assert_allclose(Et, E, rtol=1e-12)
+    np.testing.assert_allclose(Ft, F, rtol=1e-9, atol=1e-11)
+
+    # One atom replaced by a periodic image of itself (all-pairs path: no cell list involved).
+    _, pair_energy = a2i_pair(displacement, side, small_config(featurization), species)
+    Ri = R.at[7].add(jnp.array([side, 0.0, -2 * side]))
+    np.testing.assert_allclose(pair_energy(params, Ri), E, rtol=1e-12)
+
+
+@pytest.mark.parametrize("featurization", FEATURIZATIONS)
+def test_translation_free_space(free_cluster, featurization):
+    R, species = free_cluster
+    displacement, _ = space.free()
+    init_fn, energy_fn = a2i_pair(displacement, 100.0, small_config(featurization), species)
+    params = init_fn(jax.random.PRNGKey(2), R)
+    E, F = energy_and_forces(energy_fn, params, R)
+    assert_nontrivial(F)
+    Et, Ft = energy_and_forces(energy_fn, params, R + jnp.array([10.3, -4.1, 7.7]))
+    np.testing.assert_allclose(Et, E, rtol=1e-12)
+    np.testing.assert_allclose(Ft, F, rtol=1e-9, atol=1e-11)
+
+
+# 3. Rotation ------------------------------------------------------------------------------------
+def random_orthogonal(seed: int, proper: bool = True) -> jax.Array:
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if (np.linalg.det(q) > 0) != proper:
+        q[:, 0] *= -1
+    return jnp.asarray(q)
+
+
+@pytest.mark.parametrize("proper", [True, False], ids=["rotation", "reflection"])
+def test_invariant_featurization_is_e3_invariant_free(free_cluster, proper):
+    R, species = free_cluster
+    displacement, _ = space.free()
+    init_fn, energy_fn = a2i_pair(displacement, 100.0, small_config("invariant"), species)
+    params = init_fn(jax.random.PRNGKey(3), R)
+    E, F = energy_and_forces(energy_fn, params, R)
+    assert_nontrivial(F)
+    Q = random_orthogonal(11, proper)
+    Er, Fr = energy_and_forces(energy_fn, params, R @ Q.T)
+    np.testing.assert_allclose(Er, E, rtol=1e-12)
+    np.testing.assert_allclose(Fr, F @ Q.T, rtol=1e-9, atol=1e-11)
+
+
+def test_invariant_featurization_rotation_periodic_general(periodic_liquid):
+    """Rotating a triclinic periodic cell (and so every image) leaves E unchanged."""
+    R, side, species = periodic_liquid
+    T = jnp.array([[side, 0.3, -0.2], [0.0, side, 0.4], [0.0, 0.0, side]])
+    Q = random_orthogonal(12)
+    frac = R / side
+    energies = []
+    for box in (T, Q @ T):
+        displacement, _ = space.periodic_general(box)
+        init_fn, energy_fn = a2i_pair(displacement, box, small_config("invariant"), species,
+                                      fractional_coordinates=True)
+        params = init_fn(jax.random.PRNGKey(4), frac)
+        energies.append(energy_fn(params, frac))
+    np.testing.assert_allclose(energies[1], energies[0], rtol=1e-12)
+
+
+def test_coordinates_featurization_is_not_rotation_invariant(free_cluster):
+    """The rotation test above can fail: raw coordinates make E depend on orientation."""
+    R, species = free_cluster
+    displacement, _ = space.free()
+    init_fn, energy_fn = a2i_pair(displacement, 100.0, small_config("coordinates"), species)
+    params = init_fn(jax.random.PRNGKey(3), R)
+    E, Er = energy_fn(params, R), energy_fn(params, R @ random_orthogonal(11).T)
+    assert abs(float(Er - E)) > 1e-4 * (1 + abs(float(E)))
+
+
+# 4. Forces are -grad E; total force zero; stress -------------------------------------------------
+@pytest.mark.parametrize("featurization", FEATURIZATIONS)
+def test_forces_match_finite_differences(periodic_liquid, featurization):
+    R, side, species = periodic_liquid
+    _, neighbor_fn, init_fn, energy_fn = periodic_model(featurization, side, species)
+    nbrs = neighbor_fn.allocate(R)
+    params = init_fn(jax.random.PRNGKey(5), R, nbrs)
+    F = quantity.force(lambda R, **kw: energy_fn(params, R, **kw))(R, neighbor=nbrs)
+    assert_nontrivial(F)
+    h = 1e-5
+    rng = np.random.default_rng(0)
+    for atom, axis in zip(rng.integers(0, R.shape[0], 6), rng.integers(0, 3, 6), strict=True):
+        dR = jnp.zeros_like(R).at[atom, axis].set(h)
+        fd = -(energy_fn(params, R + dR, nbrs) - energy_fn(params, R - dR, nbrs)) / (2 * h)
+        np.testing.assert_allclose(fd, F[atom, axis], rtol=1e-6, atol=1e-8)
+    # Newton's third law in aggregate: translation invariance makes the total force vanish.
+    np.testing.assert_allclose(jnp.sum(F, 0), 0.0, atol=1e-10 * R.shape[0] * float(jnp.max(jnp.abs(F))))
+
+
+@pytest.mark.parametrize("featurization", FEATURIZATIONS)
+def test_stress_matches_strain_finite_differences(periodic_liquid, featurization):
+    """jax_md.quantity.stress on a periodic_general box against dE/d(strain) by differences."""
+    R, side, species = periodic_liquid
+    T = jnp.array([[side, 0.2, 0.0], [0.0, side, -0.3], [0.0, 0.0, side]])
+    frac = R / side
+    displacement, _ = space.periodic_general(T)
+    neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(
+        displacement, T, small_config(featurization), species, fractional_coordinates=True)
+    nbrs = neighbor_fn.allocate(frac)
+    params = init_fn(jax.random.PRNGKey(6), frac, nbrs)
+    sigma = quantity.stress(lambda R, **kw: energy_fn(params, R, **kw), frac, T, neighbor=nbrs)
+    assert float(jnp.max(jnp.abs(sigma))) > 1e-3
+    volume = float(jnp.linalg.det(T))
+    h = 1e-6
+    for a, b in [(0, 0), (1, 2), (2, 0), (2, 2)]:
+        strain = jnp.zeros((3, 3)).at[a, b].set(h)
+        plus = energy_fn(params, frac, nbrs, box=(jnp.eye(3) + strain) @ T)
+        minus = energy_fn(params, frac, nbrs, box=(jnp.eye(3) - strain) @ T)
+        np.testing.assert_allclose(sigma[a, b], -(plus - minus) / (2 * h) / volume, rtol=1e-5, atol=1e-9)
+
+
+# 5. Neighbour-list path equals the all-pairs path ----------------------------------------------
+@pytest.mark.parametrize("featurization", FEATURIZATIONS)
+def test_neighbor_list_equals_all_pairs_periodic(periodic_liquid, featurization):
+    R, side, species = periodic_liquid
+    displacement, neighbor_fn, init_fn, energy_fn = periodic_model(featurization, side, species)
+    nbrs = neighbor_fn.allocate(R)
+    params = init_fn(jax.random.PRNGKey(7), R, nbrs)
+    _, pair_energy = a2i_pair(displacement, side, small_config(featurization), species)
+    E_nl, F_nl = energy_and_forces(lambda p, R: energy_fn(p, R, nbrs, per_atom=True).sum(), params, R)
+    E_ap, F_ap = energy_and_forces(pair_energy, params, R)
+    assert_nontrivial(F_nl)
+    assert nbrs.idx.shape[1] < R.shape[0] - 1  # the list really prunes
+    np.testing.assert_allclose(energy_fn(params, R, nbrs, per_atom=True), pair_energy(params, R, per_atom=True),
+                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(F_nl, F_ap, rtol=1e-8, atol=1e-10)
+
+    # More padding slots, and the slots of each atom in another order: nothing changes.
+    bigger = neighbor_fn.allocate(R, extra_capacity=9)
+    assert bigger.idx.shape[1] == nbrs.idx.shape[1] + 9
+    np.testing.assert_allclose(energy_fn(params, R, bigger), E_nl, rtol=1e-12)
+    order = jnp.asarray(np.random.default_rng(1).permutation(bigger.idx.shape[1]))
+    shuffled = bigger.set(idx=bigger.idx[:, order])
+    np.testing.assert_allclose(energy_fn(params, R, shuffled), E_nl, rtol=1e-12)
+
+
+def test_neighbor_list_equals_all_pairs_free(free_cluster):
+    R, species = free_cluster
+    displacement, _ = space.free()
+    config = small_config("invariant")
+    box = 20.0
+    neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(displacement, box, config, species)
+    nbrs = neighbor_fn.allocate(R)
+    params = init_fn(jax.random.PRNGKey(8), R, nbrs)
+    _, pair_energy = a2i_pair(displacement, box, config, species)
+    np.testing.assert_allclose(energy_fn(params, R, nbrs, per_atom=True), pair_energy(params, R, per_atom=True),
+                               rtol=1e-10, atol=1e-12)
+
+
+# 6. Smooth cutoff ------------------------------------------------------------------------------
+@pytest.mark.parametrize("envelope", ["polynomial", "cosine"])
+@pytest.mark.parametrize("featurization", FEATURIZATIONS)
+def test_energy_and_forces_continuous_through_cutoff(x64, featurization, envelope):
+    """Move one atom radially through r_c of a neighbour: E and F change no more across the cutoff
+    than across an equal step just inside it. A jump (no envelope, or one with c'(r_c) != 0) would
+    stay O(1) while the reference change shrinks with the step.
+    """
+    displacement, _ = space.free()
+    config = small_config(featurization, envelope=envelope)
+    species = jnp.array([0, 1, 2, 1])
+    init_fn, energy_fn = a2i_pair(displacement, 100.0, config, species)
+    base = jnp.array([[0.0, 0.0, 0.0], [1.1, 0.2, 0.0], [-0.3, 1.2, 0.1]])
+    direction = jnp.array([0.6, -0.3, 0.74])
+    direction = direction / jnp.linalg.norm(direction)
+
+    def system(d):  # atom 3 at distance d from atom 0; at d = r_c it is still within r_c of atom 1
+        return jnp.concatenate([base, d * direction[None]], 0)
+
+    params = init_fn(jax.random.PRNGKey(9), system(1.5))
+    E_inside = energy_fn(params, system(CUTOFF - 0.5))
+    E_far = energy_fn(params, system(10.0))
+    assert abs(float(E_inside - E_far)) > 1e-3  # the moving atom matters inside the cutoff
+    for eps in (1e-3, 1e-4):
+        E_in, F_in = energy_and_forces(energy_fn, params, system(CUTOFF - 3 * eps))
+        E_a, F_a = energy_and_forces(energy_fn, params, system(CUTOFF - eps))
+        E_b, F_b = energy_and_forces(energy_fn, params, system(CUTOFF + eps))
+        assert_nontrivial(F_a)
+        assert abs(float(E_b - E_a)) <= 10 * abs(float(E_a - E_in)) + 1e-11
+        assert float(jnp.max(jnp.abs(F_b - F_a))) <= 10 * float(jnp.max(jnp.abs(F_a - F_in))) + 1e-9
+
+
+# 7. Locality and extensivity -------------------------------------------------------------------
+def test_two_distant_copies_have_twice_the_energy(free_cluster):
+    R, species = free_cluster
+    displacement, _ = space.free()
+    config = small_config("invariant")
+    init_fn, energy_fn = a2i_pair(displacement, 1000.0, config, species)
+    params = init_fn(jax.random.PRNGKey(10), R)
+    E = energy_fn(params, R, per_atom=True)
+    R2 = jnp.concatenate([R, R + jnp.array([50.0, 0.0, 0.0])], 0)
+    s2 = jnp.concatenate([species, species])
+    neighbor_fn, _, nl_energy = a2i_neighbor_list(displacement, 1000.0, config, s2, disable_cell_list=True)
+    E2 = nl_energy(params, R2, neighbor_fn.allocate(R2), per_atom=True)
+    np.testing.assert_allclose(E2, jnp.concatenate([E, E]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("featurization", FEATURIZATIONS)
+def test_periodic_supercell_is_extensive(periodic_liquid, featurization):
+    R, side, species = periodic_liquid
+    _, neighbor_fn, init_fn, energy_fn = periodic_model(featurization, side, species)
+    nbrs = neighbor_fn.allocate(R)
+    params = init_fn(jax.random.PRNGKey(11), R, nbrs)
+    E = energy_fn(params, R, nbrs)
+    box2 = jnp.array([2 * side, side, side])
+    R2 = jnp.concatenate([R, R + jnp.array([side, 0.0, 0.0])], 0)
+    s2 = jnp.concatenate([species, species])
+    displacement2, _ = space.periodic(box2)
+    neighbor_fn2, _, energy_fn2 = a2i_neighbor_list(displacement2, box2, small_config(featurization), s2)
+    np.testing.assert_allclose(energy_fn2(params, R2, neighbor_fn2.allocate(R2)), 2 * E, rtol=1e-11)
+
+
+# 8. Padded atoms ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("featurization", FEATURIZATIONS)
+def test_padded_atoms_contribute_nothing_and_have_finite_gradients(periodic_liquid, featurization):
+    R, side, species = periodic_liquid
+    _, neighbor_fn, init_fn, energy_fn = periodic_model(featurization, side, species)
+    nbrs = neighbor_fn.allocate(R)
+    params = init_fn(jax.random.PRNGKey(12), R, nbrs)
+    E, F = energy_and_forces(energy_fn, params, R, neighbor=nbrs)
+
+    n_pad = 5  # padding atoms stacked on one point that is also a real atom's position
+    Rp = jnp.concatenate([R, jnp.broadcast_to(R[3], (n_pad, 3))], 0)
+    sp = jnp.concatenate([species, jnp.zeros(n_pad, jnp.int32)])
+    mask = jnp.arange(Rp.shape[0]) < R.shape[0]
+    nbrs_p = neighbor_fn.allocate(Rp)
+
+    def loss(params, Rp):
+        return energy_fn(params, Rp, nbrs_p, species=sp, mask=mask)
+
+    Ep, (g_params, g_R) = jax.value_and_grad(loss, argnums=(0, 1))(params, Rp)
+    np.testing.assert_allclose(Ep, E, rtol=1e-12)
+    np.testing.assert_allclose(-g_R[: R.shape[0]], F, rtol=1e-9, atol=1e-11)
+    np.testing.assert_array_equal(g_R[R.shape[0]:], 0.0)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(g_params))
+
+
+def test_batched_energy_and_forces_matches_single_systems(periodic_liquid):
+    """Two systems of different sizes padded to one shape and evaluated by one vmap."""
+    R, side, species = periodic_liquid
+    _, neighbor_fn, init_fn, energy_fn = periodic_model("invariant", side, species)
+    nbrs = neighbor_fn.allocate(R)
+    params = init_fn(jax.random.PRNGKey(13), R, nbrs)
+    n_small = 50
+    R_small = R[:n_small]
+    E_big, F_big = energy_and_forces(energy_fn, params, R, neighbor=nbrs)
+    E_small, F_small = energy_and_forces(energy_fn, params, R_small, neighbor=neighbor_fn.allocate(R_small),
+                                         species=species[:n_small])
+
+    R_b = jnp.stack([R, R.at[n_small:].set(0.0)])
+    mask_b = jnp.stack([jnp.ones(R.shape[0], bool), jnp.arange(R.shape[0]) < n_small])
+    species_b = jnp.stack([species, species])
+    capacity = nbrs.idx.shape[1] + 8
+    lists = [neighbor_fn.allocate(r, extra_capacity=capacity) for r in R_b]
+    width = min(lst.idx.shape[1] for lst in lists)
+    nbrs_b = jax.tree.map(lambda *xs: jnp.stack(xs), *[lst.set(idx=lst.idx[:, :width]) for lst in lists])
+    assert not bool(jnp.any(jax.vmap(lambda n: n.did_buffer_overflow)(nbrs_b)))
+    E_b, F_b = jax.jit(batched_energy_and_forces(energy_fn))(params, R_b, nbrs_b, species_b, mask_b)
+    np.testing.assert_allclose(E_b, jnp.stack([E_big, E_small]), rtol=1e-11)
+    np.testing.assert_allclose(F_b[0], F_big, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(F_b[1, :n_small], F_small, rtol=1e-9, atol=1e-11)
+    np.testing.assert_array_equal(F_b[1, n_small:], 0.0)
+
+
+# Chunked evaluation is an execution detail: it must not change the numbers ------------------------
+@pytest.mark.parametrize("featurization", FEATURIZATIONS)
+def test_atom_chunks_do_not_change_energy_or_forces(periodic_liquid, featurization):
+    R, side, species = periodic_liquid
+    _, neighbor_fn, init_fn, energy_fn = periodic_model(featurization, side, species, atom_chunk=0)
+    _, _, _, chunked_fn = periodic_model(featurization, side, species, atom_chunk=24)  # 3 chunks, padded
+    nbrs = neighbor_fn.allocate(R)
+    params = init_fn(jax.random.PRNGKey(14), R, nbrs)
+    E, F = energy_and_forces(energy_fn, params, R, neighbor=nbrs)
+    Ec, Fc = energy_and_forces(chunked_fn, params, R, neighbor=nbrs)
+    np.testing.assert_allclose(Ec, E, rtol=1e-12)
+    np.testing.assert_allclose(Fc, F, rtol=1e-10, atol=1e-12)
+
+
+# 10. Neighbour-list overflow is never silent ---------------------------------------------------------
+def test_overflow_is_detected_and_reallocation_restores_the_energy(x64):
+    side = 6.0
+    R = jittered_lattice((3, 3, 3), side / 3, 0.1, seed=4)  # dilute: few neighbours within 2.0
+    species = random_species(R.shape[0])
+    displacement, neighbor_fn, init_fn, energy_fn = periodic_model("invariant", side, species)
+    nbrs = neighbor_fn.allocate(R)
+    params = init_fn(jax.random.PRNGKey(15), R, nbrs)
+    # Squeeze the atoms towards the box centre: many more neighbours than slots.
+    R2 = side / 2 + 0.55 * (R - side / 2)
+    nbrs2 = jax.jit(lambda R, n: n.update(R))(R2, nbrs)
+    assert bool(nbrs2.did_buffer_overflow)
+    with pytest.raises(NeighborListOverflowError, match="overflowed"):
+        energy_fn(params, R2, nbrs2)
+    E_jit = jax.jit(lambda p, R, n: energy_fn(p, R, n))(params, R2, nbrs2)
+    F_jit = jax.jit(jax.grad(lambda R, n: energy_fn(params, R, n)))(R2, nbrs2)
+    assert np.isnan(E_jit) and bool(jnp.all(jnp.isnan(F_jit)))  # poisoned, not truncated
+
+    fresh = reallocate(neighbor_fn, R2, nbrs2)
+    assert not bool(fresh.did_buffer_overflow)
+    assert fresh.idx.shape[1] >= int(np.ceil(1.5 * nbrs.idx.shape[1]))
+    _, pair_energy = a2i_pair(displacement, side, small_config("invariant"), species)
+    np.testing.assert_allclose(energy_fn(params, R2, fresh), pair_energy(params, R2), rtol=1e-10)
