@@ -140,7 +140,7 @@ def _init(model: A2ITransformer, key: Array, R: Array, idx: Array, displacement_
     pair_mask = idx[:few] < R.shape[0]
     j = jnp.where(pair_mask, idx[:few], 0)
     dR = jax.vmap(jax.vmap(displacement_fn, (0, None)))(R[j], R[:few])
-    return model.init(key, dR, species[:few], species[j], pair_mask)
+    return jax.jit(model.init)(key, dR, species[:few], species[j], pair_mask)
 
 
 def a2i_neighbor_list(

@@ -6,6 +6,8 @@ free boundaries; three species; float64 wherever derivatives are compared.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,14 +21,29 @@ from a2ijax.potential import NeighborListOverflowError
 FEATURIZATIONS = ["invariant", "coordinates"]
 
 
+def jitted(energy_fn):
+    """One compilation per shape instead of op-by-op dispatch: the tests stay fast."""
+    return jax.jit(energy_fn, static_argnames="per_atom")
+
+
 def periodic_model(featurization, side, species, **cfg):
     displacement, shift = space.periodic(side)
     neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(displacement, side, small_config(featurization, **cfg), species)
-    return displacement, neighbor_fn, init_fn, energy_fn
+    return displacement, neighbor_fn, init_fn, jitted(energy_fn)
+
+
+def pair_model(displacement, box, config, species, **kw):
+    init_fn, energy_fn = a2i_pair(displacement, box, config, species, **kw)
+    return init_fn, jitted(energy_fn)
+
+
+@partial(jax.jit, static_argnums=0)
+def _value_and_grad(energy_fn, params, R, kw):
+    return jax.value_and_grad(lambda R: energy_fn(params, R, **kw))(R)
 
 
 def energy_and_forces(energy_fn, params, R, **kw):
-    E, G = jax.value_and_grad(lambda R: energy_fn(params, R, **kw))(R)
+    E, G = _value_and_grad(energy_fn, params, R, kw)
     return E, -G
 
 
@@ -67,7 +84,7 @@ def test_translation_and_periodic_images(periodic_liquid, featurization):
     np.testing.assert_allclose(Ft, F, rtol=1e-9, atol=1e-11)
 
     # One atom replaced by a periodic image of itself (all-pairs path: no cell list involved).
-    _, pair_energy = a2i_pair(displacement, side, small_config(featurization), species)
+    _, pair_energy = pair_model(displacement, side, small_config(featurization), species)
     Ri = R.at[7].add(jnp.array([side, 0.0, -2 * side]))
     np.testing.assert_allclose(pair_energy(params, Ri), E, rtol=1e-12)
 
@@ -76,7 +93,7 @@ def test_translation_and_periodic_images(periodic_liquid, featurization):
 def test_translation_free_space(free_cluster, featurization):
     R, species = free_cluster
     displacement, _ = space.free()
-    init_fn, energy_fn = a2i_pair(displacement, 100.0, small_config(featurization), species)
+    init_fn, energy_fn = pair_model(displacement, 100.0, small_config(featurization), species)
     params = init_fn(jax.random.PRNGKey(2), R)
     E, F = energy_and_forces(energy_fn, params, R)
     assert_nontrivial(F)
@@ -98,7 +115,7 @@ def random_orthogonal(seed: int, proper: bool = True) -> jax.Array:
 def test_invariant_featurization_is_e3_invariant_free(free_cluster, proper):
     R, species = free_cluster
     displacement, _ = space.free()
-    init_fn, energy_fn = a2i_pair(displacement, 100.0, small_config("invariant"), species)
+    init_fn, energy_fn = pair_model(displacement, 100.0, small_config("invariant"), species)
     params = init_fn(jax.random.PRNGKey(3), R)
     E, F = energy_and_forces(energy_fn, params, R)
     assert_nontrivial(F)
@@ -117,7 +134,7 @@ def test_invariant_featurization_rotation_periodic_general(periodic_liquid):
     energies = []
     for box in (T, Q @ T):
         displacement, _ = space.periodic_general(box)
-        init_fn, energy_fn = a2i_pair(displacement, box, small_config("invariant"), species,
+        init_fn, energy_fn = pair_model(displacement, box, small_config("invariant"), species,
                                       fractional_coordinates=True)
         params = init_fn(jax.random.PRNGKey(4), frac)
         energies.append(energy_fn(params, frac))
@@ -128,7 +145,7 @@ def test_coordinates_featurization_is_not_rotation_invariant(free_cluster):
     """The rotation test above can fail: raw coordinates make E depend on orientation."""
     R, species = free_cluster
     displacement, _ = space.free()
-    init_fn, energy_fn = a2i_pair(displacement, 100.0, small_config("coordinates"), species)
+    init_fn, energy_fn = pair_model(displacement, 100.0, small_config("coordinates"), species)
     params = init_fn(jax.random.PRNGKey(3), R)
     E, Er = energy_fn(params, R), energy_fn(params, R @ random_orthogonal(11).T)
     assert abs(float(Er - E)) > 1e-4 * (1 + abs(float(E)))
@@ -162,6 +179,7 @@ def test_stress_matches_strain_finite_differences(periodic_liquid, featurization
     displacement, _ = space.periodic_general(T)
     neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(
         displacement, T, small_config(featurization), species, fractional_coordinates=True)
+    energy_fn = jitted(energy_fn)
     nbrs = neighbor_fn.allocate(frac)
     params = init_fn(jax.random.PRNGKey(6), frac, nbrs)
     sigma = quantity.stress(lambda R, **kw: energy_fn(params, R, **kw), frac, T, neighbor=nbrs)
@@ -182,7 +200,7 @@ def test_neighbor_list_equals_all_pairs_periodic(periodic_liquid, featurization)
     displacement, neighbor_fn, init_fn, energy_fn = periodic_model(featurization, side, species)
     nbrs = neighbor_fn.allocate(R)
     params = init_fn(jax.random.PRNGKey(7), R, nbrs)
-    _, pair_energy = a2i_pair(displacement, side, small_config(featurization), species)
+    _, pair_energy = pair_model(displacement, side, small_config(featurization), species)
     E_nl, F_nl = energy_and_forces(lambda p, R: energy_fn(p, R, nbrs, per_atom=True).sum(), params, R)
     E_ap, F_ap = energy_and_forces(pair_energy, params, R)
     assert_nontrivial(F_nl)
@@ -206,9 +224,10 @@ def test_neighbor_list_equals_all_pairs_free(free_cluster):
     config = small_config("invariant")
     box = 20.0
     neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(displacement, box, config, species)
+    energy_fn = jitted(energy_fn)
     nbrs = neighbor_fn.allocate(R)
     params = init_fn(jax.random.PRNGKey(8), R, nbrs)
-    _, pair_energy = a2i_pair(displacement, box, config, species)
+    _, pair_energy = pair_model(displacement, box, config, species)
     np.testing.assert_allclose(energy_fn(params, R, nbrs, per_atom=True), pair_energy(params, R, per_atom=True),
                                rtol=1e-10, atol=1e-12)
 
@@ -224,7 +243,7 @@ def test_energy_and_forces_continuous_through_cutoff(x64, featurization, envelop
     displacement, _ = space.free()
     config = small_config(featurization, envelope=envelope)
     species = jnp.array([0, 1, 2, 1])
-    init_fn, energy_fn = a2i_pair(displacement, 100.0, config, species)
+    init_fn, energy_fn = pair_model(displacement, 100.0, config, species)
     base = jnp.array([[0.0, 0.0, 0.0], [1.1, 0.2, 0.0], [-0.3, 1.2, 0.1]])
     direction = jnp.array([0.6, -0.3, 0.74])
     direction = direction / jnp.linalg.norm(direction)
@@ -250,13 +269,13 @@ def test_two_distant_copies_have_twice_the_energy(free_cluster):
     R, species = free_cluster
     displacement, _ = space.free()
     config = small_config("invariant")
-    init_fn, energy_fn = a2i_pair(displacement, 1000.0, config, species)
+    init_fn, energy_fn = pair_model(displacement, 1000.0, config, species)
     params = init_fn(jax.random.PRNGKey(10), R)
     E = energy_fn(params, R, per_atom=True)
     R2 = jnp.concatenate([R, R + jnp.array([50.0, 0.0, 0.0])], 0)
     s2 = jnp.concatenate([species, species])
     neighbor_fn, _, nl_energy = a2i_neighbor_list(displacement, 1000.0, config, s2, disable_cell_list=True)
-    E2 = nl_energy(params, R2, neighbor_fn.allocate(R2), per_atom=True)
+    E2 = jitted(nl_energy)(params, R2, neighbor_fn.allocate(R2), per_atom=True)
     np.testing.assert_allclose(E2, jnp.concatenate([E, E]), rtol=1e-12, atol=1e-12)
 
 
@@ -272,7 +291,7 @@ def test_periodic_supercell_is_extensive(periodic_liquid, featurization):
     s2 = jnp.concatenate([species, species])
     displacement2, _ = space.periodic(box2)
     neighbor_fn2, _, energy_fn2 = a2i_neighbor_list(displacement2, box2, small_config(featurization), s2)
-    np.testing.assert_allclose(energy_fn2(params, R2, neighbor_fn2.allocate(R2)), 2 * E, rtol=1e-11)
+    np.testing.assert_allclose(jitted(energy_fn2)(params, R2, neighbor_fn2.allocate(R2)), 2 * E, rtol=1e-11)
 
 
 # 8. Padded atoms ----------------------------------------------------------------------------------
@@ -346,7 +365,8 @@ def test_overflow_is_detected_and_reallocation_restores_the_energy(x64):
     side = 6.0
     R = jittered_lattice((3, 3, 3), side / 3, 0.1, seed=4)  # dilute: few neighbours within 2.0
     species = random_species(R.shape[0])
-    displacement, neighbor_fn, init_fn, energy_fn = periodic_model("invariant", side, species)
+    displacement, _ = space.periodic(side)
+    neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(displacement, side, small_config("invariant"), species)
     nbrs = neighbor_fn.allocate(R)
     params = init_fn(jax.random.PRNGKey(15), R, nbrs)
     # Squeeze the atoms towards the box centre: many more neighbours than slots.
@@ -362,5 +382,5 @@ def test_overflow_is_detected_and_reallocation_restores_the_energy(x64):
     fresh = reallocate(neighbor_fn, R2, nbrs2)
     assert not bool(fresh.did_buffer_overflow)
     assert fresh.idx.shape[1] >= int(np.ceil(1.5 * nbrs.idx.shape[1]))
-    _, pair_energy = a2i_pair(displacement, side, small_config("invariant"), species)
-    np.testing.assert_allclose(energy_fn(params, R2, fresh), pair_energy(params, R2), rtol=1e-10)
+    _, pair_energy = pair_model(displacement, side, small_config("invariant"), species)
+    np.testing.assert_allclose(jitted(energy_fn)(params, R2, fresh), pair_energy(params, R2), rtol=1e-10)

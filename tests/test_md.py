@@ -1,0 +1,131 @@
+"""The potential inside jitted jax-md integrators, with neighbour lists updated every step."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import jittered_lattice, random_species, small_config
+from jax_md import quantity, simulate, space
+
+from a2ijax import a2i_neighbor_list
+
+
+def md_setup(R, box, species, periodic: bool, featurization: str = "invariant", **nl_kwargs):
+    displacement, shift = space.periodic(box) if periodic else space.free()
+    neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(
+        displacement, box, small_config(featurization), species, dr_threshold=0.3, **nl_kwargs)
+    nbrs = neighbor_fn.allocate(R)
+    params = init_fn(jax.random.PRNGKey(0), R, nbrs)
+    return shift, neighbor_fn, nbrs, (lambda R, **kw: energy_fn(params, R, **kw))
+
+
+def make_chunk(apply_fn, energy, n_steps, **kw):
+    """``n_steps`` integrator steps in one ``lax.scan``; the list is updated before every step."""
+
+    @jax.jit
+    def chunk(state, nbrs):
+        def step(carry, _):
+            state, nbrs = carry
+            nbrs = nbrs.update(state.position)
+            state = apply_fn(state, neighbor=nbrs, **kw)
+            return (state, nbrs), (energy(state.position, neighbor=nbrs), quantity.kinetic_energy(
+                momentum=state.momentum, mass=state.mass))
+
+        (state, nbrs), (pe, ke) = jax.lax.scan(step, (state, nbrs), None, length=n_steps)
+        return state, nbrs, pe + ke
+
+    return chunk
+
+
+def nve_energy_error(R, box, species, dt, time, periodic=True):
+    shift, neighbor_fn, nbrs, energy = md_setup(R, box, species, periodic)
+    init, apply = simulate.nve(energy, shift, dt)
+    state = init(jax.random.PRNGKey(1), R, kT=0.5, neighbor=nbrs)
+    e0 = energy(R, neighbor=nbrs) + quantity.kinetic_energy(momentum=state.momentum, mass=state.mass)
+    state, nbrs, total = make_chunk(apply, energy, int(round(time / dt)))(state, nbrs)
+    assert not bool(nbrs.did_buffer_overflow)
+    assert bool(jnp.all(jnp.isfinite(total)))
+    return float(jnp.max(jnp.abs(total - e0)))
+
+
+def test_nve_conserves_energy_with_second_order_error(periodic_liquid):
+    """Velocity Verlet: the energy error over a fixed time shrinks ~4x when dt is halved."""
+    R, side, species = periodic_liquid
+    errors = [nve_energy_error(R, side, species, dt, time=0.4) for dt in (0.004, 0.002)]
+    n = R.shape[0]
+    assert errors[0] / n < 1e-3, errors  # small next to kT = 0.5 per atom
+    assert 3.0 < errors[0] / errors[1] < 5.0, errors
+
+
+@pytest.mark.parametrize("periodic", [True, False], ids=["periodic", "free"])
+def test_nose_hoover_conserves_its_invariant(x64, periodic):
+    if periodic:
+        side = 4.6
+        R = jittered_lattice((4, 4, 4), side / 4, 0.2, seed=0)
+        box = side
+    else:
+        R = jittered_lattice((3, 3, 2), 1.1, 0.15, seed=2)
+        box, side = 30.0, None
+    species = random_species(R.shape[0])
+    shift, neighbor_fn, nbrs, energy = md_setup(R, box, species, periodic, "coordinates")
+    kT, dt = 0.4, 0.002
+    init, apply = simulate.nvt_nose_hoover(energy, shift, dt, kT)
+    state = init(jax.random.PRNGKey(2), R, neighbor=nbrs)
+
+    @jax.jit
+    def run(state, nbrs):
+        def step(carry, _):
+            state, nbrs = carry
+            nbrs = nbrs.update(state.position)
+            state = apply(state, neighbor=nbrs)
+            return (state, nbrs), simulate.nvt_nose_hoover_invariant(energy, state, kT, neighbor=nbrs)
+
+        return jax.lax.scan(step, (state, nbrs), None, length=150)
+
+    h0 = simulate.nvt_nose_hoover_invariant(energy, state, kT, neighbor=nbrs)
+    (state, nbrs), h = run(state, nbrs)
+    assert not bool(nbrs.did_buffer_overflow)
+    assert bool(jnp.all(jnp.isfinite(state.position)))
+    moved = jnp.max(jnp.abs(state.position - R))
+    assert float(moved) > 0.05  # the atoms did move
+    assert float(jnp.max(jnp.abs(h - h0))) < 1e-3 * R.shape[0] * kT
+
+
+def test_no_recompilation_after_first_md_or_training_step(periodic_liquid):
+    """Invariant 9: fixed shapes compile once, for MD chunks and for parameter updates."""
+    R, side, species = periodic_liquid
+    shift, neighbor_fn, nbrs, energy = md_setup(R, side, species, True)
+    init, apply = simulate.nve(energy, shift, 0.002)
+    state = init(jax.random.PRNGKey(3), R, kT=0.5, neighbor=nbrs)
+    chunk = make_chunk(apply, energy, 5)
+    for _ in range(3):
+        state, nbrs, _ = chunk(state, nbrs)
+    assert chunk._cache_size() == 1
+
+    displacement, _ = space.periodic(side)
+    neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(displacement, side, small_config(), species)
+    nbrs = neighbor_fn.allocate(R)
+    params = init_fn(jax.random.PRNGKey(4), R, nbrs)
+    optimizer = optax.adam(1e-3)
+    opt_state = optimizer.init(params)
+    target_E, target_F = jnp.asarray(-3.0), jnp.zeros_like(R)
+
+    @jax.jit
+    def train_step(params, opt_state, R, nbrs):
+        def loss(params):
+            E, G = jax.value_and_grad(lambda R: energy_fn(params, R, nbrs))(R)
+            return (E - target_E) ** 2 + jnp.mean((-G - target_F) ** 2)
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    losses = []
+    for i in range(4):
+        params, opt_state, value = train_step(params, opt_state, R + 0.01 * i, nbrs)
+        losses.append(float(value))
+    assert train_step._cache_size() == 1
+    assert np.all(np.isfinite(losses))
