@@ -36,6 +36,8 @@ import jax.numpy as jnp
 Array = jax.Array
 
 FEATURIZATIONS = ("invariant", "coordinates")
+# Log-weight of a key outside the cutoff: exp of it underflows to exactly 0 in every float dtype.
+DEAD_KEY_LOG_WEIGHT = -1.0e4
 ENVELOPES = ("polynomial", "cosine")
 
 
@@ -187,17 +189,20 @@ class SelfAttention(nn.Module):
             # Extra query/key dimensions whose dot product is sum_l a_l(j) b_l(k) cos^l(theta_jik).
             q = jnp.concatenate([q] + [a[..., l, None] * y[:, :, None, :] for l, y in enumerate(angular)], -1)
             kk = jnp.concatenate([kk] + [b[..., l, None] * y[:, :, None, :] for l, y in enumerate(angular)], -1)
-        logits = jnp.einsum("nqhd,nkhd->nhqk", q, kk)  # [n, H, K, K]
-        sink = self.param("sink", nn.initializers.zeros, (h,), cfg.param_dtype).astype(logits.dtype)
+        # One more key dimension carries log c_k (a large negative number for dead keys, c_k = 0),
+        # against a constant 1 in the query: the matmul then yields log(c_k) + s_jk directly.
+        log_c = jnp.where(c > 0, jnp.log(jnp.where(c > 0, c, 1.0)), DEAD_KEY_LOG_WEIGHT).astype(q.dtype)
+        q = jnp.concatenate([q, jnp.ones(q.shape[:-1] + (1,), q.dtype)], -1)
+        kk = jnp.concatenate([kk, jnp.broadcast_to(log_c[:, :, None, None], kk.shape[:-1] + (1,))], -1)
+        lw = jnp.einsum("nqhd,nkhd->nhqk", q, kk)  # [n, H, K, K] log-weights log(c_k) + s_jk
+        sink = self.param("sink", nn.initializers.zeros, (h,), cfg.param_dtype).astype(lw.dtype)
         sink = sink[None, :, None, None]  # [1, H, 1, 1]
-        # log-weights log(c_k) + s_jk of the live keys; dead keys (c_k = 0) are excluded exactly.
-        live = (c > 0)[:, None, None, :]  # [n, 1, 1, K]
-        log_c = jnp.log(jnp.where(c > 0, c, 1.0)).astype(logits.dtype)[:, None, None, :]
-        lw = jnp.where(live, logits + log_c, -jnp.inf)
         m = jax.lax.stop_gradient(jnp.maximum(jnp.max(lw, -1, keepdims=True), sink))
-        e = jnp.exp(lw - m)  # [n, H, K, K], each <= 1
-        weights = e / (jnp.exp(sink - m) + jnp.sum(e, -1, keepdims=True))  # denominator >= 1
-        out = jnp.einsum("nhqk,nkhd->nqhd", weights, v).reshape(n, k, d)
+        e = jnp.exp(lw - m)  # [n, H, K, K], each <= 1; exactly 0 for dead keys
+        denominator = jnp.exp(sink - m) + jnp.sum(e, -1, keepdims=True)  # [n, H, K, 1], >= 1
+        # Normalise after the value product: a [n, K, H, dh] division instead of a [n, H, K, K] one.
+        out = jnp.einsum("nhqk,nkhd->nqhd", e, v) / jnp.moveaxis(denominator, 1, 2)
+        out = out.reshape(n, k, d)
         return nn.Dense(d, name="out", **dense)(out)
 
 
