@@ -11,6 +11,7 @@ from conftest import jittered_lattice, random_species, small_config
 from jax_md import quantity, simulate, space
 
 from a2ijax import a2i_neighbor_list
+from a2ijax.md import energy_observables, make_chunk, run
 
 
 def md_setup(R, box, species, periodic: bool, featurization: str = "invariant", **nl_kwargs):
@@ -22,30 +23,13 @@ def md_setup(R, box, species, periodic: bool, featurization: str = "invariant", 
     return shift, neighbor_fn, nbrs, (lambda R, **kw: energy_fn(params, R, **kw))
 
 
-def make_chunk(apply_fn, energy, n_steps, **kw):
-    """``n_steps`` integrator steps in one ``lax.scan``; the list is updated before every step."""
-
-    @jax.jit
-    def chunk(state, nbrs):
-        def step(carry, _):
-            state, nbrs = carry
-            nbrs = nbrs.update(state.position)
-            state = apply_fn(state, neighbor=nbrs, **kw)
-            return (state, nbrs), (energy(state.position, neighbor=nbrs), quantity.kinetic_energy(
-                momentum=state.momentum, mass=state.mass))
-
-        (state, nbrs), (pe, ke) = jax.lax.scan(step, (state, nbrs), None, length=n_steps)
-        return state, nbrs, pe + ke
-
-    return chunk
-
-
 def nve_energy_error(R, box, species, dt, time, periodic=True):
     shift, neighbor_fn, nbrs, energy = md_setup(R, box, species, periodic)
     init, apply = simulate.nve(energy, shift, dt)
     state = init(jax.random.PRNGKey(1), R, kT=0.5, neighbor=nbrs)
     e0 = energy(R, neighbor=nbrs) + quantity.kinetic_energy(momentum=state.momentum, mass=state.mass)
-    state, nbrs, total = make_chunk(apply, energy, int(round(time / dt)))(state, nbrs)
+    state, nbrs, records = make_chunk(apply, int(round(time / dt)), energy_observables(energy))(state, nbrs)
+    total = records["total"]
     assert not bool(nbrs.did_buffer_overflow)
     assert bool(jnp.all(jnp.isfinite(total)))
     return float(jnp.max(jnp.abs(total - e0)))
@@ -75,18 +59,11 @@ def test_nose_hoover_conserves_its_invariant(x64, periodic):
     init, apply = simulate.nvt_nose_hoover(energy, shift, dt, kT)
     state = init(jax.random.PRNGKey(2), R, neighbor=nbrs)
 
-    @jax.jit
-    def run(state, nbrs):
-        def step(carry, _):
-            state, nbrs = carry
-            nbrs = nbrs.update(state.position)
-            state = apply(state, neighbor=nbrs)
-            return (state, nbrs), simulate.nvt_nose_hoover_invariant(energy, state, kT, neighbor=nbrs)
+    def invariant(state, neighbor):
+        return simulate.nvt_nose_hoover_invariant(energy, state, kT, neighbor=neighbor)
 
-        return jax.lax.scan(step, (state, nbrs), None, length=150)
-
-    h0 = simulate.nvt_nose_hoover_invariant(energy, state, kT, neighbor=nbrs)
-    (state, nbrs), h = run(state, nbrs)
+    h0 = invariant(state, nbrs)
+    state, nbrs, h = make_chunk(apply, 150, invariant)(state, nbrs)
     assert not bool(nbrs.did_buffer_overflow)
     assert bool(jnp.all(jnp.isfinite(state.position)))
     moved = jnp.max(jnp.abs(state.position - R))
@@ -100,7 +77,7 @@ def test_no_recompilation_after_first_md_or_training_step(periodic_liquid):
     shift, neighbor_fn, nbrs, energy = md_setup(R, side, species, True)
     init, apply = simulate.nve(energy, shift, 0.002)
     state = init(jax.random.PRNGKey(3), R, kT=0.5, neighbor=nbrs)
-    chunk = make_chunk(apply, energy, 5)
+    chunk = make_chunk(apply, 5, energy_observables(energy))
     for _ in range(3):
         state, nbrs, _ = chunk(state, nbrs)
     assert chunk._cache_size() == 1
@@ -129,3 +106,23 @@ def test_no_recompilation_after_first_md_or_training_step(periodic_liquid):
         losses.append(float(value))
     assert train_step._cache_size() == 1
     assert np.all(np.isfinite(losses))
+
+
+def test_overflow_in_a_chunk_reallocates_and_reruns_the_chunk(periodic_liquid):
+    """Invariant 10 in MD: a list too small for the start overflows in the first chunk; the driver
+    reallocates, reruns, and the trajectory equals one that started with an adequate list."""
+    R, side, species = periodic_liquid
+    R_spread = jittered_lattice((4, 4, 4), side / 4, 0.0)  # fewer neighbours than the start R
+    squeezed = side / 2 + 0.85 * (R - side / 2)
+    shift, neighbor_fn, _, energy = md_setup(R, side, species, True)
+    init, apply = simulate.nve(energy, shift, 0.002)
+    small = neighbor_fn.allocate(R_spread, capacity_multiplier=1.0)
+    adequate = neighbor_fn.allocate(squeezed)
+    state = init(jax.random.PRNGKey(5), squeezed, kT=0.3, neighbor=adequate)
+    observe = energy_observables(energy)
+    reference = run(apply, state, neighbor_fn, adequate, 30, chunk_steps=10, observe=observe)
+    result = run(apply, state, neighbor_fn, small, 30, chunk_steps=10, observe=observe)
+    assert reference.reallocations == 0 and result.reallocations >= 1
+    assert result.observables["total"].shape == (30,)
+    np.testing.assert_allclose(result.state.position, reference.state.position, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(result.observables["total"], reference.observables["total"], rtol=1e-10)
