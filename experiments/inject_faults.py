@@ -1,0 +1,107 @@
+"""Shows that each invariant test can fail: inject a deliberate fault, run the test, expect red.
+
+Each fault is one textual edit of a copy of the package (the working tree is never touched),
+followed by the tests that should catch it. A fault that no test catches is reported as ESCAPED
+and the script exits non-zero.
+
+Usage::
+
+    python experiments/inject_faults.py              # all faults (about 10 minutes on 2 cores)
+    python experiments/inject_faults.py envelope     # faults whose name contains "envelope"
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (name, invariant, file, original text, faulty text, tests that must fail)
+FAULTS = [
+    ("atom-index-embedding", "1 permutation", "a2ijax/model.py",
+     "center = _lookup(center_table, species_center)",
+     "center = _lookup(center_table, jnp.arange(species_center.shape[0]) % cfg.n_species)",
+     ["tests/test_invariants.py::test_permutation_permutes_atom_energies_and_forces"]),
+    ("no-minimum-image", "2 translation / periodic images", "a2ijax/potential.py",
+     "dR = displacement(R[j], R)",
+     "dR = R[j] - R[:, None, :]",
+     ["tests/test_invariants.py::test_translation_and_periodic_images"]),
+    ("raw-x-coordinate-feature", "3 rotation", "a2ijax/model.py",
+     "geometry = bessel_basis(x, cfg.n_radial)",
+     "geometry = jnp.concatenate([bessel_basis(x, cfg.n_radial), dR[..., :1] / rc], -1)",
+     ["tests/test_invariants.py::test_invariant_featurization_is_e3_invariant_free"]),
+    ("envelope-without-gradient", "4 forces are -grad E", "a2ijax/model.py",
+     "c = envelope(x, cfg.envelope, cfg.envelope_exponent)",
+     "c = envelope(jax.lax.stop_gradient(x), cfg.envelope, cfg.envelope_exponent)",
+     ["tests/test_invariants.py::test_forces_match_finite_differences",
+      "tests/test_md.py::test_nve_conserves_energy_with_second_order_error"]),
+    ("padding-slot-read-as-atom", "5 neighbour list = all pairs", "a2ijax/potential.py",
+     "pair_mask = idx < n  # [N, K]",
+     "pair_mask = idx <= n  # [N, K]",
+     ["tests/test_invariants.py::test_neighbor_list_equals_all_pairs_periodic"]),
+    ("step-envelope", "6 smooth cutoff", "a2ijax/model.py",
+     "c = envelope(x, cfg.envelope, cfg.envelope_exponent)",
+     "c = (x < 1.0).astype(x.dtype)",
+     ["tests/test_invariants.py::test_energy_and_forces_continuous_through_cutoff"]),
+    ("global-context", "7 locality / extensivity", "a2ijax/model.py",
+     "y = nn.Dense(cfg.width, name=\"readout_hidden\", **dense)(pooled + center.astype(pooled.dtype))",
+     "y = nn.Dense(cfg.width, name=\"readout_hidden\", **dense)(pooled + center.astype(pooled.dtype)"
+     " + jnp.sum(pooled, 0) / 50)",
+     ["tests/test_invariants.py::test_two_distant_copies_have_twice_the_energy",
+      "tests/test_invariants.py::test_periodic_supercell_is_extensive"]),
+    ("padding-atoms-as-neighbours", "8 padded atoms", "a2ijax/potential.py",
+     "pair_mask = pair_mask & mask[:, None] & mask[j]",
+     "pair_mask = pair_mask & mask[:, None]",
+     ["tests/test_invariants.py::test_padded_atoms_contribute_nothing_and_have_finite_gradients"]),
+    ("dtype-drift", "9 no recompilation", "a2ijax/md.py",
+     "        return state, neighbor, records",
+     "        return state.set(position=state.position.astype(jnp.float32)), neighbor, records",
+     ["tests/test_md.py::test_no_recompilation_after_first_md_or_training_step"]),
+    ("overflow-not-poisoned", "10 no silent truncation", "a2ijax/potential.py",
+     "return energy * jnp.where(neighbor.did_buffer_overflow, jnp.nan, 1.0).astype(energy.dtype)",
+     "return energy",
+     ["tests/test_invariants.py::test_overflow_is_detected_and_reallocation_restores_the_energy"]),
+    ("overflow-ignored-in-md", "10 no silent truncation", "a2ijax/md.py",
+     "if bool(new_neighbor.did_buffer_overflow):",
+     "if False:",
+     ["tests/test_md.py::test_overflow_in_a_chunk_reallocates_and_reruns_the_chunk"]),
+]
+
+
+def run_fault(name, invariant, path, original, faulty, tests) -> list[tuple[str, bool]]:
+    with tempfile.TemporaryDirectory(prefix=f"fault-{name}-") as tmp:
+        for part in ("a2ijax", "tests", "pyproject.toml"):
+            src = ROOT / part
+            (shutil.copytree if src.is_dir() else shutil.copy)(src, Path(tmp) / part)
+        target = Path(tmp) / path
+        text = target.read_text()
+        if text.count(original) != 1:
+            raise SystemExit(f"{name}: expected exactly one {original!r} in {path}, found {text.count(original)}")
+        target.write_text(text.replace(original, faulty))
+        env = dict(os.environ, PYTHONPATH=tmp)
+        results = []
+        for test in tests:
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", test],
+                                  cwd=tmp, env=env, capture_output=True, text=True)
+            results.append((test, proc.returncode != 0))
+        return results
+
+
+def main(argv: list[str]) -> int:
+    selected = [f for f in FAULTS if not argv or any(a in f[0] for a in argv)]
+    escaped = 0
+    for fault in selected:
+        for test, caught in run_fault(*fault):
+            escaped += not caught
+            print(f"{'caught ' if caught else 'ESCAPED'}  invariant {fault[1]:<32} fault {fault[0]:<28} {test}",
+                  flush=True)
+    return 1 if escaped else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
