@@ -42,40 +42,51 @@ def energy_observables(energy: Callable[..., jax.Array]) -> Callable[..., dict[s
     return observe
 
 
-def make_chunk(apply_fn: Callable, n_steps: int, observe: Callable | None = None, **kwargs) -> Callable:
-    """A jitted function advancing ``(state, neighbor)`` by ``n_steps`` steps, the list updated each step."""
+def make_chunk(apply_fn: Callable, n_records: int, observe: Callable | None = None, stride: int = 1,
+               **kwargs) -> Callable:
+    """A jitted function advancing ``(state, neighbor)`` by ``n_records * stride`` steps.
+
+    The neighbour list is updated before every step; ``observe(state, neighbor)`` is recorded after
+    every ``stride`` steps, giving arrays with a leading ``[n_records]`` axis.
+    """
+
+    def one_step(_, carry):
+        state, neighbor = carry
+        neighbor = neighbor.update(state.position)
+        return apply_fn(state, neighbor=neighbor, **kwargs), neighbor
 
     @jax.jit
     def chunk(state, neighbor):
-        def step(carry, _):
-            state, neighbor = carry
-            neighbor = neighbor.update(state.position)
-            state = apply_fn(state, neighbor=neighbor, **kwargs)
+        def record(carry, _):
+            state, neighbor = jax.lax.fori_loop(0, stride, one_step, carry)
             return (state, neighbor), ({} if observe is None else observe(state, neighbor))
 
-        (state, neighbor), records = jax.lax.scan(step, (state, neighbor), None, length=n_steps)
+        (state, neighbor), records = jax.lax.scan(record, (state, neighbor), None, length=n_records)
         return state, neighbor, records
 
     return chunk
 
 
 def run(apply_fn: Callable, state: Any, neighbor_fn: partition.NeighborFn, neighbor: partition.NeighborList,
-        n_steps: int, *, chunk_steps: int = 100, observe: Callable | None = None,
-        max_reallocations: int = 10, **kwargs) -> MDRun:
+        n_steps: int, *, chunk_steps: int = 100, stride: int = 1, observe: Callable | None = None,
+        max_reallocations: int = 10, progress: Callable[[int], Any] | None = None, **kwargs) -> MDRun:
     """Advances ``state`` by ``n_steps`` integrator steps, ``chunk_steps`` per compiled chunk.
 
-    Raises ``FloatingPointError`` naming the chunk if positions become NaN or inf (the returned
-    state is never a poisoned one), and ``RuntimeError`` after ``max_reallocations`` overflows.
+    ``observe`` is recorded every ``stride`` steps (``n_steps`` and ``chunk_steps`` are multiples of
+    it); ``progress(steps)`` is called after each accepted chunk. Raises ``FloatingPointError``
+    naming the chunk if positions become NaN or inf (the returned state is never a poisoned one),
+    and ``RuntimeError`` after ``max_reallocations`` overflows.
     """
-    if n_steps < 0 or chunk_steps < 1:
-        raise ValueError(f"need n_steps >= 0 and chunk_steps >= 1, got {n_steps}, {chunk_steps}")
+    if n_steps < 0 or chunk_steps < 1 or stride < 1 or n_steps % stride or chunk_steps % stride:
+        raise ValueError(f"need n_steps >= 0, chunk_steps >= 1 and both multiples of stride >= 1; got "
+                         f"n_steps={n_steps}, chunk_steps={chunk_steps}, stride={stride}")
     chunks: dict[int, Callable] = {}
     records: list[dict[str, np.ndarray]] = []
     done, reallocations = 0, 0
     while done < n_steps:
         length = min(chunk_steps, n_steps - done)
         if length not in chunks:
-            chunks[length] = make_chunk(apply_fn, length, observe, **kwargs)
+            chunks[length] = make_chunk(apply_fn, length // stride, observe, stride, **kwargs)
         new_state, new_neighbor, record = chunks[length](state, neighbor)
         if bool(new_neighbor.did_buffer_overflow):
             if reallocations == max_reallocations:
@@ -89,5 +100,7 @@ def run(apply_fn: Callable, state: Any, neighbor_fn: partition.NeighborFn, neigh
         state, neighbor = new_state, new_neighbor
         records.append(jax.tree.map(np.asarray, record))
         done += length
+        if progress is not None:
+            progress(length)
     observables = {key: np.concatenate([r[key] for r in records]) for key in (records[0] if records else {})}
     return MDRun(state, neighbor, observables, reallocations)

@@ -1,8 +1,9 @@
 """Shows that each invariant test can fail: inject a deliberate fault, run the test, expect red.
 
 Each fault is one textual edit of a copy of the package (the working tree is never touched),
-followed by the tests that should catch it. A fault that no test catches is reported as ESCAPED
-and the script exits non-zero.
+followed by the tests that should catch it. A control run of the same tests on an unmodified copy
+comes first and must pass. A fault that a test misses is reported as ESCAPED and the script exits
+non-zero.
 
 Usage::
 
@@ -94,6 +95,14 @@ def run_fault(name, invariant, path, original, faulty, tests) -> list[tuple[str,
 
 def main(argv: list[str]) -> int:
     selected = [f for f in FAULTS if not argv or any(a in f[0] for a in argv)]
+    # Control: the same copy-and-run machinery without a fault must pass, or "caught" means nothing.
+    first = selected[0]
+    tests = sorted({t for f in selected for t in f[5]})
+    failed = [t for t, red in run_fault("control", "none", first[2], first[3], first[3], tests) if red]
+    if failed:
+        print(f"control run failed without any fault: {failed}")
+        return 2
+    print(f"control  {len(tests)} tests pass on the unmodified copy", flush=True)
     escaped = 0
     for fault in selected:
         for test, caught in run_fault(*fault):
