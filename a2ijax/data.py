@@ -17,9 +17,9 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import ase
 import ase.io
@@ -180,20 +180,29 @@ def generate(system_name: str, config: SamplingConfig = SamplingConfig(),
     return frames
 
 
-def write_dataset(path: str | os.PathLike, frames: Sequence[ase.Atoms]) -> None:
-    """Writes extended XYZ atomically: a temporary file beside ``path``, then a rename."""
+def atomic_write(path: str | os.PathLike, write: Callable[[TextIO], None]) -> None:
+    """Writes a text file through ``write(file)`` into a temporary file beside ``path``, then renames
+    it over ``path``: an interrupted write leaves the old file (or none), never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make datasets private
         with os.fdopen(handle, "w") as f:
-            ase.io.write(f, list(frames), format="extxyz")
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_dataset(path: str | os.PathLike, frames: Iterable[ase.Atoms]) -> None:
+    """Writes frames as extended XYZ, atomically."""
+    atomic_write(path, lambda f: ase.io.write(f, list(frames), format="extxyz"))
 
 
 @dataclasses.dataclass
@@ -349,8 +358,5 @@ def format_statistics(table: dict[str, dict[str, float]]) -> str:
 
 
 def write_statistics(path: str | os.PathLike, table: dict[str, Any]) -> None:
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as f:
-        json.dump(table, f, indent=1)
-    os.replace(tmp, path)
+    """Writes the statistics as JSON, atomically."""
+    atomic_write(path, lambda f: json.dump(table, f, indent=1))

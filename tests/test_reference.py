@@ -216,3 +216,6 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path):
         write_dataset(path, frames())
     assert path.read_bytes() == before  # the old dataset is intact
     assert sorted(os.listdir(tmp_path)) == ["data.extxyz"]  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's private 0600
