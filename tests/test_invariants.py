@@ -26,10 +26,12 @@ def jitted(energy_fn):
     return jax.jit(energy_fn, static_argnames="per_atom")
 
 
-def periodic_model(featurization, side, species, **cfg):
+def periodic_model(featurization, R, side, species, seed=0, **cfg):
+    """``(displacement, neighbor_fn, nbrs, params, jitted energy_fn)`` for a periodic box."""
     displacement, shift = space.periodic(side)
     neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(displacement, side, small_config(featurization, **cfg), species)
-    return displacement, neighbor_fn, init_fn, jitted(energy_fn)
+    nbrs = neighbor_fn.allocate(R)
+    return displacement, neighbor_fn, nbrs, init_fn(jax.random.PRNGKey(seed), R, nbrs), jitted(energy_fn)
 
 
 def pair_model(displacement, box, config, species, **kw):
@@ -51,9 +53,7 @@ def energy_and_forces(energy_fn, params, R, **kw):
 @pytest.mark.parametrize("featurization", FEATURIZATIONS)
 def test_permutation_permutes_atom_energies_and_forces(periodic_liquid, featurization):
     R, side, species = periodic_liquid
-    _, neighbor_fn, init_fn, energy_fn = periodic_model(featurization, side, species)
-    nbrs = neighbor_fn.allocate(R)
-    params = init_fn(jax.random.PRNGKey(0), R, nbrs)
+    _, neighbor_fn, nbrs, params, energy_fn = periodic_model(featurization, R, side, species, 0)
     E_i = energy_fn(params, R, nbrs, per_atom=True)
     E, F = energy_and_forces(energy_fn, params, R, neighbor=nbrs)
     assert_nontrivial(F)
@@ -72,9 +72,7 @@ def test_permutation_permutes_atom_energies_and_forces(periodic_liquid, featuriz
 @pytest.mark.parametrize("featurization", FEATURIZATIONS)
 def test_translation_and_periodic_images(periodic_liquid, featurization):
     R, side, species = periodic_liquid
-    displacement, neighbor_fn, init_fn, energy_fn = periodic_model(featurization, side, species)
-    nbrs = neighbor_fn.allocate(R)
-    params = init_fn(jax.random.PRNGKey(1), R, nbrs)
+    displacement, neighbor_fn, nbrs, params, energy_fn = periodic_model(featurization, R, side, species, 1)
     E, F = energy_and_forces(energy_fn, params, R, neighbor=nbrs)
     assert_nontrivial(F)
 
@@ -155,9 +153,7 @@ def test_coordinates_featurization_is_not_rotation_invariant(free_cluster):
 @pytest.mark.parametrize("featurization", FEATURIZATIONS)
 def test_forces_match_finite_differences(periodic_liquid, featurization):
     R, side, species = periodic_liquid
-    _, neighbor_fn, init_fn, energy_fn = periodic_model(featurization, side, species)
-    nbrs = neighbor_fn.allocate(R)
-    params = init_fn(jax.random.PRNGKey(5), R, nbrs)
+    _, neighbor_fn, nbrs, params, energy_fn = periodic_model(featurization, R, side, species, 5)
     F = quantity.force(lambda R, **kw: energy_fn(params, R, **kw))(R, neighbor=nbrs)
     assert_nontrivial(F)
     h = 1e-5
@@ -197,9 +193,7 @@ def test_stress_matches_strain_finite_differences(periodic_liquid, featurization
 @pytest.mark.parametrize("featurization", FEATURIZATIONS)
 def test_neighbor_list_equals_all_pairs_periodic(periodic_liquid, featurization):
     R, side, species = periodic_liquid
-    displacement, neighbor_fn, init_fn, energy_fn = periodic_model(featurization, side, species)
-    nbrs = neighbor_fn.allocate(R)
-    params = init_fn(jax.random.PRNGKey(7), R, nbrs)
+    displacement, neighbor_fn, nbrs, params, energy_fn = periodic_model(featurization, R, side, species, 7)
     _, pair_energy = pair_model(displacement, side, small_config(featurization), species)
     E_nl, F_nl = energy_and_forces(lambda p, R: energy_fn(p, R, nbrs, per_atom=True).sum(), params, R)
     E_ap, F_ap = energy_and_forces(pair_energy, params, R)
@@ -282,9 +276,7 @@ def test_two_distant_copies_have_twice_the_energy(free_cluster):
 @pytest.mark.parametrize("featurization", FEATURIZATIONS)
 def test_periodic_supercell_is_extensive(periodic_liquid, featurization):
     R, side, species = periodic_liquid
-    _, neighbor_fn, init_fn, energy_fn = periodic_model(featurization, side, species, atom_chunk=0)
-    nbrs = neighbor_fn.allocate(R)
-    params = init_fn(jax.random.PRNGKey(11), R, nbrs)
+    _, neighbor_fn, nbrs, params, energy_fn = periodic_model(featurization, R, side, species, 11, atom_chunk=0)
     E = energy_fn(params, R, nbrs)
     box2 = jnp.array([2 * side, side, side])
     R2 = jnp.concatenate([R, R + jnp.array([side, 0.0, 0.0])], 0)
@@ -298,9 +290,7 @@ def test_periodic_supercell_is_extensive(periodic_liquid, featurization):
 @pytest.mark.parametrize("featurization", FEATURIZATIONS)
 def test_padded_atoms_contribute_nothing_and_have_finite_gradients(periodic_liquid, featurization):
     R, side, species = periodic_liquid
-    _, neighbor_fn, init_fn, energy_fn = periodic_model(featurization, side, species)
-    nbrs = neighbor_fn.allocate(R)
-    params = init_fn(jax.random.PRNGKey(12), R, nbrs)
+    _, neighbor_fn, nbrs, params, energy_fn = periodic_model(featurization, R, side, species, 12)
     E, F = energy_and_forces(energy_fn, params, R, neighbor=nbrs)
 
     n_pad = 5  # padding atoms stacked on one point that is also a real atom's position
@@ -322,9 +312,7 @@ def test_padded_atoms_contribute_nothing_and_have_finite_gradients(periodic_liqu
 def test_batched_energy_and_forces_matches_single_systems(periodic_liquid):
     """Two systems of different sizes padded to one shape and evaluated by one vmap."""
     R, side, species = periodic_liquid
-    _, neighbor_fn, init_fn, energy_fn = periodic_model("invariant", side, species)
-    nbrs = neighbor_fn.allocate(R)
-    params = init_fn(jax.random.PRNGKey(13), R, nbrs)
+    _, neighbor_fn, nbrs, params, energy_fn = periodic_model("invariant", R, side, species, 13)
     n_small = 50
     R_small = R[:n_small]
     E_big, F_big = energy_and_forces(energy_fn, params, R, neighbor=nbrs)
@@ -350,10 +338,8 @@ def test_batched_energy_and_forces_matches_single_systems(periodic_liquid):
 @pytest.mark.parametrize("featurization", FEATURIZATIONS)
 def test_atom_chunks_do_not_change_energy_or_forces(periodic_liquid, featurization):
     R, side, species = periodic_liquid
-    _, neighbor_fn, init_fn, energy_fn = periodic_model(featurization, side, species, atom_chunk=0)
-    _, _, _, chunked_fn = periodic_model(featurization, side, species, atom_chunk=24)  # 3 chunks, padded
-    nbrs = neighbor_fn.allocate(R)
-    params = init_fn(jax.random.PRNGKey(14), R, nbrs)
+    _, neighbor_fn, nbrs, params, energy_fn = periodic_model(featurization, R, side, species, 14, atom_chunk=0)
+    chunked_fn = periodic_model(featurization, R, side, species, atom_chunk=24)[-1]  # 3 chunks, padded
     E, F = energy_and_forces(energy_fn, params, R, neighbor=nbrs)
     Ec, Fc = energy_and_forces(chunked_fn, params, R, neighbor=nbrs)
     np.testing.assert_allclose(Ec, E, rtol=1e-12)
