@@ -109,10 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # jax-md's kinetic energy asks for float64 sums; without x64 JAX warns and uses float32.
     warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
-    if args.command == "demo":
-        demo(n_atoms=args.n_atoms, steps=args.steps, dt=args.dt, seed=args.seed)
-    elif args.command == "generate":
-        generate_command(args)
+    try:
+        if args.command == "demo":
+            demo(n_atoms=args.n_atoms, steps=args.steps, dt=args.dt, seed=args.seed)
+        elif args.command == "generate":
+            generate_command(args)
+    except (ValueError, FileNotFoundError) as error:  # bad input: a message, not a traceback
+        print(f"a2ijax {args.command}: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

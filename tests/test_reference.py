@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from a2ijax.cli import main
 from a2ijax.data import (
     SamplingConfig,
     check_cutoff,
@@ -163,9 +164,12 @@ def frame(n=4, energy=True, forces=True, symbols="Ar", cell=8.0, pbc=True):
     return atoms
 
 
-def test_unknown_system_name():
+def test_unknown_system_name(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"unknown system 'argon'; known systems: \['ka', 'lj', 'sw'\]"):
         get_system("argon")
+    assert main(["generate", "argon", "--out", str(tmp_path / "x.extxyz")]) == 2
+    assert "a2ijax generate: error: unknown system 'argon'" in capsys.readouterr().err
+    assert not (tmp_path / "x.extxyz").exists()
     with pytest.raises(ValueError, match=r"unknown state points \['hot'\]"):
         generate("lj", TINY, state_points=["hot"], progress=False)
 
