@@ -59,41 +59,46 @@ class SamplingConfig:
     friction: float = 1.0
     seed: int = 0
 
+    @property
+    def equilibration_steps(self) -> int:
+        """``equilibration`` rounded up to whole strides (MD runs in chunks of strides)."""
+        return -(-self.equilibration // self.stride) * self.stride
+
+    @property
+    def steps_per_point(self) -> int:
+        return self.equilibration_steps + self.frames_per_point * self.stride
+
 
 def _start(system: ReferenceSystem, point: StatePoint, seed: int) -> tuple[jax.Array, float]:
+    """Starting positions and box side: a diamond crystal, or a jittered grid to melt."""
     if point.phase == "crystal":
-        n_cells = round((system.n_atoms / 8) ** (1 / 3))
-        R, side = diamond_positions(n_cells, lattice=(8 / point.density) ** (1 / 3))
-        return R, side
+        return diamond_positions(round((system.n_atoms / 8) ** (1 / 3)), lattice=(8 / point.density) ** (1 / 3))
     side = (system.n_atoms / point.density) ** (1 / 3)
     return lattice_positions(system.n_atoms, side, jitter=0.05 * side / system.n_atoms ** (1 / 3), seed=seed), side
 
 
 def sample_state_point(system: ReferenceSystem, point: StatePoint, config: SamplingConfig, seed: int,
-                       progress=None) -> tuple[list[ase.Atoms], float]:
-    """Frames of NVT Langevin MD at ``point``, labelled in float64; returns ``(frames, box side)``."""
+                       progress: Callable[[int], Any] | None = None) -> list[ase.Atoms]:
+    """Frames of NVT Langevin MD at ``point``, labelled in float64."""
     with jax.enable_x64(True):
         R, side = _start(system, point, seed)
         R = jnp.asarray(R, jnp.float64)
         species = jnp.asarray(system.species(R.shape[0]))
         displacement, shift = space.periodic(side)
         check_box(displacement, side, system.cutoff)
-        skin = 0.12 * system.cutoff
-        neighbor_fn, energy_fn = system.neighbor_list(displacement, side, species, dr_threshold=skin)
+        neighbor_fn, energy_fn = system.neighbor_list(displacement, side, species, dr_threshold=0.12 * system.cutoff)
         nbrs = neighbor_fn.allocate(R)
         init, apply = simulate.nvt_langevin(energy_fn, shift, system.dt, point.kT, gamma=config.friction)
         state = init(jax.random.PRNGKey(seed), R, mass=system.mass, neighbor=nbrs)
-        stride = config.stride
-        equilibration = -(-config.equilibration // stride) * stride
-        result = run(apply, state, neighbor_fn, nbrs, equilibration, chunk_steps=min(equilibration, 50 * stride),
-                     stride=stride, progress=progress) if equilibration else None
-        if result is not None:
-            state, nbrs = result.state, result.neighbor
+        stride, equilibration = config.stride, config.equilibration_steps
+        if equilibration:
+            warm = run(apply, state, neighbor_fn, nbrs, equilibration, chunk_steps=min(equilibration, 50 * stride),
+                       stride=stride, progress=progress)
+            state, nbrs = warm.state, warm.neighbor
         total = config.frames_per_point * stride
-        result = run(apply, state, neighbor_fn, nbrs, total, chunk_steps=min(total, 50 * stride), stride=stride,
-                     observe=lambda state, neighbor: {"position": state.position}, progress=progress)
-        frames = label(system, result.observables["position"], species, side)
-    return frames, side
+        sampled = run(apply, state, neighbor_fn, nbrs, total, chunk_steps=min(total, 50 * stride), stride=stride,
+                      observe=lambda state, neighbor: {"position": state.position}, progress=progress)
+        return label(system, sampled.observables["position"], species, side)
 
 
 def label(system: ReferenceSystem, positions: np.ndarray, species: jax.Array, side: float) -> list[ase.Atoms]:
@@ -149,21 +154,19 @@ def generate(system_name: str, config: SamplingConfig = SamplingConfig(),
         known = [p.name for p in system.state_points]
         unknown = sorted(set(state_points) - set(known))
         raise ValueError(f"unknown state points {unknown} for {system_name}; known: {known}")
-    equilibration = -(-config.equilibration // config.stride) * config.stride
-    steps_per_point = equilibration + config.frames_per_point * config.stride
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps_per_point * len(points), unit="step", desc=f"generate {system_name}")
+        bar = tqdm(total=config.steps_per_point * len(points), unit="step", desc=f"generate {system_name}")
     rng = np.random.default_rng(config.seed)
     frames: list[ase.Atoms] = []
     try:
         for index, point in enumerate(points):
             if bar is not None:
                 bar.set_postfix_str(point.name)
-            point_frames, _ = sample_state_point(system, point, config, seed=config.seed * 1000 + index,
-                                                 progress=None if bar is None else bar.update)
+            point_frames = sample_state_point(system, point, config, seed=config.seed * 1000 + index,
+                                              progress=None if bar is None else bar.update)
             n_segments = len(point_frames) // config.segment_frames
             splits = assign_splits(n_segments, config.split_fractions, rng)
             for i, atoms in enumerate(point_frames[: n_segments * config.segment_frames]):

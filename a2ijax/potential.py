@@ -114,19 +114,29 @@ def _check_inputs(config: A2IConfig, R: Array, species: Array | None, mask: Arra
             raise ValueError(f"mask must be boolean (True for real atoms), got dtype {mask.dtype}")
 
 
+def _model_inputs(R: Array, idx: Array, displacement_fn: DisplacementFn, species: Array | None,
+                  mask: Array | None, **kwargs) -> tuple[Array, Array, Array, Array]:
+    """The model's per-atom inputs from a Dense neighbour index ``idx [n, K]`` (empty slots hold ``N``).
+
+    ``idx`` may cover only the first ``n`` atoms of ``R``. Returns displacements ``[n, K, dim]``,
+    centre species ``[n]``, neighbour species ``[n, K]`` and the pair mask ``[n, K]``.
+    """
+    n_atoms, n = R.shape[0], idx.shape[0]
+    species = jnp.zeros((n_atoms,), jnp.int32) if species is None else species
+    pair_mask = idx < n_atoms
+    j = jnp.where(pair_mask, idx, 0)
+    if mask is not None:  # padded atoms are neither centres nor neighbours
+        pair_mask = pair_mask & mask[:n, None] & mask[j]
+    displacement = jax.vmap(jax.vmap(lambda Rj, Ri: displacement_fn(Rj, Ri, **kwargs), (0, None)))
+    dR = displacement(R[j], R[:n])  # r_ij = R_j - R_i
+    return dR, species[:n], species[j], pair_mask
+
+
 def _a2i_energy(model: A2ITransformer, params: Any, R: Array, idx: Array,
                 displacement_fn: DisplacementFn, species: Array | None, mask: Array | None,
                 per_atom: bool, **kwargs) -> Array:
-    """Energy from a Dense neighbour index ``idx [N, K]`` (empty slots hold ``N``)."""
-    n = R.shape[0]
-    species = jnp.zeros((n,), jnp.int32) if species is None else species
-    pair_mask = idx < n  # [N, K]
-    j = jnp.where(pair_mask, idx, 0)
-    if mask is not None:  # padded atoms are neither centres nor neighbours
-        pair_mask = pair_mask & mask[:, None] & mask[j]
-    displacement = jax.vmap(jax.vmap(lambda Rj, Ri: displacement_fn(Rj, Ri, **kwargs), (0, None)))
-    dR = displacement(R[j], R)  # [N, K, dim], r_ij = R_j - R_i
-    energies = per_atom_energies(model, params, dR, species, species[j], pair_mask)  # [N]
+    """Total (or per-atom) energy from a Dense neighbour index ``idx [N, K]``."""
+    energies = per_atom_energies(model, params, *_model_inputs(R, idx, displacement_fn, species, mask, **kwargs))
     if mask is not None:
         energies = jnp.where(mask, energies, 0.0)
     return energies if per_atom else jnp.sum(energies)
@@ -135,12 +145,8 @@ def _a2i_energy(model: A2ITransformer, params: Any, R: Array, idx: Array,
 def _init(model: A2ITransformer, key: Array, R: Array, idx: Array, displacement_fn: DisplacementFn,
           species: Array | None) -> Any:
     """Parameters from a few atoms: their shapes do not depend on ``N`` or ``K``."""
-    few = min(R.shape[0], 4)
-    species = jnp.zeros((R.shape[0],), jnp.int32) if species is None else species
-    pair_mask = idx[:few] < R.shape[0]
-    j = jnp.where(pair_mask, idx[:few], 0)
-    dR = jax.vmap(jax.vmap(displacement_fn, (0, None)))(R[j], R[:few])
-    return jax.jit(model.init)(key, dR, species[:few], species[j], pair_mask)
+    inputs = _model_inputs(R, idx[: min(R.shape[0], 4)], displacement_fn, species, None)
+    return jax.jit(model.init)(key, *inputs)
 
 
 def a2i_neighbor_list(
