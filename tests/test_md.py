@@ -126,3 +126,20 @@ def test_overflow_in_a_chunk_reallocates_and_reruns_the_chunk(periodic_liquid):
     assert result.observables["total"].shape == (30,)
     np.testing.assert_allclose(result.state.position, reference.state.position, rtol=0, atol=1e-10)
     np.testing.assert_allclose(result.observables["total"], reference.observables["total"], rtol=1e-10)
+
+
+def test_non_finite_positions_stop_the_run_at_the_last_good_chunk():
+    """A potential that turns NaN part-way: run() raises and names the last good step."""
+    displacement, shift = space.free()
+    from jax_md import partition
+
+    neighbor_fn = partition.neighbor_list(displacement, 10.0, 1.0, format=partition.Dense)
+    R = jnp.array([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
+
+    def energy(R, **kwargs):  # force -1/(2 sqrt x) drives x through 0, where the force turns NaN
+        return jnp.sum(jnp.sqrt(R[:, 0]))
+
+    init, apply = simulate.nve(energy, shift, 0.01)
+    state = init(jax.random.PRNGKey(0), R, kT=0.0)
+    with pytest.raises(FloatingPointError, match=r"the last good state is from step \d+"):
+        run(apply, state, neighbor_fn, neighbor_fn.allocate(R), 2000, chunk_steps=50)
