@@ -53,7 +53,7 @@ class SamplingConfig:
 
     frames_per_point: int = 200
     stride: int = 50
-    equilibration: int = 5000
+    equilibration: int = 20000
     segment_frames: int = 20
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     friction: float = 1.0
