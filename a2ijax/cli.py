@@ -48,17 +48,17 @@ def demo(n_atoms: int = 128, steps: int = 200, dt: float = 0.002, kT: float = 1.
     params = init_fn(jax.random.PRNGKey(seed), R, nbrs)
     n_params = sum(x.size for x in jax.tree.leaves(params))
 
+    potential = lambda R, **kw: energy_fn(params, R, **kw)  # noqa: E731
     t0 = time.perf_counter()
-    value_and_grad = jax.jit(jax.value_and_grad(lambda R, nbrs: energy_fn(params, R, nbrs)))
-    E, G = jax.block_until_ready(value_and_grad(R, nbrs))
+    E, G = jax.block_until_ready(jax.jit(jax.value_and_grad(potential))(R, neighbor=nbrs))
     compile_s = time.perf_counter() - t0
     _, pair_energy = a2i_pair(displacement, box, config)
     E_pairs = jax.jit(lambda R: pair_energy(params, R))(R)
     h = 1e-2  # float32: a coarse step, central difference of one force component
     step = jnp.zeros_like(R).at[0, 0].set(h)
-    fd = -(energy_fn(params, R + step, nbrs) - energy_fn(params, R - step, nbrs)) / (2 * h)
+    energy = jax.jit(potential)
+    fd = -(energy(R + step, neighbor=nbrs) - energy(R - step, neighbor=nbrs)) / (2 * h)
 
-    potential = lambda R, **kw: energy_fn(params, R, **kw)  # noqa: E731
     init, apply = simulate.nve(potential, shift, dt)
     state = init(jax.random.PRNGKey(seed + 1), R, kT=kT, neighbor=nbrs)
     t0 = time.perf_counter()
@@ -128,7 +128,7 @@ def generate_command(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     frames = generate(system.name, config, state_points=args.state_points)
     write_dataset(args.out, frames)
-    table = statistics(read_dataset(args.out), system.cutoff)
+    table = statistics(read_dataset(args.out), system.cutoff)  # read back: the file, checked, is the dataset
     stats_path = f"{args.out}.stats.json"
     write_statistics(stats_path, dict(system=system.name, cutoff=system.cutoff, units=system.units,
                                       sampling=dataclasses.asdict(config), seconds=time.perf_counter() - t0,

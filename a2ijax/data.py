@@ -30,7 +30,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from jax_md import quantity, simulate, space
 
 from a2ijax.md import run
-from a2ijax.potential import check_box
+from a2ijax.potential import check_box, perpendicular_widths
 from a2ijax.systems import ReferenceSystem, StatePoint, diamond_positions, get_system, lattice_positions
 
 SPLITS = ("train", "valid", "test")
@@ -309,7 +309,7 @@ def check_cutoff(dataset: Dataset, cutoff: float) -> None:
     for index, (cell, pbc) in enumerate(zip(dataset.cells, dataset.pbc, strict=True)):
         if not pbc.any():
             continue
-        widths = 1.0 / np.linalg.norm(np.linalg.inv(cell.T), axis=1)
+        widths = perpendicular_widths(cell.T)  # ASE cells hold lattice vectors as rows
         narrow = [axis for axis in range(3) if pbc[axis] and widths[axis] <= 2 * cutoff]
         if narrow:
             raise ValueError(f"{dataset.path}, frame {index}: box too small for the cutoff: width "

@@ -129,6 +129,11 @@ class A2IConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def layer_dtypes(self) -> dict[str, Any]:
+        """``dtype`` and ``param_dtype`` keyword arguments for every Flax layer of the model."""
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
 
 def envelope(x: Array, kind: str = "polynomial", p: int = 6) -> Array:
     """Smooth cutoff ``c(x)`` of the reduced distance ``x = d / r_c``: 1 at 0, 0 for ``x >= 1``."""
@@ -180,7 +185,7 @@ class SelfAttention(nn.Module):
         n, k, d = x.shape
         h, dh = cfg.heads, cfg.width // cfg.heads
         n_ang = (cfg.angular_order + 1) if angular is not None else 0
-        dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        dense = cfg.layer_dtypes
         # One fused projection for queries, keys, values and the angular bias coefficients.
         proj = nn.Dense(3 * d + 2 * h * n_ang, name="qkv", **dense)(x)  # [n, K, 3D + 2H(L+1)]
         q, kk, v = (proj[..., i * d:(i + 1) * d].reshape(n, k, h, dh) for i in range(3))
@@ -216,10 +221,9 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: Array, c: Array, angular: list[Array] | None) -> Array:
         cfg = self.config
-        dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        norm = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        x = x + SelfAttention(cfg, name="attention")(nn.LayerNorm(name="norm_attention", **norm)(x), c, angular)
-        y = nn.LayerNorm(name="norm_mlp", **norm)(x)
+        dense = cfg.layer_dtypes
+        x = x + SelfAttention(cfg, name="attention")(nn.LayerNorm(name="norm_attention", **dense)(x), c, angular)
+        y = nn.LayerNorm(name="norm_mlp", **dense)(x)
         y = nn.Dense(cfg.mlp_ratio * cfg.width, name="mlp_in", **dense)(y)
         y = nn.Dense(cfg.width, name="mlp_out", **dense)(nn.silu(y))
         return x + y
@@ -241,7 +245,7 @@ class A2ITransformer(nn.Module):
     @nn.compact
     def __call__(self, dR: Array, species_center: Array, species_neighbor: Array, pair_mask: Array) -> Array:
         cfg = self.config
-        dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        dense = cfg.layer_dtypes
         n, k, dim = dR.shape
         rc = jnp.asarray(cfg.cutoff, dR.dtype)
         # Empty slots become a vector at 2 r_c: outside the envelope, finite gradients.
@@ -268,7 +272,7 @@ class A2ITransformer(nn.Module):
 
         for layer in range(cfg.layers):
             tokens = Block(cfg, name=f"block_{layer}")(tokens, c, angular)  # [n, K, D]
-        tokens = nn.LayerNorm(name="norm_out", dtype=cfg.dtype, param_dtype=cfg.param_dtype)(tokens)
+        tokens = nn.LayerNorm(name="norm_out", **dense)(tokens)
         pooled = jnp.einsum("nk,nkd->nd", c.astype(tokens.dtype), tokens) / cfg.avg_neighbors  # [n, D]
         y = nn.Dense(cfg.width, name="readout_hidden", **dense)(pooled + center.astype(pooled.dtype))
         y = nn.Dense(1, name="readout", **dense)(nn.silu(y))[:, 0]  # [n]

@@ -59,18 +59,26 @@ def lattice_matrix(box: Any, dim: int) -> np.ndarray:
     return box
 
 
-def check_box(displacement_fn: DisplacementFn, box: Any, cutoff: float, dim: int = 3,
-              fractional_coordinates: bool = False) -> None:
+def perpendicular_widths(lattice: np.ndarray) -> np.ndarray:
+    """Distances between opposite faces of the cell whose columns are the lattice vectors ``[dim, dim]``.
+
+    Width ``k`` is measured across the faces spanned by the other lattice vectors: ``1 / |row k of T^-1|``.
+    """
+    return 1.0 / np.linalg.norm(np.linalg.inv(lattice), axis=1)
+
+
+def check_box(displacement_fn: DisplacementFn, box: Any, cutoff: float, fractional_coordinates: bool = False) -> None:
     """Raises if a periodic direction of ``box`` is too narrow for minimum-image displacements.
 
     A direction counts as periodic when ``displacement_fn`` maps its lattice vector to zero, so
     ``space.free`` boxes are never rejected. Minimum-image displacements see a single image of each
     neighbour only if every perpendicular width of the box exceeds ``2 * cutoff``.
     """
+    dim = int(np.shape(box)[0]) if np.ndim(box) else 3  # a scalar side: a cube in three dimensions
     lattice = lattice_matrix(box, dim)
     if np.linalg.det(lattice) == 0 or not np.all(np.isfinite(lattice)):
         raise ValueError(f"box {lattice.tolist()} is singular or not finite")
-    widths = 1.0 / np.linalg.norm(np.linalg.inv(lattice), axis=1)  # perpendicular widths
+    widths = perpendicular_widths(lattice)
     origin = jnp.zeros((dim,))
     for axis in range(dim):
         probe = np.eye(dim)[axis] if fractional_coordinates else lattice[:, axis]
@@ -179,8 +187,7 @@ def a2i_neighbor_list(
     nl_kwargs.pop("format", None)
     species = None if species is None else jnp.asarray(species)
     fractional = nl_kwargs.get("fractional_coordinates", False)
-    dim = int(np.shape(box)[0]) if np.ndim(box) else 3
-    check_box(displacement_fn, box, config.cutoff, dim, fractional)
+    check_box(displacement_fn, box, config.cutoff, fractional)
     neighbor_fn = partition.neighbor_list(displacement_fn, box, config.cutoff, format=partition.Dense, **nl_kwargs)
     model = A2ITransformer(config)
 
@@ -236,8 +243,7 @@ def a2i_pair(
     grow as ``N**3``: meant for clusters and for checking the neighbour-list path.
     """
     species = None if species is None else jnp.asarray(species)
-    dim = int(np.shape(box)[0]) if np.ndim(box) else 3
-    check_box(displacement_fn, box, config.cutoff, dim, fractional_coordinates)
+    check_box(displacement_fn, box, config.cutoff, fractional_coordinates)
     model = A2ITransformer(config)
 
     def init_fn(key: Array, R: Array, neighbor: Any = None, **kwargs) -> Any:
