@@ -2,6 +2,9 @@
 
 ``a2ijax generate <system> --out <file>`` samples a reference dataset (see ``a2ijax.data``).
 
+``a2ijax train <config.toml>`` fits a potential (see ``a2ijax.train``); ``a2ijax evaluate <checkpoint>
+<data>`` prints the error report of a checkpoint on any labelled dataset.
+
 ``a2ijax demo`` builds the default A2I potential on a Lennard-Jones liquid (embedded, nothing to
 download), checks it against its own all-pairs path and ``-grad E``, and runs jit-compiled NVE with
 a neighbour list, reporting energy conservation. The weights are untrained: the demo shows the
@@ -15,25 +18,35 @@ import dataclasses
 import sys
 import time
 import warnings
+from pathlib import Path
+from typing import Any
 
+import ase
+import ase.io
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax_md import simulate, space
+from jax_md import simulate as integrators
+from jax_md import space
 
+from a2ijax.calculator import ExtrapolationWarning, structure_frame, warn_if_extrapolating
+from a2ijax.config import load_config
 from a2ijax.data import (
     SamplingConfig,
+    check_cutoff,
     format_statistics,
     generate,
+    initial_positions,
     read_dataset,
     statistics,
     write_dataset,
     write_statistics,
 )
-from a2ijax.md import energy_observables, run
+from a2ijax.md import Simulation, energy_observables, run, simulate
 from a2ijax.model import A2IConfig
 from a2ijax.potential import a2i_neighbor_list, a2i_pair
-from a2ijax.systems import get_system, lattice_positions
+from a2ijax.systems import SYSTEMS, get_system, lattice_positions
+from a2ijax.train import Checkpoint, evaluate, format_report, load_checkpoint, train_and_evaluate
 
 
 def demo(n_atoms: int = 128, steps: int = 200, dt: float = 0.002, kT: float = 1.0, density: float = 0.84,
@@ -59,7 +72,7 @@ def demo(n_atoms: int = 128, steps: int = 200, dt: float = 0.002, kT: float = 1.
     energy = jax.jit(potential)
     fd = -(energy(R + step, neighbor=nbrs) - energy(R - step, neighbor=nbrs)) / (2 * h)
 
-    init, apply = simulate.nve(potential, shift, dt)
+    init, apply = integrators.nve(potential, shift, dt)
     state = init(jax.random.PRNGKey(seed + 1), R, kT=kT, neighbor=nbrs)
     t0 = time.perf_counter()
     md = run(apply, state, neighbor_fn, nbrs, steps, chunk_steps=max(1, steps // 4),
@@ -106,6 +119,32 @@ def main(argv: list[str] | None = None) -> int:
                    help="consecutive frames per split segment")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--state-points", nargs="*", help="a subset of the system's state points (default: all)")
+    p = commands.add_parser("train", help="fit a potential to a dataset as a TOML config says")
+    p.add_argument("config", help="experiment TOML with [data], [model] and [train] tables")
+    p.add_argument("--workdir", help="checkpoints, metrics, report and plots (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the latest periodic checkpoint")
+    p.add_argument("--stop-after", type=int, help="stop and checkpoint after this many steps (schedule unchanged)")
+    p = commands.add_parser("evaluate", help="error report of a checkpoint on a labelled dataset")
+    p.add_argument("checkpoint", help="a work directory, checkpoint directory or checkpoint step directory")
+    p.add_argument("data", help="labelled frames (extended XYZ or any ASE-readable file)")
+    p.add_argument("--split", choices=["train", "valid", "test"], help="only this split (default: all frames)")
+    p.add_argument("--out", help="directory for report.json, report.md and parity.png")
+    p = commands.add_parser("quickstart", help="sample, train, evaluate and run MD on a small LJ system (~8 min)")
+    p.add_argument("--out", default="quickstart", help="directory for the dataset, run, MD output and plots")
+    p = commands.add_parser("md", help="molecular dynamics with a trained potential")
+    p.add_argument("checkpoint", help="a work directory, checkpoint directory or checkpoint step directory")
+    start = p.add_mutually_exclusive_group(required=True)
+    start.add_argument("--structure", help="starting structure: any ASE-readable file with a periodic cell")
+    start.add_argument("--state-point", help="start from a state point of the checkpoint's reference system")
+    p.add_argument("--ensemble", choices=["nve", "nose-hoover", "langevin"], default="nve")
+    p.add_argument("--steps", type=int, default=10000)
+    p.add_argument("--dt", type=float, help="time step (default: the reference system's)")
+    p.add_argument("--kT", type=float, help="temperature for initial velocities and thermostats (energy units)")
+    p.add_argument("--thermo-every", type=int, default=10, help="steps between thermo rows")
+    p.add_argument("--trajectory-every", type=int, default=100, help="steps between trajectory frames")
+    p.add_argument("--skin", type=float, default=0.1, help="neighbour-list skin as a fraction of the cutoff")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="md", help="directory for thermo.csv and trajectory.extxyz")
     args = parser.parse_args(argv)
     # jax-md's kinetic energy asks for float64 sums; without x64 JAX warns and uses float32.
     warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
@@ -114,7 +153,18 @@ def main(argv: list[str] | None = None) -> int:
             demo(n_atoms=args.n_atoms, steps=args.steps, dt=args.dt, seed=args.seed)
         elif args.command == "generate":
             generate_command(args)
-    except (ValueError, FileNotFoundError) as error:  # bad input: a message, not a traceback
+        elif args.command == "train":
+            train_command(args)
+        elif args.command == "quickstart":
+            from a2ijax.quickstart import quickstart
+
+            quickstart(args.out)
+        elif args.command == "md":
+            md_command(args)
+        elif args.command == "evaluate":
+            _, text = evaluate(args.checkpoint, args.data, split=args.split, out=args.out)
+            print(text)
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:  # bad input: a message, not a traceback
         print(f"a2ijax {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
@@ -137,6 +187,87 @@ def generate_command(args: argparse.Namespace) -> None:
     print(f"per state point ({system.units}; energy_std is the total-energy fluctuation, force_std per "
           f"component, neighbours within {system.cutoff:.6g}):")
     print(format_statistics(table))
+
+
+def md_command(args: argparse.Namespace) -> Simulation:
+    """MD from a structure file or a reference state point; prints a summary, writes thermo and trajectory."""
+    checkpoint = load_checkpoint(args.checkpoint)
+    system_name = checkpoint.meta.get("system", "")
+    system = get_system(system_name) if system_name in SYSTEMS else None
+    kT = args.kT
+    if args.structure:
+        atoms = read_structure(args.structure)
+    else:
+        if system is None:
+            raise ValueError(f"the checkpoint's data has no reference system ({system_name!r}): use --structure")
+        point = system.state_point(args.state_point)
+        R, side = initial_positions(system, point, args.seed)
+        atoms = ase.Atoms([system.symbols[s] for s in system.species(R.shape[0])], positions=np.asarray(R),
+                          cell=np.eye(3) * side, pbc=True)
+        kT = point.kT if kT is None else kT
+    dt = args.dt if args.dt is not None else (system.dt if system is not None else None)
+    if dt is None:
+        raise ValueError("give --dt: the checkpoint's data has no reference system to take it from")
+    mass = system.mass if system is not None else jnp.asarray(atoms.get_masses())
+    return run_md(checkpoint, atoms, steps=args.steps, dt=dt, kT=kT, ensemble=args.ensemble, mass=mass,
+                  thermo_every=args.thermo_every, trajectory_every=args.trajectory_every, skin=args.skin,
+                  seed=args.seed, out=args.out)
+
+
+def read_structure(path: str) -> ase.Atoms:
+    """The last frame of an ASE-readable file; errors name the file."""
+    try:
+        return ase.io.read(path, index=-1)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # ASE raises many types for unreadable files
+        raise ValueError(f"{path}: cannot read a structure: {error}") from error
+
+
+def run_md(checkpoint: Checkpoint, atoms: ase.Atoms, *, steps: int, dt: float, kT: float | None, ensemble: str,
+           mass: Any = 1.0, thermo_every: int = 10, trajectory_every: int = 100, skin: float = 0.1, seed: int = 0,
+           out: str | None = None, progress: bool = True) -> Simulation:
+    """Checks the structure against the checkpoint, runs :func:`a2ijax.md.simulate`, prints a summary."""
+    frame = structure_frame(atoms, checkpoint.symbols)  # unknown species: an error naming them
+    if not atoms.pbc.all():
+        raise ValueError(f"MD needs a fully periodic cell, the structure has pbc={atoms.pbc.tolist()}")
+    cutoff = checkpoint.config.model.cutoff
+    check_cutoff(frame, cutoff)
+    warn_if_extrapolating(frame, checkpoint)
+    dtype = jnp.result_type(float)
+    box = jnp.asarray(atoms.cell[:].T, dtype)
+    species = jnp.asarray(frame.species[0])
+    neighbor_fn, energy_fn, displacement, shift = checkpoint.potential(box, species, dr_threshold=skin * cutoff)
+    result = simulate(energy_fn, neighbor_fn, displacement, shift, jnp.asarray(atoms.get_positions(), dtype), box,
+                      steps=steps, dt=dt, ensemble=ensemble, kT=kT, mass=mass, seed=seed, thermo_every=thermo_every,
+                      trajectory_every=trajectory_every, out=out, symbols=atoms.get_chemical_symbols(),
+                      progress=progress)
+    n, thermo = len(atoms), result.thermo
+    trained = checkpoint.meta["statistics"].get("min_distance", 0.0)
+    closest = float(thermo["min_distance"].min())
+    if closest < trained:
+        warnings.warn(f"atoms came {closest:.4g} apart during MD, closer than any pair in the training data "
+                      f"({trained:.4g}): the model extrapolated", ExtrapolationWarning, stacklevel=2)
+    print(f"{ensemble} MD: {n} atoms, {steps} steps of {dt:g} in {result.seconds:.1f} s "
+          f"({result.rate:.4g} atom-steps/s after compilation, {result.reallocations} reallocations)")
+    print(f"  temperature (kT) mean {thermo['temperature'].mean():.5g}, pressure mean {thermo['pressure'].mean():.5g}")
+    print(f"  total energy per atom: start {thermo['total'][0] / n:.6g}, end {thermo['total'][-1] / n:.6g}, "
+          f"drift {result.drift:.3g} per atom per time unit")
+    if out is not None:
+        print(f"  wrote {out}/thermo.csv and {out}/trajectory.extxyz ({len(result.frames)} frames)")
+    return result
+
+
+def train_command(args: argparse.Namespace) -> None:
+    config = load_config(args.config)
+    workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
+    result = train_and_evaluate(config, workdir, resume=args.resume, stop_after=args.stop_after)
+    if result.report is None:
+        print(f"stopped at step {int(result.state['step'])} after {result.seconds:.0f} s; continue with "
+              f"`a2ijax train {args.config} --workdir {workdir} --resume`")
+        return
+    print(f"trained {config.train.steps} steps in {result.seconds:.0f} s; test report ({workdir}/report.md):")
+    print(format_report(result.report, result.report.get("units", "")))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 import ase
 import ase.io
+import ase.neighborlist
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,7 +70,7 @@ class SamplingConfig:
         return self.equilibration_steps + self.frames_per_point * self.stride
 
 
-def _start(system: ReferenceSystem, point: StatePoint, seed: int) -> tuple[jax.Array, float]:
+def initial_positions(system: ReferenceSystem, point: StatePoint, seed: int) -> tuple[jax.Array, float]:
     """Starting positions and box side: a diamond crystal, or a jittered grid to melt."""
     if point.phase == "crystal":
         return diamond_positions(round((system.n_atoms / 8) ** (1 / 3)), lattice=(8 / point.density) ** (1 / 3))
@@ -81,7 +82,7 @@ def sample_state_point(system: ReferenceSystem, point: StatePoint, config: Sampl
                        progress: Callable[[int], Any] | None = None) -> list[ase.Atoms]:
     """Frames of NVT Langevin MD at ``point``, labelled in float64."""
     with jax.enable_x64(True):
-        R, side = _start(system, point, seed)
+        R, side = initial_positions(system, point, seed)
         R = jnp.asarray(R, jnp.float64)
         species = jnp.asarray(system.species(R.shape[0]))
         displacement, shift = space.periodic(side)
@@ -149,11 +150,7 @@ def generate(system_name: str, config: SamplingConfig = SamplingConfig(),
     from a2ijax import __version__
 
     system = get_system(system_name)
-    points = [p for p in system.state_points if state_points is None or p.name in state_points]
-    if state_points is not None and len(points) != len(state_points):
-        known = [p.name for p in system.state_points]
-        unknown = sorted(set(state_points) - set(known))
-        raise ValueError(f"unknown state points {unknown} for {system_name}; known: {known}")
+    points = system.state_points if state_points is None else [system.state_point(p) for p in state_points]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -316,38 +313,63 @@ def check_cutoff(dataset: Dataset, cutoff: float) -> None:
                              f"{widths[narrow[0]]:.6g} along cell vector {narrow[0]} <= 2 x cutoff = {2 * cutoff:.6g}")
 
 
-def statistics(dataset: Dataset, cutoff: float) -> dict[str, dict[str, float]]:
-    """Per state point: total-energy std (the MD fluctuation), per-atom energy std, force std, neighbours."""
+def state_point_groups(dataset: Dataset) -> dict[str, list[int]]:
+    """Frame indices per state point (from the ``state_point`` header; ``"all"`` where there is none)."""
     groups: dict[str, list[int]] = {}
     for i, info in enumerate(dataset.info):
         groups.setdefault(str(info.get("state_point", "all")), []).append(i)
+    return groups
+
+
+def fluctuations(dataset: Dataset) -> dict[str, dict[str, float]]:
+    """Per state point: the std of the total energy over its frames (the MD fluctuation, the scale
+    the paper measures errors against) and the std of the force components."""
     table = {}
-    for name, indices in groups.items():
-        energies = dataset.energy[indices]
+    for name, indices in state_point_groups(dataset).items():
         forces = np.concatenate([dataset.forces[i].ravel() for i in indices])
-        counts = np.concatenate([_neighbor_counts(dataset.positions[i], dataset.cells[i], dataset.pbc[i], cutoff)
-                                 for i in indices])
-        row = dict(frames=len(indices), atoms=float(np.mean([len(dataset.positions[i]) for i in indices])),
-                   energy_std=float(np.std(energies)), energy_per_atom_mean=float(np.mean(
-                       [dataset.energy[i] / len(dataset.positions[i]) for i in indices])),
-                   force_std=float(np.std(forces)), neighbors_mean=float(counts.mean()),
-                   neighbors_max=int(counts.max()))
-        if dataset.per_atom_energies is not None:
-            row["atom_energy_std"] = float(np.std(np.concatenate([dataset.per_atom_energies[i] for i in indices])))
-        table[name] = row
+        table[name] = dict(frames=len(indices), energy_std=float(np.std(dataset.energy[indices])),
+                           force_std=float(np.std(forces)))
     return table
 
 
-def _neighbor_counts(R: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> np.ndarray:
-    """Neighbours within ``cutoff`` of each atom (minimum image along periodic axes)."""
-    frac = R @ np.linalg.inv(cell) if pbc.any() else R
-    d = frac[None, :, :] - frac[:, None, :]
+def statistics(dataset: Dataset, cutoff: float) -> dict[str, dict[str, float]]:
+    """Per state point: frames, atoms, the fluctuations, mean energy per atom, per-atom energy std, neighbours."""
+    table = fluctuations(dataset)
+    for name, indices in state_point_groups(dataset).items():
+        counts = np.concatenate([neighbor_matrix(dataset.positions[i], dataset.cells[i], dataset.pbc[i], cutoff).sum(1)
+                                 for i in indices])
+        row = table[name]
+        atoms = np.asarray([len(dataset.positions[i]) for i in indices])
+        row.update(atoms=float(atoms.mean()), energy_per_atom_mean=float(np.mean(dataset.energy[indices] / atoms)),
+                   neighbors_mean=float(counts.mean()), neighbors_max=int(counts.max()))
+        if dataset.per_atom_energies is not None:
+            row["atom_energy_std"] = float(np.std(np.concatenate([dataset.per_atom_energies[i] for i in indices])))
+    return table
+
+
+def pair_distances(R: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """``[n, n]`` distances between atoms, minimum image along periodic axes (every periodic width
+    must exceed twice the largest distance of interest: see :func:`check_cutoff`); ``inf`` on the diagonal."""
+    d = R[None, :, :] - R[:, None, :]
     if pbc.any():
-        d = d - pbc * np.round(d)
-        d = d @ cell
-    r2 = np.sum(d * d, -1)
-    np.fill_diagonal(r2, np.inf)
-    return np.sum(r2 < cutoff**2, 1)
+        frac = d @ np.linalg.inv(cell)
+        frac -= pbc * np.round(frac)
+        d = frac @ cell
+    r = np.sqrt(np.sum(d * d, -1))
+    np.fill_diagonal(r, np.inf)
+    return r
+
+
+def neighbor_matrix(R: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> np.ndarray:
+    """``[n, n]`` True where two distinct atoms are within ``cutoff`` (minimum image). Frames of more
+    than 4,000 atoms go through ASE's linear-time search instead of all pairs."""
+    n = len(R)
+    if n > 4000:
+        i, j = ase.neighborlist.primitive_neighbor_list("ij", pbc, cell if pbc.any() else np.eye(3), R, cutoff)
+        within = np.zeros((n, n), bool)
+        within[i, j] = True
+        return within
+    return pair_distances(R, cell, pbc) < cutoff
 
 
 def format_statistics(table: dict[str, dict[str, float]]) -> str:

@@ -9,7 +9,10 @@ from its starting state, so no step is lost or computed with truncated neighbour
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -69,11 +72,13 @@ def make_chunk(apply_fn: Callable, n_records: int, observe: Callable | None = No
 
 def run(apply_fn: Callable, state: Any, neighbor_fn: partition.NeighborFn, neighbor: partition.NeighborList,
         n_steps: int, *, chunk_steps: int = 100, stride: int = 1, observe: Callable | None = None,
-        max_reallocations: int = 10, progress: Callable[[int], Any] | None = None, **kwargs) -> MDRun:
+        max_reallocations: int = 10, progress: Callable[[int], Any] | None = None,
+        on_chunk: Callable[[int, Any, dict[str, np.ndarray]], Any] | None = None, **kwargs) -> MDRun:
     """Advances ``state`` by ``n_steps`` integrator steps, ``chunk_steps`` per compiled chunk.
 
     ``observe`` is recorded every ``stride`` steps (``n_steps`` and ``chunk_steps`` are multiples of
-    it); ``progress(steps)`` is called after each accepted chunk. Raises ``FloatingPointError``
+    it); ``progress(steps)`` is called after each accepted chunk, and ``on_chunk(steps_done, state,
+    records)`` too (to write output as the run goes, so an interrupted run keeps it). Raises ``FloatingPointError``
     naming the chunk if positions become NaN or inf (the returned state is never a poisoned one),
     and ``RuntimeError`` after ``max_reallocations`` overflows.
     """
@@ -100,7 +105,222 @@ def run(apply_fn: Callable, state: Any, neighbor_fn: partition.NeighborFn, neigh
         state, neighbor = new_state, new_neighbor
         records.append(jax.tree.map(np.asarray, record))
         done += length
+        if on_chunk is not None:
+            on_chunk(done, state, records[-1])
         if progress is not None:
             progress(length)
     observables = {key: np.concatenate([r[key] for r in records]) for key in (records[0] if records else {})}
     return MDRun(state, neighbor, observables, reallocations)
+
+
+# ----------------------------------------------------------------------------------------------
+# Simulations with observables and output files
+
+ENSEMBLES = ("nve", "nose-hoover", "langevin")
+THERMO_COLUMNS = ("step", "time", "potential", "kinetic", "total", "temperature", "pressure", "min_distance")
+
+
+@dataclasses.dataclass
+class Simulation:
+    """What :func:`simulate` returns.
+
+    ``thermo`` holds one row per ``thermo_every`` steps (columns ``THERMO_COLUMNS``; temperature is
+    k_B T in energy units, pressure from the virial), ``frames`` the positions written to the
+    trajectory (one per ``trajectory_every`` steps), ``drift`` the linear-fit slope of the total
+    energy per atom per unit time, ``rate`` the atom-steps per second after compilation.
+    """
+
+    state: Any
+    neighbor: partition.NeighborList
+    thermo: dict[str, np.ndarray]
+    frames: np.ndarray
+    drift: float
+    rate: float
+    reallocations: int
+    seconds: float
+
+
+def thermo_observables(energy_fn: Callable[..., jax.Array], displacement_fn: Callable, box: Any
+                       ) -> Callable[..., dict[str, jax.Array]]:
+    """Per-record potential, kinetic and total energy, temperature, virial pressure and closest pair."""
+
+    def observe(state, neighbor):
+        R = state.position
+        potential = energy_fn(R, neighbor=neighbor)
+        kinetic = quantity.kinetic_energy(momentum=state.momentum, mass=state.mass)
+        pressure = quantity.pressure(energy_fn, R, box, kinetic_energy=kinetic, neighbor=neighbor)
+        return dict(potential=potential, kinetic=kinetic, total=potential + kinetic,
+                    temperature=quantity.temperature(momentum=state.momentum, mass=state.mass), pressure=pressure,
+                    min_distance=closest_neighbor(R, neighbor, displacement_fn, box))
+
+    return observe
+
+
+def closest_neighbor(R: jax.Array, neighbor: partition.NeighborList, displacement_fn: Callable, box: Any) -> jax.Array:
+    """The smallest distance between an atom and its listed neighbours (inf if none)."""
+    n = R.shape[0]
+    j = jnp.where(neighbor.idx < n, neighbor.idx, 0)
+    dR = jax.vmap(jax.vmap(lambda a, b: displacement_fn(a, b, box=box), (0, None)))(R[j], R)
+    d = jnp.sqrt(jnp.sum(dR * dR, -1))
+    return jnp.min(jnp.where(neighbor.idx < n, d, jnp.inf))
+
+
+def energy_drift(time: np.ndarray, total: np.ndarray, n_atoms: int) -> float:
+    """Slope of a straight-line fit of the total energy per atom against time."""
+    if len(time) < 2:
+        return float("nan")
+    return float(np.polyfit(np.asarray(time, np.float64), np.asarray(total, np.float64) / n_atoms, 1)[0])
+
+
+def radial_distribution(frames: np.ndarray, box: np.ndarray, species: np.ndarray, r_max: float, bins: int = 100
+                        ) -> tuple[np.ndarray, dict[tuple[int, int], np.ndarray]]:
+    """Radial distribution functions ``g_ab(r)`` for every species pair, averaged over ``frames``.
+
+    Args:
+      frames: ``[F, N, 3]`` positions in a periodic ``box`` (``[3, 3]``, lattice vectors as columns)
+        whose perpendicular widths exceed ``2 * r_max``.
+      species: ``[N]`` species ids.
+    Returns:
+      bin centres ``[bins]`` and ``{(a, b): g [bins]}`` for ``a <= b`` present in ``species``.
+    """
+    from a2ijax.data import pair_distances
+
+    cell = np.asarray(box, np.float64).T
+    volume = abs(np.linalg.det(cell))
+    edges = np.linspace(0.0, r_max, bins + 1)
+    shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
+    kinds = np.unique(species)
+    counts = {(a, b): np.zeros(bins) for a in kinds for b in kinds if a <= b}
+    for R in np.asarray(frames, np.float64):
+        r = pair_distances(R, cell, np.ones(3, bool))
+        for a, b in counts:
+            counts[a, b] += np.histogram(r[np.ix_(species == a, species == b)], edges)[0]
+    g = {}
+    for (a, b), c in counts.items():
+        n_a, n_b = np.sum(species == a), np.sum(species == b)
+        pairs = n_a * (n_a - 1) if a == b else n_a * n_b
+        g[a, b] = c / (len(frames) * pairs / volume * shell)
+    return 0.5 * (edges[1:] + edges[:-1]), g
+
+
+def rdf_difference(r: np.ndarray, g: dict, g_reference: dict) -> dict[tuple[int, int], float]:
+    """Integrated absolute difference ``int |g - g_ref| dr / r_max`` per species pair (a mean over r)."""
+    dr = r[1] - r[0]
+    r_max = r[-1] + 0.5 * dr
+    return {k: float(np.sum(np.abs(g[k] - g_reference[k])) * dr / r_max) for k in g}
+
+
+class _Output:
+    """Thermo CSV and extended-XYZ trajectory, appended and flushed after every chunk."""
+
+    def __init__(self, out: str | None, symbols: list[str], box: np.ndarray):
+        self.out = None if out is None else Path(out)
+        self.symbols, self.cell = symbols, np.asarray(box, np.float64).T
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "thermo.csv").write_text(",".join(THERMO_COLUMNS) + "\n")
+            (self.out / "trajectory.extxyz").write_text("")
+
+    def write(self, rows: dict[str, np.ndarray], R: np.ndarray, step: int, time: float) -> None:
+        if self.out is None:
+            return
+        import ase
+        import ase.io
+
+        with open(self.out / "thermo.csv", "a") as f:
+            for k in range(len(rows["step"])):
+                f.write(",".join(f"{rows[c][k]:.10g}" for c in THERMO_COLUMNS) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        atoms = ase.Atoms(symbols=self.symbols, positions=R, cell=self.cell, pbc=True, info=dict(step=step, time=time))
+        with open(self.out / "trajectory.extxyz", "a") as f:
+            ase.io.write(f, atoms, format="extxyz")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def simulate(energy_fn: Callable[..., jax.Array], neighbor_fn: partition.NeighborFn, displacement_fn: Callable,
+             shift_fn: Callable, R: jax.Array, box: Any, *, steps: int, dt: float, ensemble: str = "nve",
+             kT: float | None = None, mass: Any = 1.0, seed: int = 0, thermo_every: int = 10,
+             trajectory_every: int = 100, tau: float = 100.0, friction: float = 1.0, out: str | None = None,
+             symbols: list[str] | None = None, progress: bool = True, time_unit: str = "time unit") -> Simulation:
+    """Molecular dynamics with a potential on a Dense neighbour list updated every step.
+
+    Args:
+      energy_fn: ``energy_fn(R, neighbor=..., **kw)`` on a ``space.periodic_general`` displacement
+        (``kw`` reach the displacement: ``box`` and ``perturbation`` give the virial pressure).
+      neighbor_fn, displacement_fn, shift_fn: jax-md's neighbour-list builder and space for ``box``.
+      R: ``[N, 3]`` starting positions; velocities are drawn at ``kT`` (0 if ``kT`` is None, NVE).
+      steps, dt: number of steps and time step. ``steps`` and ``trajectory_every`` are multiples of
+        ``thermo_every``; steps run in compiled chunks of ``trajectory_every`` with the neighbour list
+        checked (and reallocated, rerunning the chunk) between chunks.
+      ensemble: ``"nve"``, ``"nose-hoover"`` (chain thermostat, ``tau`` in units of ``dt``) or
+        ``"langevin"`` (``friction`` in inverse time units).
+      out: directory for ``thermo.csv`` and ``trajectory.extxyz`` (positions every
+        ``trajectory_every`` steps), both appended and flushed after every chunk: if the run stops
+        (NaN positions raise ``FloatingPointError`` naming the step), what was written stays.
+    """
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
+    if ensemble != "nve" and kT is None:
+        raise ValueError(f"the {ensemble} thermostat needs kT")
+    if trajectory_every % thermo_every or steps % thermo_every:
+        raise ValueError(f"steps ({steps}) and trajectory_every ({trajectory_every}) must be multiples of "
+                         f"thermo_every ({thermo_every})")
+    from jax_md import simulate as integrators
+
+    if ensemble == "nve":
+        init, apply = integrators.nve(energy_fn, shift_fn, dt)
+    elif ensemble == "nose-hoover":
+        init, apply = integrators.nvt_nose_hoover(energy_fn, shift_fn, dt, kT, tau=tau * dt)
+    else:
+        init, apply = integrators.nvt_langevin(energy_fn, shift_fn, dt, kT, gamma=friction)
+    n = R.shape[0]
+    neighbor, reallocations = neighbor_fn.allocate(R), 0
+    while bool(neighbor.did_buffer_overflow):  # a capacity_multiplier below 1: grow before the first force call
+        if reallocations == 10:
+            raise RuntimeError("the neighbour list still overflows after 10 reallocations at the start")
+        neighbor, reallocations = reallocate(neighbor_fn, R, neighbor), reallocations + 1
+    state = init(jax.random.PRNGKey(seed), R, mass=mass, kT=0.0 if kT is None else kT, neighbor=neighbor)
+    output = _Output(out, symbols or ["X"] * n, np.asarray(box))
+    frames, rows = [], []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, unit="step", desc=f"md {ensemble}", dynamic_ncols=True)
+    t0, t_first = time.perf_counter(), None
+
+    def on_chunk(done: int, state: Any, records: dict[str, np.ndarray]) -> None:
+        nonlocal t_first
+        k = len(records["potential"])
+        records = dict(records, step=done - thermo_every * (k - 1 - np.arange(k)))
+        records["time"] = records["step"] * dt
+        rows.append(records)
+        R = np.asarray(state.position, np.float64)
+        frames.append(R)
+        output.write(records, R, done, done * dt)
+        now = time.perf_counter()
+        if t_first is None:
+            t_first = (now, done)  # the first chunk includes compilation
+        elif bar is not None:
+            rate = n * (done - t_first[1]) / (now - t_first[0])
+            bar.set_postfix_str(f"{rate:.3g} atom-steps/s, {rate / n * dt * 86400:.3g} {time_unit}/day, "
+                                f"E {records['total'][-1] / n:.5g}/atom")
+        if bar is not None:
+            bar.update(done - bar.n)
+
+    try:
+        md = run(apply, state, neighbor_fn, neighbor, steps, chunk_steps=trajectory_every, stride=thermo_every,
+                 observe=thermo_observables(energy_fn, displacement_fn, box), on_chunk=on_chunk)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    thermo = {c: np.concatenate([r[c] for r in rows]) for c in THERMO_COLUMNS} if rows else {}
+    rate = float("nan")
+    if t_first is not None and steps > t_first[1]:
+        rate = n * (steps - t_first[1]) / (t0 + seconds - t_first[0])
+    drift = energy_drift(thermo["time"], thermo["total"], n) if thermo else float("nan")
+    return Simulation(md.state, md.neighbor, thermo, np.asarray(frames), drift, rate,
+                      reallocations + md.reallocations, seconds)

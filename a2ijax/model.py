@@ -117,15 +117,6 @@ class A2IConfig:
                 ok = False
             need(ok, f"{name} must name a floating dtype, got {value!r}")
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> A2IConfig:
-        """Builds a config from a mapping, naming any key that is not a field."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"A2IConfig: unknown keys {unknown}; known keys are {sorted(known)}")
-        return cls(**values)
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

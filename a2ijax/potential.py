@@ -277,6 +277,17 @@ def batched_energy_and_forces(energy_fn: Callable[..., Array]) -> Callable[..., 
     return jax.vmap(one, in_axes=(None, 0, 0, 0, 0))
 
 
+def fixed_neighbor_list(idx: Array, R: Array) -> partition.NeighborList:
+    """A Dense jax-md ``NeighborList`` around a precomputed index ``idx [N, K]`` (empty slots hold ``N``).
+
+    For frames whose neighbours were found once on the host (training and evaluation batches): the
+    list never updates and never overflows, so its capacity must have been checked beforehand.
+    """
+    return partition.NeighborList(idx=idx, reference_position=R, error=partition.PartitionError(
+        jnp.zeros((), jnp.uint8)), cell_list_capacity=None, max_occupancy=idx.shape[-1], format=partition.Dense,
+        cell_size=None, cell_list_fn=None, update_fn=None)
+
+
 def reallocate(neighbor_fn: partition.NeighborFn, R: Array, neighbor: partition.NeighborList,
                growth: float = 1.5, **kwargs) -> partition.NeighborList:
     """A new neighbour list for ``R`` with at least ``growth`` times the old capacity.

@@ -76,6 +76,13 @@ class ReferenceSystem:
         """``(neighbor_fn, energy_fn)`` on a Dense neighbour list; ``energy_fn(R, neighbor, per_atom=False)``."""
         return self.builder(displacement_fn, box, species, **nl_kwargs)
 
+    def state_point(self, name: str) -> StatePoint:
+        """The state point called ``name``; an error lists the known ones."""
+        for point in self.state_points:
+            if point.name == name:
+                return point
+        raise ValueError(f"unknown state point {name!r} for {self.name}; known: {[p.name for p in self.state_points]}")
+
     def species(self, n_atoms: int) -> np.ndarray:
         """Species ids for ``n_atoms`` atoms in the system's composition (ids sorted ascending)."""
         counts = np.floor(np.asarray(self.composition) * n_atoms + 0.5).astype(int)

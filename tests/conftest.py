@@ -6,12 +6,18 @@ neighbour list or an unknown species inside jit, and tests assert finiteness exp
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from a2ijax import A2IConfig
+from a2ijax.config import DataConfig, ExperimentConfig, TrainConfig
+from a2ijax.data import label, write_dataset
+from a2ijax.systems import get_system, lattice_positions
+from a2ijax.train import train_and_evaluate
 
 CUTOFF = 2.0
 N_SPECIES = 3
@@ -69,3 +75,40 @@ def free_cluster(x64):
 def assert_nontrivial(forces, floor: float = 1e-2):
     """Symmetry tests are only meaningful if the forces are not (close to) zero."""
     assert float(jnp.max(jnp.abs(forces))) > floor, "forces are trivial: the test would pass vacuously"
+
+
+# A tiny trained potential, shared by the training, calculator and MD tests.
+MODEL = A2IConfig(cutoff=2.0, width=8, heads=2, layers=1, n_radial=4, angular_order=1, avg_neighbors=20.0)
+
+
+def lj_frames(n_atoms: int, n_frames: int, seed: int) -> list:
+    """LJ frames labelled by the reference potential: jittered lattices at density 0.8 (125 sites)."""
+    side = (n_atoms / 0.8) ** (1 / 3)
+    R = np.stack([np.asarray(lattice_positions(n_atoms, side, jitter=0.1 * side / 5,
+                                               seed=seed + f)) for f in range(n_frames)])
+    return label(get_system("lj"), R, np.zeros(n_atoms, np.int32), side)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """20 frames of 125 atoms and 8 of 120 (two size buckets), with splits and two state points."""
+    frames = lj_frames(125, 20, seed=0) + lj_frames(120, 8, seed=100)
+    splits = ["train"] * 14 + ["valid"] * 3 + ["test"] * 3 + ["train"] * 6 + ["valid", "test"]
+    for i, (atoms, split) in enumerate(zip(frames, splits, strict=True)):
+        atoms.info.update(split=split, state_point="n125" if i < 20 else "n120", system="lj", units="LJ reduced")
+    path = tmp_path_factory.mktemp("data") / "tiny.xyz"
+    write_dataset(path, frames)
+    return path
+
+
+def tiny_config(path: Path, **train) -> ExperimentConfig:
+    values = dict(steps=24, batch_size=2, learning_rate=5e-3, warmup_steps=4, eval_every=8, checkpoint_every=8)
+    values.update(train)
+    return ExperimentConfig(DataConfig(path=str(path)), MODEL, TrainConfig(**values))
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_data, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    result = train_and_evaluate(tiny_config(tiny_data), workdir, progress=False)
+    return result, workdir

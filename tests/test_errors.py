@@ -10,6 +10,7 @@ from conftest import jittered_lattice, random_species, small_config
 from jax_md import space
 
 from a2ijax import A2IConfig, a2i_neighbor_list, a2i_pair
+from a2ijax.config import from_dict
 
 
 @pytest.fixture
@@ -114,5 +115,7 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="param_dtype must name a floating dtype"):
         A2IConfig(param_dtype="int32")
     with pytest.raises(ValueError, match=r"unknown keys \['widht'\]"):
-        A2IConfig.from_dict({"widht": 32})
-    assert A2IConfig.from_dict(A2IConfig(width=8, heads=2).to_dict()) == A2IConfig(width=8, heads=2)
+        from_dict(A2IConfig, {"widht": 32}, "model")
+    with pytest.raises(ValueError, match=r"\[model\] cutoff must be float, got '2.5' \(str\)"):
+        from_dict(A2IConfig, {"cutoff": "2.5"}, "model")
+    assert from_dict(A2IConfig, A2IConfig(width=8, heads=2).to_dict()) == A2IConfig(width=8, heads=2)

@@ -170,7 +170,7 @@ def test_unknown_system_name(tmp_path, capsys):
     assert main(["generate", "argon", "--out", str(tmp_path / "x.extxyz")]) == 2
     assert "a2ijax generate: error: unknown system 'argon'" in capsys.readouterr().err
     assert not (tmp_path / "x.extxyz").exists()
-    with pytest.raises(ValueError, match=r"unknown state points \['hot'\]"):
+    with pytest.raises(ValueError, match=r"unknown state point 'hot' for lj; known:"):
         generate("lj", TINY, state_points=["hot"], progress=False)
 
 

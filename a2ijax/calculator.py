@@ -1,0 +1,112 @@
+"""ASE calculator for a trained A2I potential.
+
+    from a2ijax.calculator import A2ICalculator
+    atoms.calc = A2ICalculator("runs/lj")     # a work directory or any checkpoint directory
+    atoms.get_potential_energy(); atoms.get_forces(); atoms.get_stress(); atoms.get_potential_energies()
+
+Each call finds the neighbours on the host (as the trainer does), pads the neighbour capacity to a
+multiple of 8 so that small changes in the structure do not recompile, and evaluates energy, per-atom
+energies, forces (``-grad E``) and, for periodic cells, the stress (ASE's sign convention: the
+derivative of the energy with respect to strain over the volume) in one jitted call. Computations
+run in float64 when ``jax_enable_x64`` is on (parameters are cast), else in float32.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import ase
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from jax_md import quantity
+
+from a2ijax.data import Dataset, pair_distances
+from a2ijax.potential import fixed_neighbor_list
+from a2ijax.train import Checkpoint, a2i_builder, frame_box, load_checkpoint, neighbor_indices, pad_frames
+
+
+class ExtrapolationWarning(UserWarning):
+    """Atoms are closer than any pair in the training data: the model is extrapolating."""
+
+
+def structure_frame(atoms: ase.Atoms, symbols: tuple[str, ...]) -> Dataset:
+    """One unlabelled frame as a :class:`Dataset`, with species ids from the checkpoint's ``symbols``."""
+    ids = {s: i for i, s in enumerate(symbols)}
+    unknown = sorted(set(atoms.get_chemical_symbols()) - set(ids))
+    if unknown:
+        raise ValueError(f"the structure has chemical symbols {unknown} that the potential was not trained on "
+                         f"(it knows {list(symbols)})")
+    n = len(atoms)
+    return Dataset("structure", symbols, [atoms.get_positions()], [np.asarray([ids[s] for s in
+                                                                                  atoms.get_chemical_symbols()],
+                                                                                 np.int32)],
+                   [np.asarray(atoms.cell[:])], [np.asarray(atoms.pbc)], np.zeros(1), [np.zeros((n, 3))], None, None,
+                   [{}])
+
+
+def warn_if_extrapolating(frame: Dataset, checkpoint: Checkpoint, where: str = "the structure") -> float:
+    """Warns if two atoms are closer than the closest pair of the training data; returns the distance."""
+    closest = float(pair_distances(frame.positions[0], frame.cells[0], frame.pbc[0]).min())
+    trained = checkpoint.meta["statistics"].get("min_distance", 0.0)
+    if closest < trained:
+        warnings.warn(f"{where} has atoms {closest:.4g} apart, closer than any pair in the training data "
+                      f"({trained:.4g}): the model is extrapolating", ExtrapolationWarning, stacklevel=3)
+    return closest
+
+
+class A2ICalculator(Calculator):
+    """Energy, per-atom energies, forces and stress of a trained A2I potential.
+
+    Args:
+      checkpoint: a :class:`a2ijax.train.Checkpoint`, or a path that :func:`load_checkpoint` reads.
+    """
+
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+
+    def __init__(self, checkpoint: Checkpoint | str | Path, **kwargs):
+        super().__init__(**kwargs)
+        self.checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+        self.cutoff = self.checkpoint.config.model.cutoff
+        _, energy_fn = a2i_builder(self.checkpoint.config.model)
+
+        def evaluate(params, R, species, idx, box, periodic: bool):
+            neighbor = fixed_neighbor_list(idx, R)
+
+            def total(R, **kwargs):  # kwargs: box, and perturbation for the stress
+                per_atom = energy_fn(params, R, neighbor=neighbor, species=species, per_atom=True, **kwargs)
+                return jnp.sum(per_atom), per_atom
+
+            (energy, per_atom), grad = jax.value_and_grad(lambda R: total(R, box=box), has_aux=True)(R)
+            stress = -quantity.stress(lambda R, **kw: total(R, **kw)[0], R, box) if periodic else None
+            return energy, per_atom, -grad, stress
+
+        self._evaluate = jax.jit(evaluate, static_argnames="periodic")
+
+    def calculate(self, atoms: ase.Atoms | None = None, properties: Any = ("energy",),
+                  system_changes: Any = all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        frame = structure_frame(atoms, self.checkpoint.symbols)
+        periodic = bool(atoms.pbc.all())
+        if "stress" in properties and not periodic:
+            raise PropertyNotImplementedError("stress needs a fully periodic cell")
+        neighbors = neighbor_indices(frame, self.cutoff)  # checks the box against the cutoff
+        warn_if_extrapolating(frame, self.checkpoint)
+        capacity = 8 * max(1, -(-neighbors[0].shape[1] // 8))
+        padded = pad_frames(frame, np.zeros(1, int), neighbors, len(atoms), capacity, self.cutoff)
+        dtype = jnp.result_type(float)
+        params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, dtype), self.checkpoint.params)
+        energy, per_atom, forces, stress = self._evaluate(
+            params, jnp.asarray(atoms.get_positions(), dtype), jnp.asarray(padded.species[0]),
+            jnp.asarray(padded.idx[0]), jnp.asarray(frame_box(frame, 0, self.cutoff), dtype), periodic)
+        if not np.isfinite(float(energy)):
+            raise FloatingPointError("the potential returned a non-finite energy for this structure")
+        self.results = dict(energy=float(energy), free_energy=float(energy), energies=np.asarray(per_atom, float),
+                            forces=np.asarray(forces, float))
+        if stress is not None:
+            s = np.asarray(stress, float)
+            self.results["stress"] = s[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]

@@ -1,0 +1,208 @@
+"""Experiment configuration: frozen dataclasses read from TOML.
+
+A training run is described by one TOML file with three tables, each a frozen dataclass::
+
+    [data]            # DataConfig: which labelled frames to fit
+    path = "data/lj.xyz"
+
+    [model]           # a2ijax.model.A2IConfig: the potential's hyperparameters
+    cutoff = 2.5
+
+    [train]           # TrainConfig: loss, optimiser, schedule, checkpoints
+    steps = 3000
+
+Every key is checked: an unknown key or a value of the wrong type is an error that names the table,
+the key and the expected type. Paths are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from a2ijax.model import A2IConfig
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which frames to fit.
+
+    Attributes:
+      path: labelled frames (extended XYZ from ``a2ijax generate``, or any ASE-readable file with
+        energies and forces). Frames whose header has ``split=train|valid|test`` are split by it;
+        otherwise frames are split at random with ``split_fractions``.
+      symbols: chemical symbols in species-id order (id = index). Empty: from the file's header.
+      max_train_frames: use at most this many training frames (0: all), a fixed random subset.
+      split_fractions: train/valid/test fractions for files without a ``split`` header.
+    """
+
+    path: str = ""
+    symbols: tuple[str, ...] = ()
+    max_train_frames: int = 0
+    split_fractions: tuple[float, ...] = (0.8, 0.1, 0.1)
+
+    def __post_init__(self):
+        if not self.path:
+            raise ValueError("[data] path: give the labelled frames to fit (e.g. `a2ijax generate lj --out FILE`)")
+        if self.max_train_frames < 0:
+            raise ValueError(f"[data] max_train_frames must be >= 0, got {self.max_train_frames}")
+        if len(self.split_fractions) != 3 or min(self.split_fractions) < 0 or abs(sum(self.split_fractions) - 1) > 1e-9:
+            raise ValueError(f"[data] split_fractions must be three non-negative fractions summing to 1, "
+                             f"got {self.split_fractions}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Loss, optimiser and schedule.
+
+    The loss is ``w_E * MSE(E/N) / var_E + w_F * MSE(F) / var_F`` over the frames of a batch, with
+    ``var_E`` and ``var_F`` the training set's per-atom energy variance (after the per-species shift)
+    and force variance, so the weights are dimensionless. The weights move linearly from their
+    initial to their final value over the run.
+
+    Attributes:
+      steps: optimiser steps (the run length; the learning-rate schedule spans it).
+      batch_size: frames per step (fixed: short batches are padded with empty frames).
+      learning_rate: peak learning rate of AdamW, reached after ``warmup_steps``, then cosine decay
+        to ``learning_rate * final_lr_fraction``.
+      weight_decay: AdamW decoupled weight decay.
+      clip_norm: clip the global gradient norm to this value (0: no clipping).
+      energy_weight, energy_weight_final, force_weight, force_weight_final: loss weights, initial
+        and final (a negative final value means "same as initial").
+      ema_decay: decay of the exponential moving average of the parameters used for evaluation.
+      size_buckets: frames are padded to at most this many distinct atom counts (one compilation each).
+      rotation_augmentation: rotate each frame (positions, forces, cell) at random every step.
+        ``"auto"``: on for the ``coordinates`` featurisation, off for ``invariant``.
+      eval_every: evaluate on the validation split (with the EMA parameters) every this many steps.
+      checkpoint_every: write a periodic checkpoint every this many steps.
+      eval_frames: validation frames used at each evaluation (0: all).
+      seed: initialisation, data order and augmentation all derive from it.
+    """
+
+    steps: int = 1000
+    batch_size: int = 4
+    learning_rate: float = 2e-3
+    warmup_steps: int = 50
+    final_lr_fraction: float = 0.01
+    weight_decay: float = 1e-6
+    clip_norm: float = 10.0
+    energy_weight: float = 1.0
+    energy_weight_final: float = -1.0
+    force_weight: float = 1.0
+    force_weight_final: float = -1.0
+    ema_decay: float = 0.99
+    size_buckets: int = 4
+    rotation_augmentation: str = "auto"
+    eval_every: int = 100
+    checkpoint_every: int = 500
+    eval_frames: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "size_buckets", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"[train] {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_frames"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"[train] {name} must be >= 0, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"[train] learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"[train] ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.energy_weight < 0 or self.force_weight < 0 or self.energy_weight + self.force_weight == 0:
+            raise ValueError("[train] energy_weight and force_weight must be >= 0 and not both 0")
+        if self.rotation_augmentation not in ("auto", "on", "off"):
+            raise ValueError(f"[train] rotation_augmentation must be auto, on or off, "
+                             f"got {self.rotation_augmentation!r}")
+
+    def loss_weights(self, step: Any) -> tuple[Any, Any]:
+        """``(w_E, w_F)`` at ``step``: linear from the initial to the final weights over the run."""
+        t = step / max(self.steps - 1, 1)
+        final_e = self.energy_weight if self.energy_weight_final < 0 else self.energy_weight_final
+        final_f = self.force_weight if self.force_weight_final < 0 else self.force_weight_final
+        return (self.energy_weight + t * (final_e - self.energy_weight),
+                self.force_weight + t * (final_f - self.force_weight))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """One training run: data, model and training settings."""
+
+    data: DataConfig
+    model: A2IConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def rotate(self) -> bool:
+        """Whether training rotates frames at random (see ``TrainConfig.rotation_augmentation``)."""
+        choice = self.train.rotation_augmentation
+        return choice == "on" or (choice == "auto" and self.model.featurization == "coordinates")
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        return any(_matches(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is tuple:
+        item = typing.get_args(annotation)[0]
+        return isinstance(value, (list, tuple)) and all(_matches(v, item) for v in value)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def from_dict(cls: type[T], values: dict[str, Any], table: str = "") -> T:
+    """A frozen config dataclass from a mapping; unknown keys and wrong types are named errors."""
+    where = f"[{table}] " if table else f"{cls.__name__}: "
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}expected a table of settings, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{where}unknown keys {unknown}; known keys are {known}")
+    for key, value in values.items():
+        if not _matches(value, hints[key]):
+            expected = getattr(hints[key], "__name__", None) if isinstance(hints[key], type) else str(hints[key])
+            raise ValueError(f"{where}{key} must be {expected}, got {value!r} ({type(value).__name__})")
+    converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return cls(**converted)
+    except ValueError as error:
+        message = str(error)
+        raise ValueError(message if message.startswith("[") else f"{where}{message}") from error
+
+
+def experiment_from_dict(values: dict[str, Any]) -> ExperimentConfig:
+    """An :class:`ExperimentConfig` from nested tables ``data``, ``model`` and ``train``."""
+    unknown = sorted(set(values) - {"data", "model", "train"})
+    if unknown:
+        raise ValueError(f"unknown tables {unknown}; a config has [data], [model] and [train]")
+    return ExperimentConfig(data=from_dict(DataConfig, values.get("data", {}), "data"),
+                            model=from_dict(A2IConfig, values.get("model", {}), "model"),
+                            train=from_dict(TrainConfig, values.get("train", {}), "train"))
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Reads an experiment TOML file; errors name the file."""
+    path = Path(path)
+    try:
+        values = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path}: not valid TOML: {error}") from error
+    try:
+        return experiment_from_dict(values)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error

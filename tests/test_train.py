@@ -1,0 +1,195 @@
+"""Training: loss goes down, exact resume, buckets, shift fit, augmentation, reports, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import MODEL, lj_frames, tiny_config
+
+from a2ijax import cli
+from a2ijax.config import load_config
+from a2ijax.data import Dataset, read_dataset, write_dataset
+from a2ijax.train import (
+    CheckpointError,
+    TrainingDivergedError,
+    a2i_builder,
+    fit_energy_shift,
+    init_state,
+    load_checkpoint,
+    make_train_step,
+    predict_fn,
+    prepare,
+    rotate_batch,
+    train_and_evaluate,
+)
+
+
+def test_training_lowers_validation_errors_and_writes_the_report(trained):
+    result, workdir = trained
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [8, 16, 24]
+    first_valid_force = rows[0]["valid_force_rmse"]
+    report = result.report
+    # The EMA model after 24 steps must beat the EMA model after 8 steps on held-out frames.
+    assert rows[-1]["valid_loss"] < rows[0]["valid_loss"]
+    assert rows[-1]["valid_force_rmse"] < first_valid_force
+    assert report["split"] == "test" and report["frames"] == 4
+    assert set(report["state_points"]) == {"n125", "n120"}
+    for row in report["state_points"].values():
+        assert row["energy_ratio"] == pytest.approx(row["energy_rmse"] / row["energy_fluctuation"])
+        assert row["force_ratio"] > 0
+    assert -1.0 <= report["per_atom_energy"]["pearson"] <= 1.0
+    for name in ("report.json", "report.md", "parity.png", "learning_curve.png"):
+        assert (workdir / name).stat().st_size > 0
+    assert "| n125 |" in (workdir / "report.md").read_text()
+
+
+def test_checkpoint_alone_rebuilds_the_potential(trained, tiny_data):
+    _, workdir = trained
+    checkpoint = load_checkpoint(workdir)
+    assert checkpoint.config.model == MODEL and checkpoint.symbols == ("Ar",)
+    assert checkpoint.meta["capacity"] > 0 and "fluctuations" in checkpoint.meta["statistics"]
+    # The fitted per-species shift is stored, and the parameters give finite, non-trivial forces.
+    data = prepare(read_dataset(tiny_data), checkpoint.config, statistics=checkpoint.meta["statistics"])
+    _, energy_fn = a2i_builder(checkpoint.config.model)
+    batch = {k: jnp.asarray(v) for k, v in data.frames["test"][0].take(np.arange(1), 1).items()}
+    energy, forces, per_atom = jax.jit(predict_fn(energy_fn))(checkpoint.params, batch)
+    assert np.isfinite(np.asarray(forces)).all() and float(jnp.abs(forces).max()) > 1e-2
+    assert float(energy[0]) == pytest.approx(float(per_atom[0].sum()), rel=1e-5)
+
+
+def test_resume_continues_exactly(tiny_data, tmp_path):
+    config = tiny_config(tiny_data, steps=10, eval_every=5, checkpoint_every=100)
+    whole = train_and_evaluate(config, tmp_path / "whole", progress=False)
+    first = train_and_evaluate(config, tmp_path / "parts", stop_after=3, progress=False)
+    assert first.report is None and int(first.state["step"]) == 3
+    resumed = train_and_evaluate(config, tmp_path / "parts", resume=True, progress=False)
+    for a, b in zip(jax.tree_util.tree_leaves(whole.state), jax.tree_util.tree_leaves(resumed.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert resumed.report["force_rmse"] == whole.report["force_rmse"]
+    steps = [json.loads(r)["step"] for r in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10]
+
+
+def test_one_compilation_per_size_bucket(tiny_data):
+    config = tiny_config(tiny_data)
+    data = prepare(read_dataset(tiny_data), config)
+    assert len(data.frames["train"]) == 2 and data.buckets.tolist() == [120, 125]
+    init_fn, energy_fn = a2i_builder(config.model)
+    state = init_state(config, init_fn, data)
+    step = make_train_step(config, energy_fn, data.statistics)
+    for _ in range(2):
+        for bucket in data.frames["train"]:
+            state, _ = step(state, {k: jnp.asarray(v) for k, v in bucket.take(np.arange(1), 2).items()})
+    assert step._cache_size() == 2
+
+
+def test_neighbor_capacity_covers_every_frame(tiny_data):
+    data = prepare(read_dataset(tiny_data), tiny_config(tiny_data))
+    dataset = data.dataset
+    from a2ijax.data import neighbor_matrix
+
+    most = max(neighbor_matrix(R, c, p, MODEL.cutoff).sum(1).max()
+               for R, c, p in zip(dataset.positions, dataset.cells, dataset.pbc, strict=True))
+    assert data.capacity == most
+    for frames in data.frames.values():
+        for bucket in frames:
+            for row in range(len(bucket.frame)):
+                n = bucket.n_atoms[row]
+                real = bucket.idx[row, :n][bucket.idx[row, :n] < bucket.R.shape[1]]
+                counts = neighbor_matrix(dataset.positions[bucket.frame[row]], dataset.cells[bucket.frame[row]],
+                                         dataset.pbc[bucket.frame[row]], MODEL.cutoff).sum()
+                assert real.size == counts and real.max() < n
+
+
+def test_energy_shift_is_the_least_squares_fit():
+    rng = np.random.default_rng(0)
+    true_shift = np.array([-3.0, 1.5])
+    species = [rng.integers(0, 2, rng.integers(5, 12)).astype(np.int32) for _ in range(9)]
+    energy = np.asarray([true_shift[s].sum() for s in species])
+    empty = [np.zeros((len(s), 3)) for s in species]
+    dataset = Dataset("synthetic", ("A", "B"), empty, species, [np.eye(3)] * 9, [np.zeros(3, bool)] * 9, energy,
+                      empty, None, None, [{}] * 9)
+    np.testing.assert_allclose(fit_energy_shift(dataset, np.arange(9), 2), true_shift, atol=1e-10)
+
+
+def test_rotation_augmentation_rotates_forces_and_keeps_energies(tiny_data, x64):
+    config = tiny_config(tiny_data)
+    config = dataclasses.replace(config, model=dataclasses.replace(MODEL, param_dtype="float64"))
+    data = prepare(read_dataset(tiny_data), config)
+    init_fn, energy_fn = a2i_builder(config.model)
+    params = init_state(config, init_fn, data)["params"]
+    batch = {k: jnp.asarray(v) for k, v in data.frames["train"][1].take(np.arange(2), 2).items()}
+    batch = {k: v.astype(jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in batch.items()}
+    rotated = rotate_batch(batch, jax.random.PRNGKey(3))
+    predict = jax.jit(predict_fn(energy_fn))
+    (e0, f0, _), (e1, f1, _) = predict(params, batch), predict(params, rotated)
+    assert float(jnp.abs(f0).max()) > 1e-2
+    np.testing.assert_allclose(e1, e0, rtol=1e-10)
+    # Forces of the rotated frames are the rotated forces of the originals.
+    rot = rotate_batch(dict(batch, forces=f0), jax.random.PRNGKey(3))["forces"]
+    np.testing.assert_allclose(f1, rot, atol=1e-9)
+
+
+def test_evaluate_command_prints_the_report(trained, tiny_data, capsys, tmp_path):
+    _, workdir = trained
+    assert cli.main(["evaluate", str(workdir), str(tiny_data), "--split", "test", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| n125 |" in out and "Pearson" in out
+    assert json.loads((tmp_path / "report.json").read_text())["frames"] == 4
+    assert cli.main(["evaluate", str(tmp_path / "nothing"), str(tiny_data)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_config_file_errors_name_the_key(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[data]\npath = "x.xyz"\n[train]\nstesp = 10\n')
+    with pytest.raises(ValueError, match=r"bad.toml: \[train\] unknown keys \['stesp'\]"):
+        load_config(path)
+    path.write_text('[data]\npath = "x.xyz"\n[train]\nbatch_size = 2.5\n')
+    with pytest.raises(ValueError, match=r"\[train\] batch_size must be int, got 2.5 \(float\)"):
+        load_config(path)
+    path.write_text('[data]\npath = "x.xyz"\n[optimizer]\nlr = 1\n')
+    with pytest.raises(ValueError, match=r"unknown tables \['optimizer'\]"):
+        load_config(path)
+
+
+def test_species_unknown_to_the_model_is_an_error(tmp_path):
+    frames = lj_frames(125, 4, seed=0)
+    frames[0].symbols[5] = "Ne"
+    path = tmp_path / "two.xyz"
+    write_dataset(path, frames)
+    with pytest.raises(ValueError, match=r"species 'Ne' has id 1, but the model knows n_species = 1"):
+        prepare(read_dataset(path), tiny_config(path))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
+    dataset = read_dataset(tiny_data)
+    train = np.flatnonzero([info["split"] == "train" for info in dataset.info])
+    dataset.energy[train] = np.nan  # every training batch is poisoned
+    with pytest.raises(TrainingDivergedError, match=r"not finite at step 0 .*batch of frames \[\d+, \d+\]"):
+        train_and_evaluate(tiny_config(tiny_data), tmp_path, dataset=dataset, progress=False)
+    assert load_checkpoint(tmp_path / "checkpoints" / "periodic").step == 0
+
+
+def test_resume_rejects_a_corrupt_or_mismatched_checkpoint(trained, tiny_data, tmp_path):
+    _, workdir = trained
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    wider = dataclasses.replace(tiny_config(tiny_data), model=dataclasses.replace(MODEL, width=12))
+    with pytest.raises(CheckpointError, match=r"does not match this run: model.width: checkpoint 8, now 12"):
+        train_and_evaluate(wider, copy, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        train_and_evaluate(tiny_config(tiny_data), copy, progress=False)
+    latest = max((copy / "checkpoints" / "periodic").iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1)
+    for file in (latest / "state").rglob("*"):
+        if file.is_file() and file.stat().st_size > 0:
+            file.write_bytes(b"\x00garbage" * 3)
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        train_and_evaluate(tiny_config(tiny_data), copy, resume=True, progress=False)
