@@ -36,8 +36,8 @@ from a2ijax.data import (
     check_cutoff,
     format_statistics,
     generate,
-    initial_positions,
     read_dataset,
+    sample_state_point,
     statistics,
     write_dataset,
     write_statistics,
@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="a work directory, checkpoint directory or checkpoint step directory")
     start = p.add_mutually_exclusive_group(required=True)
     start.add_argument("--structure", help="starting structure: any ASE-readable file with a periodic cell")
-    start.add_argument("--state-point", help="start from a state point of the checkpoint's reference system")
+    start.add_argument("--state-point", help="start from a state point of the checkpoint's reference system, "
+                       "equilibrated with the reference potential (--equilibrate steps)")
+    p.add_argument("--equilibrate", type=int, default=5000, help="reference-potential steps before a state point")
     p.add_argument("--ensemble", choices=["nve", "nose-hoover", "langevin"], default="nve")
     p.add_argument("--steps", type=int, default=10000)
     p.add_argument("--dt", type=float, help="time step (default: the reference system's)")
@@ -201,9 +203,10 @@ def md_command(args: argparse.Namespace) -> Simulation:
         if system is None:
             raise ValueError(f"the checkpoint's data has no reference system ({system_name!r}): use --structure")
         point = system.state_point(args.state_point)
-        R, side = initial_positions(system, point, args.seed)
-        atoms = ase.Atoms([system.symbols[s] for s in system.species(R.shape[0])], positions=np.asarray(R),
-                          cell=np.eye(3) * side, pbc=True)
+        # Equilibrate with the (fast) reference potential first: a lattice start would melt and heat up.
+        sampling = SamplingConfig(frames_per_point=1, stride=50, equilibration=args.equilibrate, seed=args.seed)
+        atoms = sample_state_point(system, point, sampling, seed=args.seed)[-1]
+        atoms.calc = None
         kT = point.kT if kT is None else kT
     dt = args.dt if args.dt is not None else (system.dt if system is not None else None)
     if dt is None:

@@ -46,11 +46,13 @@ def energy_observables(energy: Callable[..., jax.Array]) -> Callable[..., dict[s
 
 
 def make_chunk(apply_fn: Callable, n_records: int, observe: Callable | None = None, stride: int = 1,
-               **kwargs) -> Callable:
+               replicas: bool = False, **kwargs) -> Callable:
     """A jitted function advancing ``(state, neighbor)`` by ``n_records * stride`` steps.
 
     The neighbour list is updated before every step; ``observe(state, neighbor)`` is recorded after
-    every ``stride`` steps, giving arrays with a leading ``[n_records]`` axis.
+    every ``stride`` steps, giving arrays with a leading ``[n_records]`` axis. With ``replicas``,
+    state and list carry a leading replica axis ``[B, ...]`` and the chunk is vmapped over it: all
+    replicas advance in one compiled step, and records are ``[B, n_records]``.
     """
 
     def one_step(_, carry):
@@ -58,7 +60,6 @@ def make_chunk(apply_fn: Callable, n_records: int, observe: Callable | None = No
         neighbor = neighbor.update(state.position)
         return apply_fn(state, neighbor=neighbor, **kwargs), neighbor
 
-    @jax.jit
     def chunk(state, neighbor):
         def record(carry, _):
             state, neighbor = jax.lax.fori_loop(0, stride, one_step, carry)
@@ -67,20 +68,34 @@ def make_chunk(apply_fn: Callable, n_records: int, observe: Callable | None = No
         (state, neighbor), records = jax.lax.scan(record, (state, neighbor), None, length=n_records)
         return state, neighbor, records
 
-    return chunk
+    return jax.jit(jax.vmap(chunk) if replicas else chunk)
+
+
+def allocate_replicas(neighbor_fn: partition.NeighborFn, R: jax.Array, capacity: int = 0) -> partition.NeighborList:
+    """One neighbour list per replica of ``R [B, N, dim]``, batched ``[B, N, K]`` with one capacity
+    ``K`` (the largest any replica needs, at least ``capacity``), for :func:`run` with ``replicas``."""
+    lists = [neighbor_fn.allocate(r) for r in R]
+    widest = max(range(len(lists)), key=lambda b: lists[b].idx.shape[1])
+    base = lists[widest]
+    if base.idx.shape[1] < capacity:
+        base = neighbor_fn.allocate(R[widest], extra_capacity=capacity - base.idx.shape[1])
+    return jax.vmap(lambda r: base.update(r))(R)
 
 
 def run(apply_fn: Callable, state: Any, neighbor_fn: partition.NeighborFn, neighbor: partition.NeighborList,
         n_steps: int, *, chunk_steps: int = 100, stride: int = 1, observe: Callable | None = None,
         max_reallocations: int = 10, progress: Callable[[int], Any] | None = None,
-        on_chunk: Callable[[int, Any, dict[str, np.ndarray]], Any] | None = None, **kwargs) -> MDRun:
+        on_chunk: Callable[[int, Any, dict[str, np.ndarray]], Any] | None = None, replicas: bool = False,
+        **kwargs) -> MDRun:
     """Advances ``state`` by ``n_steps`` integrator steps, ``chunk_steps`` per compiled chunk.
 
     ``observe`` is recorded every ``stride`` steps (``n_steps`` and ``chunk_steps`` are multiples of
-    it); ``progress(steps)`` is called after each accepted chunk, and ``on_chunk(steps_done, state,
-    records)`` too (to write output as the run goes, so an interrupted run keeps it). Raises ``FloatingPointError``
-    naming the chunk if positions become NaN or inf (the returned state is never a poisoned one),
-    and ``RuntimeError`` after ``max_reallocations`` overflows.
+    it). With ``replicas``, state and list carry a leading replica axis (see
+    :func:`allocate_replicas`) and observables are ``[B, n_records]``. ``progress(steps)`` and
+    ``on_chunk(steps_done, state, records)`` are called after each accepted chunk (to write output
+    as the run goes, so that an interrupted run keeps it). Raises ``FloatingPointError`` naming the
+    chunk if positions become NaN or inf (the returned state is never a poisoned one), and
+    ``RuntimeError`` after ``max_reallocations`` overflows.
     """
     if n_steps < 0 or chunk_steps < 1 or stride < 1 or n_steps % stride or chunk_steps % stride:
         raise ValueError(f"need n_steps >= 0, chunk_steps >= 1 and both multiples of stride >= 1; got "
@@ -91,12 +106,16 @@ def run(apply_fn: Callable, state: Any, neighbor_fn: partition.NeighborFn, neigh
     while done < n_steps:
         length = min(chunk_steps, n_steps - done)
         if length not in chunks:
-            chunks[length] = make_chunk(apply_fn, length // stride, observe, stride, **kwargs)
+            chunks[length] = make_chunk(apply_fn, length // stride, observe, stride, replicas, **kwargs)
         new_state, new_neighbor, record = chunks[length](state, neighbor)
-        if bool(new_neighbor.did_buffer_overflow):
+        if bool(jnp.any(new_neighbor.did_buffer_overflow)):
             if reallocations == max_reallocations:
                 raise RuntimeError(f"neighbour list overflowed {reallocations} times; giving up at step {done}")
-            neighbor = reallocate(neighbor_fn, state.position, neighbor)
+            if replicas:
+                capacity = int(np.ceil(1.5 * neighbor.idx.shape[-1]))
+                neighbor = allocate_replicas(neighbor_fn, state.position, capacity)
+            else:
+                neighbor = reallocate(neighbor_fn, state.position, neighbor)
             reallocations += 1  # the chunk functions recompile once for the new list shape
             continue
         if not bool(jnp.all(jnp.isfinite(new_state.position))):
@@ -109,7 +128,8 @@ def run(apply_fn: Callable, state: Any, neighbor_fn: partition.NeighborFn, neigh
             on_chunk(done, state, records[-1])
         if progress is not None:
             progress(length)
-    observables = {key: np.concatenate([r[key] for r in records]) for key in (records[0] if records else {})}
+    axis = 1 if replicas else 0
+    observables = {key: np.concatenate([r[key] for r in records], axis) for key in (records[0] if records else {})}
     return MDRun(state, neighbor, observables, reallocations)
 
 

@@ -23,6 +23,15 @@ CUTOFF = 2.0
 N_SPECIES = 3
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent XLA cache for the session: the training tests compile the same steps again."""
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax-cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    yield
+    jax.config.update("jax_compilation_cache_dir", None)
+
+
 @pytest.fixture
 def x64():
     """float64 for one test; the global config is restored afterwards."""

@@ -11,7 +11,7 @@ from conftest import jittered_lattice, random_species, small_config
 from jax_md import quantity, simulate, space
 
 from a2ijax import a2i_neighbor_list
-from a2ijax.md import energy_observables, make_chunk, run
+from a2ijax.md import allocate_replicas, energy_observables, make_chunk, run
 
 
 def md_setup(R, box, species, periodic: bool, featurization: str = "invariant", **nl_kwargs):
@@ -143,3 +143,26 @@ def test_non_finite_positions_stop_the_run_at_the_last_good_chunk():
     state = init(jax.random.PRNGKey(0), R, kT=0.0)
     with pytest.raises(FloatingPointError, match=r"the last good state is from step \d+"):
         run(apply, state, neighbor_fn, neighbor_fn.allocate(R), 2000, chunk_steps=50)
+
+
+def test_replicas_in_one_compiled_step_equal_independent_runs(periodic_liquid):
+    """vmap over positions, velocities and neighbour lists: each replica follows its own trajectory,
+    the same as when it runs alone; a capacity too small for one replica reallocates all of them."""
+    R, side, species = periodic_liquid
+    shift, neighbor_fn, _, energy = md_setup(R, side, species, True)
+    init, apply = simulate.nve(energy, shift, 0.002)
+    squeezed = side / 2 + 0.85 * (R - side / 2)  # more neighbours: overflows a list sized for R
+    Rs = jnp.stack([R, jnp.mod(R + 0.3, side), squeezed])
+    keys = jax.random.split(jax.random.PRNGKey(7), 3)
+    small = allocate_replicas(neighbor_fn, Rs[:2])
+    small = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, a[:1]]), small)  # replica 3 gets replica 1's list
+    states = jax.vmap(lambda k, r: init(k, r, kT=0.3, neighbor=neighbor_fn.allocate(squeezed)))(keys, Rs)
+    observe = energy_observables(energy)
+    together = run(apply, states, neighbor_fn, small, 20, chunk_steps=10, observe=observe, replicas=True)
+    assert together.reallocations >= 1 and together.observables["total"].shape == (3, 20)
+    assert float(jnp.std(together.observables["total"][:, 0])) > 1e-3  # the replicas differ
+    for b in range(3):
+        state = jax.tree_util.tree_map(lambda a, b=b: a[b], states)
+        alone = run(apply, state, neighbor_fn, neighbor_fn.allocate(Rs[b]), 20, chunk_steps=10, observe=observe)
+        np.testing.assert_allclose(together.state.position[b], alone.state.position, atol=1e-9)
+        np.testing.assert_allclose(together.observables["total"][b], alone.observables["total"], rtol=1e-9)

@@ -131,3 +131,13 @@ def test_md_command_names_bad_input(trained, tmp_path, capsys):
     ase.io.write(tmp_path / "foreign.xyz", foreign)
     assert cli.main(["md", workdir, "--structure", str(tmp_path / "foreign.xyz")]) == 2
     assert "['Kr'] that the potential was not trained on" in capsys.readouterr().err
+
+
+def test_md_command_from_a_reference_state_point(trained, tmp_path, capsys):
+    out = tmp_path / "md"
+    assert cli.main(["md", str(trained[1]), "--state-point", "rho0.84_T0.85", "--equilibrate", "200",
+                     "--steps", "40", "--thermo-every", "10", "--trajectory-every", "20", "--out", str(out)]) == 0
+    assert "nve MD: 256 atoms, 40 steps" in capsys.readouterr().out
+    rows = np.loadtxt(out / "thermo.csv", delimiter=",", skiprows=1)
+    np.testing.assert_array_equal(rows[:, 0], [10, 20, 30, 40])
+    assert len(ase.io.read(out / "trajectory.extxyz", index=":")) == 2
