@@ -42,6 +42,7 @@ from a2ijax.config import ExperimentConfig, experiment_from_dict
 from a2ijax.data import (
     Dataset,
     assign_splits,
+    atomic_write,
     check_cutoff,
     fluctuations,
     neighbor_matrix,
@@ -357,9 +358,10 @@ def make_train_step(config: ExperimentConfig, energy_fn: Callable, statistics: d
         params = optax.apply_updates(state["params"], updates)
         decay = jnp.minimum(train.ema_decay, (1.0 + state["step"]) / (10.0 + state["step"]))
         ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+        grad_norm = optax.tree.norm(grads)
         new = dict(step=state["step"] + 1, params=params, opt_state=opt_state, ema=ema, key=key)
-        return new, dict(loss=loss, finite=finite, grad_norm=optax.tree.norm(grads), **errors)
+        return new, dict(loss=loss, finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm), grad_norm=grad_norm,
+                         **errors)
 
     return step
 
@@ -518,7 +520,7 @@ def learning_curve_plot(path: Path, metrics_path: Path) -> None:
 # Checkpoints
 
 
-def _managers(workdir: Path, config: ExperimentConfig) -> dict[str, ocp.CheckpointManager]:
+def _managers(workdir: Path) -> dict[str, ocp.CheckpointManager]:
     items = ("state", "params", "meta")
     periodic = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
     best = ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["valid_loss"], best_mode="min",
@@ -641,21 +643,19 @@ class TrainResult:
 def _evaluate_split(predict: Callable, params: Any, data: PreparedData, split: str, batch_size: int,
                     max_frames: int = 0) -> tuple[Predictions, dict[str, float]]:
     frames = data.frames[split]
-    if max_frames:
-        frames, left = [], max_frames
-        for bucket in data.frames[split]:
-            keep = np.arange(min(left, len(bucket.frame)))
-            left -= len(keep)
-            if len(keep):
-                frames.append(Frames(**{f.name: getattr(bucket, f.name)[keep] for f in dataclasses.fields(bucket)}))
+    total = sum(len(bucket.frame) for bucket in frames)
+    if max_frames and total > max_frames:  # evenly spread over the split, so every state point is seen
+        keep = set(np.unique(np.linspace(0, total - 1, max_frames).round().astype(int)).tolist())
+        subset, offset = [], 0
+        for bucket in frames:
+            rows = np.asarray([r for r in range(len(bucket.frame)) if offset + r in keep], int)
+            offset += len(bucket.frame)
+            if len(rows):
+                subset.append(Frames(**{f.name: getattr(bucket, f.name)[rows] for f in dataclasses.fields(bucket)}))
+        frames = subset
     predictions = predict_frames(predict, params, frames, batch_size)
-    ds = data.dataset
-    n = np.asarray([len(ds.positions[i]) for i in predictions.frames])
-    e_mse = float(np.mean(((predictions.energy - ds.energy[predictions.frames]) / n) ** 2))
-    f_mse = float(np.mean(np.concatenate([(predictions.forces[k] - ds.forces[i]).ravel() ** 2
-                                          for k, i in enumerate(predictions.frames)])))
-    return predictions, dict(energy_rmse_per_atom=math.sqrt(e_mse), force_rmse=math.sqrt(f_mse), e_mse=e_mse,
-                             f_mse=f_mse)
+    report = error_report(data.dataset, predictions, {})
+    return predictions, dict(energy_rmse_per_atom=report["energy_rmse_per_atom"], force_rmse=report["force_rmse"])
 
 
 def _append_jsonl(path: Path, row: dict) -> None:
@@ -694,7 +694,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume:
                 units=str(dataset.info[0].get("units", "")), system=str(dataset.info[0].get("system", "")),
                 splits={k: v.tolist() for k, v in data.splits.items()})
     state = init_state(config, init_fn, data)
-    managers = _managers(workdir, config)
+    managers = _managers(workdir)
     metrics_path = workdir / "metrics.jsonl"
     if resume:
         state = _resume(managers["periodic"], state, meta, metrics_path)
@@ -742,7 +742,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume:
                 bar.set_postfix(loss=f"{np.mean(running[-20:]):.3g}", **last_valid)
             if step % train.eval_every == 0 or step == train.steps:
                 _, valid = _evaluate_split(predict, state["ema"], data, "valid", train.batch_size, train.eval_frames)
-                errors = dict(energy_se=valid["e_mse"], force_se=valid["f_mse"], frames=1.0, components=1.0)
+                errors = dict(energy_se=valid["energy_rmse_per_atom"] ** 2, force_se=valid["force_rmse"] ** 2,
+                              frames=1.0, components=1.0)
                 valid_loss = float(normalised_loss(errors, stats, final_weights))
                 row = dict(step=step, epoch=step / steps_per_epoch, seconds=time.perf_counter() - t_start,
                            train_loss=float(np.mean(running)), valid_loss=valid_loss,
@@ -785,7 +786,7 @@ def _resume(manager: ocp.CheckpointManager, state: dict, meta: dict, metrics_pat
     if metrics_path.exists():  # drop metrics logged after the checkpoint: they will be logged again
         rows = [line for line in metrics_path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= step]
-        metrics_path.write_text("".join(r + "\n" for r in rows))
+        atomic_write(metrics_path, lambda f: f.write("".join(r + "\n" for r in rows)))
     return restored
 
 
