@@ -64,7 +64,9 @@ class TrainConfig:
     The loss is ``w_E * MSE(E/N) / var_E + w_F * MSE(F) / var_F`` over the frames of a batch, with
     ``var_E`` and ``var_F`` the training set's per-atom energy variance (after the per-species shift)
     and force variance, so the weights are dimensionless. The weights move linearly from their
-    initial to their final value over the run.
+    initial to their final value over the run. ``var_E`` reflects the spread of the data: frames from
+    one state point have a much smaller one than frames from several, which weights energies more;
+    lower ``energy_weight`` there (the quickstart uses ~1/70 of the multi-state-point configs).
 
     Attributes:
       steps: optimiser steps (the run length; the learning-rate schedule spans it).

@@ -30,8 +30,11 @@ from a2ijax.train import load_checkpoint, train_and_evaluate
 
 STATE_POINT = "rho0.84_T0.85"
 MODEL = A2IConfig(cutoff=2.5, width=32, heads=2, layers=1, avg_neighbors=50.0)
-TRAIN = TrainConfig(steps=500, batch_size=2, learning_rate=3e-3, warmup_steps=30, energy_weight=1.0,
-                    energy_weight_final=20.0, eval_every=100, checkpoint_every=250, eval_frames=10)
+# One state point: its per-atom energy variance (the energy term's normaliser) is ~70x smaller than
+# over the five LJ state points of experiments/configs/lj.toml, so the energy weights are ~70x smaller
+# here to give forces the same share of the loss.
+TRAIN = TrainConfig(steps=500, batch_size=2, learning_rate=3e-3, warmup_steps=30, energy_weight=0.015,
+                    energy_weight_final=0.3, eval_every=100, checkpoint_every=250, eval_frames=10)
 SAMPLING = SamplingConfig(frames_per_point=100, stride=50, equilibration=3000, segment_frames=10)
 
 
