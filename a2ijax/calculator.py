@@ -48,13 +48,18 @@ def structure_frame(atoms: ase.Atoms, symbols: tuple[str, ...]) -> Dataset:
                    [{}])
 
 
-def warn_if_extrapolating(frame: Dataset, checkpoint: Checkpoint, where: str = "the structure") -> float:
-    """Warns if two atoms are closer than the closest pair of the training data; returns the distance."""
-    closest = float(pair_distances(frame.positions[0], frame.cells[0], frame.pbc[0]).min())
+def warn_if_closer_than_training(closest: float, checkpoint: Checkpoint, where: str) -> None:
+    """Warns (``ExtrapolationWarning``) if ``closest`` is below the closest pair of the training data."""
     trained = checkpoint.meta["statistics"].get("min_distance", 0.0)
     if closest < trained:
         warnings.warn(f"{where} has atoms {closest:.4g} apart, closer than any pair in the training data "
                       f"({trained:.4g}): the model is extrapolating", ExtrapolationWarning, stacklevel=3)
+
+
+def warn_if_extrapolating(frame: Dataset, checkpoint: Checkpoint, where: str = "the structure") -> float:
+    """Warns if two atoms of ``frame`` are closer than any pair in the training data; returns the distance."""
+    closest = float(pair_distances(frame.positions[0], frame.cells[0], frame.pbc[0]).min())
+    warn_if_closer_than_training(closest, checkpoint, where)
     return closest
 
 

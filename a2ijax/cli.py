@@ -29,7 +29,7 @@ import numpy as np
 from jax_md import simulate as integrators
 from jax_md import space
 
-from a2ijax.calculator import ExtrapolationWarning, structure_frame, warn_if_extrapolating
+from a2ijax.calculator import structure_frame, warn_if_closer_than_training, warn_if_extrapolating
 from a2ijax.config import load_config
 from a2ijax.data import (
     SamplingConfig,
@@ -42,7 +42,7 @@ from a2ijax.data import (
     write_dataset,
     write_statistics,
 )
-from a2ijax.md import Simulation, energy_observables, run, simulate
+from a2ijax.md import Simulation, energy_drift, energy_observables, run, simulate
 from a2ijax.model import A2IConfig
 from a2ijax.potential import a2i_neighbor_list, a2i_pair
 from a2ijax.systems import SYSTEMS, get_system, lattice_positions
@@ -79,7 +79,7 @@ def demo(n_atoms: int = 128, steps: int = 200, dt: float = 0.002, kT: float = 1.
              observe=energy_observables(potential))
     md_s = time.perf_counter() - t0
     total = md.observables["total"]
-    drift = np.polyfit(np.arange(steps) * dt, total / n_atoms, 1)[0]
+    drift = energy_drift(np.arange(steps) * dt, total, n_atoms)
 
     figures = {
         "atoms": n_atoms, "neighbour slots K": nbrs.idx.shape[1], "parameters": n_params,
@@ -246,11 +246,7 @@ def run_md(checkpoint: Checkpoint, atoms: ase.Atoms, *, steps: int, dt: float, k
                       trajectory_every=trajectory_every, out=out, symbols=atoms.get_chemical_symbols(),
                       progress=progress)
     n, thermo = len(atoms), result.thermo
-    trained = checkpoint.meta["statistics"].get("min_distance", 0.0)
-    closest = float(thermo["min_distance"].min())
-    if closest < trained:
-        warnings.warn(f"atoms came {closest:.4g} apart during MD, closer than any pair in the training data "
-                      f"({trained:.4g}): the model extrapolated", ExtrapolationWarning, stacklevel=2)
+    warn_if_closer_than_training(float(thermo["min_distance"].min()), checkpoint, "the MD trajectory")
     print(f"{ensemble} MD: {n} atoms, {steps} steps of {dt:g} in {result.seconds:.1f} s "
           f"({result.rate:.4g} atom-steps/s after compilation, {result.reallocations} reallocations)")
     print(f"  temperature (kT) mean {thermo['temperature'].mean():.5g}, pressure mean {thermo['pressure'].mean():.5g}")
