@@ -147,6 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skin", type=float, default=0.1, help="neighbour-list skin as a fraction of the cutoff")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="md", help="directory for thermo.csv and trajectory.extxyz")
+    p = commands.add_parser("bench", help="MD speed, latency, compile time and memory against jax-md's potentials")
+    p.add_argument("--potentials", nargs="+", default=["lj", "a2i-small", "a2i", "a2i-large", "nequip", "graph_network",
+                                                       "behler_parrinello"], help="which potentials (a2ijax.bench)")
+    p.add_argument("--sizes", nargs="+", type=int, default=[256, 1000, 4000, 16000, 64000], help="atom counts N")
+    p.add_argument("--chunk", type=int, default=50, help="MD steps per compiled chunk")
+    p.add_argument("--chunks", type=int, default=3, help="chunks timed after a warm-up chunk")
+    p.add_argument("--repeats", type=int, default=5, help="timed energy+forces calls")
+    p.add_argument("--skin", type=float, default=0.3, help="neighbour-list skin (every potential)")
+    p.add_argument("--max-chunk-s", type=float, default=60.0, help="skip larger N once a chunk takes longer")
+    p.add_argument("--out", default="bench", help="directory for bench.json, bench.md and bench.png")
     args = parser.parse_args(argv)
     # jax-md's kinetic energy asks for float64 sums; without x64 JAX warns and uses float32.
     warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
@@ -163,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             quickstart(args.out)
         elif args.command == "md":
             md_command(args)
+        elif args.command == "bench":
+            from a2ijax import bench
+
+            bench.main(args)
         elif args.command == "evaluate":
             _, text = evaluate(args.checkpoint, args.data, split=args.split, out=args.out)
             print(text)

@@ -1,0 +1,324 @@
+"""``a2ijax bench``: speed and memory of A2I next to jax-md's own potentials, on one LJ liquid.
+
+Every potential runs the same job: a Lennard-Jones liquid at density 0.84 (a jittered simple-cubic
+lattice, so every N has the same neighbour density), cutoff 2.5 sigma, jax-md's neighbour list with
+the same skin, float32 unless ``jax_enable_x64``. For each potential and each N:
+
+* **energy+forces**: ahead-of-time compile time (``lower().compile()``) apart from the median time
+  of ``repeats`` calls after a warm-up;
+* **MD**: ``jax_md.simulate.nve`` with the neighbour list updated every step, ``chunk`` steps in one
+  compiled ``lax.scan`` (the state and list donated, no host sync inside a chunk), compile time apart;
+  atom-steps/s and simulated time per day at the LJ time step 0.005;
+* **memory**: XLA's buffer plan of the compiled MD chunk (temporaries + arguments + outputs) and,
+  where the device reports it, the device's peak bytes in use so far in the process (it never goes down).
+
+The potentials, all built the jax-md way (``neighbor_fn`` + an energy of ``(params, R, neighbor)``):
+``lj`` (``jax_md.energy.lennard_jones_neighbor_list``: the floor any learned potential pays),
+``a2i-small``/``a2i``/``a2i-large`` (this package), and jax-md's ``nequip``, ``graph_network`` and
+``behler_parrinello`` at the same cutoff, each with its jax-md default sizes unless stated in
+:data:`BASELINES`. Parameter counts are reported with every row. An out-of-memory error is recorded
+and skips the larger sizes of that potential; so does a chunk slower than ``max_chunk_s``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax_md import energy, partition, simulate, space
+
+from a2ijax.model import A2IConfig
+from a2ijax.potential import a2i_neighbor_list
+from a2ijax.systems import lattice_positions
+
+DENSITY = 0.84
+CUTOFF = 2.5
+DT = 0.005
+KT = 0.1  # small initial temperature: the lattice start stays a lattice start during timing
+
+#: A2I variants: small, the default, large.
+A2I_VARIANTS = {
+    "a2i-small": A2IConfig(cutoff=CUTOFF, width=16, heads=2, layers=1, avg_neighbors=55.0),
+    "a2i": A2IConfig(cutoff=CUTOFF, avg_neighbors=55.0),
+    "a2i-large": A2IConfig(cutoff=CUTOFF, width=64, heads=4, layers=3, avg_neighbors=55.0),
+}
+#: jax-md potentials and the settings that differ from jax-md's defaults (cutoff and species only).
+BASELINES = {
+    "lj": "jax_md.energy.lennard_jones_neighbor_list(sigma=1, epsilon=1, r_cutoff=2.5)",
+    "nequip": "jax_md.energy.nequip_neighbor_list, nequip.default_config() with r_max=2.5, n_elements=1, "
+              "n_neighbors=55, shift=0, scale=1",
+    "graph_network": "jax_md.energy.graph_network_neighbor_list(r_cutoff=2.5), default mlp_sizes (64, 64), "
+                     "2 recurrences",
+    "behler_parrinello": "jax_md.energy.behler_parrinello_neighbor_list(sym_kwargs cutoff_distance=2.5, "
+                         "format=Dense: the Sparse angular terms pair every edge with every edge), default "
+                         "symmetry functions and mlp_sizes (30, 30)",
+}
+POTENTIALS = tuple(BASELINES) + tuple(A2I_VARIANTS)
+
+
+@dataclasses.dataclass
+class Built:
+    """A potential on one box: its neighbour-list builder, ``energy(params, R, neighbor)`` and params."""
+
+    neighbor_fn: partition.NeighborFn
+    energy: Callable[..., jax.Array]
+    params: Any
+    parameters: int
+
+
+def liquid(n: int, seed: int = 0) -> tuple[jax.Array, float]:
+    """``n`` atoms on a jittered lattice at :data:`DENSITY` and the box side."""
+    side = (n / DENSITY) ** (1 / 3)
+    return lattice_positions(n, side, jitter=0.1, seed=seed), side
+
+
+def count(params: Any) -> int:
+    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
+
+
+def _nnx_potential(neighbor_fn: partition.NeighborFn, energy_fn: Callable) -> Built:
+    """jax-md's NNX models (Behler-Parrinello, GraphNetwork): parameters split out of the module."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(energy_fn.model)
+
+    def apply(params, R, neighbor):
+        return nnx.merge(graphdef, params)(R, neighbor)
+
+    return Built(neighbor_fn, apply, state, count(nnx.state(energy_fn.model, nnx.Param)))
+
+
+def build(name: str, displacement: Callable, side: float, R: jax.Array, skin: float, key: jax.Array,
+          capacity_multiplier: float = 1.25) -> Built:
+    """The potential ``name`` (one of :data:`POTENTIALS`) in a cubic box of side ``side``."""
+    nl = dict(dr_threshold=skin, capacity_multiplier=capacity_multiplier)
+    if name == "lj":
+        neighbor_fn, energy_fn = energy.lennard_jones_neighbor_list(displacement, side, r_cutoff=CUTOFF, **nl)
+        return Built(neighbor_fn, lambda params, R, neighbor: energy_fn(R, neighbor=neighbor), None, 0)
+    if name in A2I_VARIANTS:
+        neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(displacement, side, A2I_VARIANTS[name], **nl)
+        params = init_fn(key, R, neighbor=neighbor_fn.allocate(R))
+        return Built(neighbor_fn, lambda params, R, neighbor: energy_fn(params, R, neighbor=neighbor), params,
+                     count(params))
+    if name == "nequip":
+        from jax_md._nn import nequip
+
+        cfg = nequip.default_config()
+        cfg.r_max, cfg.n_elements, cfg.n_neighbors = CUTOFF, 1, 55.0
+        cfg.shift, cfg.scale = 0.0, 1.0  # jax-md takes these from a named dataset otherwise
+        atoms = jnp.ones((R.shape[0], 1), R.dtype)
+        neighbor_fn, init_fn, energy_fn = energy.nequip_neighbor_list(displacement, side, cfg, atoms=atoms, **nl)
+        params = init_fn(key, R, neighbor_fn.allocate(R))
+        return Built(neighbor_fn, lambda params, R, neighbor: energy_fn(params, R, neighbor), params, count(params))
+    if name == "graph_network":
+        neighbor_fn, energy_fn = energy.graph_network_neighbor_list(displacement, side, CUTOFF, skin, key=key,
+                                                                    capacity_multiplier=capacity_multiplier)
+        return _nnx_potential(neighbor_fn, energy_fn)
+    if name == "behler_parrinello":
+        neighbor_fn, energy_fn = energy.behler_parrinello_neighbor_list(
+            displacement, side, key=key, sym_kwargs=dict(cutoff_distance=CUTOFF), format=partition.Dense, **nl)
+        return _nnx_potential(neighbor_fn, energy_fn)
+    raise ValueError(f"unknown potential {name!r}; known: {POTENTIALS}")
+
+
+def _compile(fn: Callable, *args, donate: tuple[int, ...] = ()) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def _planned_bytes(compiled: Any) -> int | None:
+    memory = compiled.memory_analysis()
+    if memory is None:
+        return None
+    return int(memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes)
+
+
+def _device_peak() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def measure(name: str, n: int, *, skin: float = 0.3, chunk: int = 50, chunks: int = 3, repeats: int = 5,
+            seed: int = 0) -> dict:
+    """Energy+forces latency, MD throughput, compile times and memory of ``name`` at ``n`` atoms."""
+    R, side = liquid(n, seed)
+    displacement, shift = space.periodic(side)
+    pot = build(name, displacement, side, R, skin, jax.random.PRNGKey(seed))
+    nbrs = pot.neighbor_fn.allocate(R)
+    row = dict(potential=name, n=n, parameters=pot.parameters, neighbors=int(nbrs.idx.shape[-1]),
+               neighbor_format=str(nbrs.format.name))
+
+    def energy_and_forces(params, R, neighbor):
+        e, g = jax.value_and_grad(pot.energy, argnums=1)(params, R, neighbor)
+        return e, -g
+
+    compiled, row["force_compile_s"] = _compile(energy_and_forces, pot.params, R, nbrs)
+    jax.block_until_ready(compiled(pot.params, R, nbrs))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(pot.params, R, nbrs))
+        times.append(time.perf_counter() - t0)
+    row["force_s"] = statistics.median(times)
+    row["force_us_per_atom"] = 1e6 * row["force_s"] / n
+
+    def md_chunk(params, state, neighbor):
+        init, apply = simulate.nve(lambda R, neighbor: pot.energy(params, R, neighbor), shift, DT)
+        del init
+
+        def step(carry, _):
+            state, neighbor = carry
+            state = apply(state, neighbor=neighbor)
+            return (state, neighbor.update(state.position)), None
+
+        (state, neighbor), _ = jax.lax.scan(step, (state, neighbor), None, length=chunk)
+        return state, neighbor
+
+    init, _ = simulate.nve(lambda R, neighbor: pot.energy(pot.params, R, neighbor), shift, DT)
+    state = init(jax.random.PRNGKey(seed + 1), R, kT=KT, neighbor=nbrs)
+    md, row["md_compile_s"] = _compile(md_chunk, pot.params, state, nbrs, donate=(1, 2))
+    row["md_planned_mib"] = None if _planned_bytes(md) is None else _planned_bytes(md) / 2**20
+    state, nbrs = jax.block_until_ready(md(pot.params, state, nbrs))  # warm-up chunk
+    if bool(nbrs.did_buffer_overflow):
+        raise RuntimeError(f"{name} at N={n}: the neighbour list overflowed during the warm-up chunk")
+    t0 = time.perf_counter()
+    for _ in range(chunks):
+        state, nbrs = md(pot.params, state, nbrs)
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - t0
+    if bool(nbrs.did_buffer_overflow) or not bool(jnp.all(jnp.isfinite(state.position))):
+        raise RuntimeError(f"{name} at N={n}: overflow or non-finite positions while timing")
+    row["md_chunk_s"] = seconds / chunks
+    row["atom_steps_per_s"] = n * chunk * chunks / seconds
+    row["us_per_atom_step"] = 1e6 / row["atom_steps_per_s"]
+    row["time_per_day"] = row["atom_steps_per_s"] / n * DT * 86400
+    row["device_peak_mib_so_far"] = None if _device_peak() is None else _device_peak() / 2**20
+    return row
+
+
+def environment(argv: Sequence[str]) -> dict:
+    from importlib.metadata import version
+
+    device = jax.devices()[0]
+    return dict(backend=jax.default_backend(), device=str(getattr(device, "device_kind", device.platform)),
+                devices=jax.device_count(), dtype=str(jnp.result_type(float)), jax=jax.__version__,
+                jax_md=version("jax-md"), flax=version("flax"), python=platform.python_version(),
+                machine=platform.machine(), command=" ".join(argv), date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                density=DENSITY, cutoff=CUTOFF, dt=DT, baselines=BASELINES,
+                a2i_variants={k: dataclasses.asdict(v) for k, v in A2I_VARIANTS.items()})
+
+
+def run(potentials: Sequence[str], sizes: Sequence[int], *, out: str | Path, max_chunk_s: float = 60.0,
+        argv: Sequence[str] = (), **kw) -> dict:
+    """Measures every potential at every size (smallest first); writes ``bench.json``, ``bench.md``,
+    ``bench.png`` in ``out`` after every row, so an interrupted run keeps what it measured."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = dict(environment=environment(argv), rows=[], skipped=[])
+    for name in potentials:
+        if name not in POTENTIALS:
+            raise ValueError(f"unknown potential {name!r}; known: {POTENTIALS}")
+    for name in potentials:
+        for n in sorted(sizes):
+            try:
+                row = measure(name, n, **kw)
+            except Exception as error:  # out of memory (XLA raises its own type) ends this potential's sizes
+                if "RESOURCE_EXHAUSTED" not in str(error) and not isinstance(error, MemoryError):
+                    raise
+                result["skipped"].append(dict(potential=name, n=n, reason=f"out of memory: {str(error)[:200]}"))
+                break
+            result["rows"].append(row)
+            print(f"{name:>18} N={n:>6}: {row['atom_steps_per_s']:.4g} atom-steps/s, "
+                  f"{row['force_us_per_atom']:.3g} us/atom energy+forces, compile {row['md_compile_s']:.1f} s",
+                  flush=True)
+            write(result, out)
+            if row["md_chunk_s"] > max_chunk_s:
+                result["skipped"].append(dict(potential=name, n=f"> {n}",
+                                              reason=f"a chunk took {row['md_chunk_s']:.0f} s > {max_chunk_s:.0f} s"))
+                break
+    write(result, out)
+    return result
+
+
+def table(result: dict) -> str:
+    """Markdown: one row per (potential, N), with time per atom-step relative to jax-md LJ and to A2I."""
+    rows = result["rows"]
+    by = {(r["potential"], r["n"]): r for r in rows}
+    env = result["environment"]
+    lines = [f"{env['backend']} ({env['device']}), {env['dtype']}, jax {env['jax']}, jax-md {env['jax_md']}, "
+             f"flax {env['flax']}; `{env['command']}`", "",
+             "| potential | params | N | K (Sparse: edges) | atom-steps/s | time/day | us/atom-step | x LJ | x A2I "
+             "| E+F us/atom | compile MD s | planned MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    def ratio(r: dict, base: str) -> str:
+        other = by.get((base, r["n"]))
+        return "" if other is None else f"{r['us_per_atom_step'] / other['us_per_atom_step']:.3g}"
+
+    for r in rows:
+        planned = "" if r["md_planned_mib"] is None else f"{r['md_planned_mib']:.0f}"
+        lines.append(f"| {r['potential']} | {r['parameters']:,} | {r['n']:,} | {r['neighbors']} | "
+                     f"{r['atom_steps_per_s']:.4g} | {r['time_per_day']:.3g} | {r['us_per_atom_step']:.3g} | "
+                     f"{ratio(r, 'lj')} | {ratio(r, 'a2i')} | {r['force_us_per_atom']:.3g} | {r['md_compile_s']:.1f} | "
+                     f"{planned} |")
+    for s in result["skipped"]:
+        lines.append(f"\nskipped: {s['potential']} N {s['n']}: {s['reason']}")
+    return "\n".join(lines)
+
+
+def flatness(result: dict, name: str = "a2i") -> float | None:
+    """Largest over smallest time per atom-step of ``name`` over its sizes from 1,000 atoms up."""
+    t = [r["us_per_atom_step"] for r in result["rows"] if r["potential"] == name and r["n"] >= 1000]
+    return max(t) / min(t) if len(t) >= 2 else None
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name in dict.fromkeys(r["potential"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["potential"] == name]
+        ax.loglog([r["n"] for r in rows], [r["us_per_atom_step"] for r in rows], "o-", label=name)
+    env = result["environment"]
+    ax.set(xlabel="atoms N", ylabel="MD time per atom-step (us)", title=f"{env['backend']} {env['device']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(result: dict, out: Path) -> None:
+    for name, text in (("bench.json", json.dumps(result, indent=1)), ("bench.md", table(result) + "\n")):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out / name)
+    if result["rows"]:
+        plot(result, out / "bench.png")
+
+
+def main(args: Any) -> dict:
+    """``a2ijax bench`` (arguments from :mod:`a2ijax.cli`)."""
+    result = run(args.potentials, args.sizes, out=args.out, max_chunk_s=args.max_chunk_s,
+                 argv=["a2ijax", *sys.argv[1:]],
+                 skin=args.skin, chunk=args.chunk, chunks=args.chunks, repeats=args.repeats)
+    print(table(result))
+    flat = flatness(result)
+    if flat is not None:
+        print(f"a2i time per atom-step, largest / smallest from N = 1,000: {flat:.3f} (target within 1.10)")
+    print(f"wrote {args.out}/bench.json, bench.md, bench.png")
+    return result
+

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# `a2ijax bench` on one GPU (H100/H200) in under 8 minutes, from a copy of this repository.
+#
+# The GPU machine has jax, flax, optax, orbax and chex but no network and none of the pure-Python
+# packages jax-md's import needs; they travel as wheels in .whl/ (ignored by git):
+#
+#   bash experiments/gpu_bench.sh fetch          # here, with the package index: .whl/*.whl
+#   bash experiments/gpu_bench.sh                # there (carry .whl): install into /tmp/site, run
+#
+# Results go to $OUT/bench (the device tool's output folder) or ./bench_gpu: bench.json (rows,
+# backend, device, dtype, versions, the command), bench.md, bench.png; each row is written as soon
+# as it is measured, and the run stops itself before the 8 minutes are up.
+# A dry run on a CPU machine (same steps, small sizes, this project's Python):
+#   PYTHON=.venv/bin/python SIZES="256" POTENTIALS="lj a2i-small" BUDGET_S=300 bash experiments/gpu_bench.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WHEELS=(jax-md==0.2.29 jraph==0.0.6.dev0 e3nn-jax==0.21.0 ml-collections==1.1.0)
+
+if [[ "${1:-run}" == "fetch" ]]; then
+    mkdir -p .whl
+    # Pure-Python wheels (py3-none-any): the platform tags only satisfy pip's cross-download rules.
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "${WHEELS[@]}"
+    ls -l .whl
+    exit 0
+fi
+
+PYTHON=${PYTHON:-python3}
+SIZES=${SIZES:-256 1000 4000 16000 64000}
+POTENTIALS=${POTENTIALS:-lj a2i-small a2i a2i-large nequip graph_network behler_parrinello}
+BUDGET_S=${BUDGET_S:-420}
+OUTDIR=${OUT:-bench_gpu}/bench
+
+if ! "$PYTHON" -c "import jax_md" 2>/dev/null; then
+    [[ -d .whl ]] || { echo "jax-md is missing and there is no .whl/: run 'bash $0 fetch' first" >&2; exit 2; }
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# Compile once per shape, keep XLA's GPU memory growth on so peak figures mean what was used.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+
+"$PYTHON" - <<'EOF'
+import jax
+print("backend", jax.default_backend(), "devices", jax.devices(), "jax", jax.__version__)
+EOF
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+
+# The bench stops a potential's larger sizes once a 50-step chunk takes over 20 s; `timeout` keeps
+# the whole run inside the budget, and every row measured before that is already on disk.
+timeout --signal=INT "$BUDGET_S" "$PYTHON" -m a2ijax.cli bench --sizes $SIZES --potentials $POTENTIALS \
+    --chunk 50 --chunks 3 --repeats 5 --max-chunk-s 20 --out "$OUTDIR" || echo "bench ended with status $?"
+cat "$OUTDIR/bench.md" 2>/dev/null || echo "no rows were measured"

@@ -1,0 +1,221 @@
+"""MD with trained models checked against the reference potentials (stability, drift, RDF).
+
+    python experiments/md_checks.py runs/lj runs/sw runs/ka --out runs/md_checks
+
+For each training work directory (its checkpoint names the reference system), at one state point:
+
+1. a start: the reference potential equilibrates the state point (NVT Langevin, as the dataset);
+2. NVE from that start, velocities drawn at the state point's kT, ``--steps`` steps (default
+   20,000) at the system's usual time step, once with the model and once with the reference
+   potential: whether it stays finite, the energy drift per atom per time unit (linear fit), the
+   largest excursion of the total energy per atom, the mean temperature and the closest pair;
+3. NVT (Langevin, the dataset's thermostat) from the same start with the model and with the
+   reference, ``--nvt-equilibrate`` steps discarded, then ``--nvt-steps`` sampled every
+   ``--rdf-every`` steps: the RDF of every species pair and ``mean_r |g_model - g_ref|``
+   (``a2ijax.md.rdf_difference``: the integral of the absolute difference over ``r_max``).
+   A second reference run with another seed gives the same measure between two reference runs:
+   the sampling-noise floor that the model's difference should be read against.
+
+Writes ``<out>/<system>/{model,reference}_{nve,nvt}/thermo.csv`` (and trajectories, and a
+``summary.json`` per finished run: rerunning the command skips the runs already done),
+``<out>/<system>/rdf.png``, ``<out>/md_checks.json`` and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from jax_md import space
+
+from a2ijax import md
+from a2ijax.data import SamplingConfig, sample_state_point
+from a2ijax.systems import get_system
+from a2ijax.train import load_checkpoint
+
+#: The state point checked per system when ``--state-point`` is not given (mid-range of each dataset).
+DEFAULT_POINTS = {"lj": "rho0.84_T0.85", "sw": "crystal_900K", "ka": "rho1.2_T1.0"}
+
+
+def reference_potential(system, box, species, skin: float, **nl_kwargs):
+    """The reference potential in the same shape as ``Checkpoint.potential``."""
+    displacement, shift = space.periodic_general(box, fractional_coordinates=False)
+    neighbor_fn, energy_fn = system.neighbor_list(displacement, box, species, dr_threshold=skin * system.cutoff,
+                                                  **nl_kwargs)
+    return neighbor_fn, energy_fn, displacement, shift
+
+
+def nve_summary(result: md.Simulation, n: int) -> dict:
+    total = result.thermo["total"] / n
+    return dict(steps=int(result.thermo["step"][-1]), finite=bool(np.all(np.isfinite(total))),
+                drift_per_atom_per_time=result.drift, max_excursion_per_atom=float(np.max(np.abs(total - total[0]))),
+                temperature_mean=float(np.mean(result.thermo["temperature"])),
+                closest_pair=float(np.min(result.thermo["min_distance"])), atom_steps_per_s=result.rate,
+                seconds=result.seconds, reallocations=result.reallocations)
+
+
+def finished(run_dir: Path, settings: dict) -> dict | None:
+    """The summary of a run already done with the same settings (a rerun after an interruption skips it)."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    return saved["summary"] if saved["settings"] == settings else None
+
+
+def record(run_dir: Path, settings: dict, summary: dict) -> None:
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(dict(settings=settings, summary=summary)))
+    tmp.replace(run_dir / "summary.json")  # atomic: a summary is either complete or absent
+
+
+def check(workdir: Path, args: argparse.Namespace) -> dict:
+    checkpoint = load_checkpoint(workdir)
+    system = get_system(checkpoint.meta["system"])
+    point = system.state_point(args.state_point.get(system.name, DEFAULT_POINTS[system.name]))
+    out = args.out / system.name
+    sampling = SamplingConfig(frames_per_point=1, stride=50, equilibration=args.equilibrate, seed=args.seed)
+    atoms = sample_state_point(system, point, sampling, seed=args.seed)[-1]
+    dtype = jnp.result_type(float)
+    box = jnp.asarray(atoms.cell[:].T, dtype)
+    R0 = jnp.asarray(atoms.get_positions(), dtype)
+    species = jnp.asarray(system.species(len(atoms)))
+    symbols = atoms.get_chemical_symbols()
+    nl = dict(capacity_multiplier=args.capacity_multiplier)
+    potentials = {"model": checkpoint.potential(box, species, dr_threshold=args.skin * checkpoint.config.model.cutoff,
+                                                **nl),
+                  "reference": reference_potential(system, box, species, args.skin, **nl)}
+    common = dict(dt=system.dt, kT=point.kT, mass=system.mass, thermo_every=args.thermo_every,
+                  progress=not args.quiet)
+    result = dict(system=system.name, state_point=point.name, kT=point.kT, dt=system.dt, atoms=len(atoms),
+                  time_unit=system.units, parameters=checkpoint.meta.get("parameters"),
+                  checkpoint=str(workdir), nve={}, nvt={})
+    r_max = min(0.5 * float(np.min(np.diag(np.asarray(box)))), args.r_max)
+    rdfs = {}
+    runs = [("model", args.seed), ("reference", args.seed), ("reference_seed2", args.seed + 1)]
+    for label, seed in runs:
+        neighbor_fn, energy_fn, displacement, shift = potentials[label.split("_")[0]]
+        settings = dict(seed=seed, steps=args.steps, nvt_equilibrate=args.nvt_equilibrate, nvt_steps=args.nvt_steps,
+                        rdf_every=args.rdf_every, thermo_every=args.thermo_every, equilibrate=args.equilibrate,
+                        capacity_multiplier=args.capacity_multiplier, skin=args.skin, state_point=point.name)
+        if label != "reference_seed2":
+            run_dir = out / f"{label}_nve"
+            summary = finished(run_dir, settings)
+            if summary is None:
+                print(f"{system.name} {point.name}: NVE with the {label}, {args.steps} steps of {system.dt}")
+                nve = md.simulate(energy_fn, neighbor_fn, displacement, shift, R0, box, steps=args.steps,
+                                  ensemble="nve", seed=seed, trajectory_every=1000, out=str(run_dir),
+                                  symbols=symbols, **common)
+                summary = nve_summary(nve, len(atoms))
+                record(run_dir, settings, summary)
+            result["nve"][label] = summary
+        run_dir = out / f"{label}_nvt"
+        summary = finished(run_dir, settings)
+        if summary is None:
+            print(f"{system.name} {point.name}: NVT with the {label} (seed {seed}), "
+                  f"{args.nvt_equilibrate} + {args.nvt_steps} steps")
+            nvt = md.simulate(energy_fn, neighbor_fn, displacement, shift, R0, box,
+                              steps=args.nvt_equilibrate + args.nvt_steps, ensemble="langevin", seed=seed,
+                              trajectory_every=args.rdf_every, out=str(run_dir), symbols=symbols, **common)
+            frames = nvt.frames[args.nvt_equilibrate // args.rdf_every:]
+            r, g = md.radial_distribution(frames, np.asarray(box), np.asarray(species), r_max, bins=args.bins)
+            sampled = nvt.thermo["step"] > args.nvt_equilibrate
+            summary = dict(frames=len(frames), temperature_mean=float(np.mean(nvt.thermo["temperature"][sampled])),
+                           potential_per_atom=float(np.mean(nvt.thermo["potential"][sampled])) / len(atoms),
+                           pressure_mean=float(np.mean(nvt.thermo["pressure"][sampled])),
+                           atom_steps_per_s=nvt.rate, seconds=nvt.seconds,
+                           r=r.tolist(), g={f"{a}-{b}": v.tolist() for (a, b), v in g.items()})
+            record(run_dir, settings, summary)
+        r = np.asarray(summary["r"])
+        rdfs[label] = {tuple(int(i) for i in k.split("-")): np.asarray(v) for k, v in summary["g"].items()}
+        result["nvt"][label] = {k: v for k, v in summary.items() if k not in ("r", "g")}
+    pair_name = lambda k: "-".join(system.symbols[i] for i in k)  # noqa: E731
+    for key, label in (("rdf_difference", "model"), ("rdf_noise_floor", "reference_seed2")):
+        result[key] = {pair_name(k): v for k, v in md.rdf_difference(r, rdfs[label], rdfs["reference"]).items()}
+    result["rdf_r_max"], result["rdf_bins"] = r_max, args.bins
+    plot_rdf(out / "rdf.png", r, rdfs, pair_name, f"{system.name} {point.name}")
+    return result
+
+
+def plot_rdf(path: Path, r: np.ndarray, rdfs: dict, pair_name, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = list(rdfs["reference"])
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.5 * len(pairs), 3.5), squeeze=False)
+    for ax, k in zip(axes[0], pairs, strict=True):
+        ax.plot(r, rdfs["reference"][k], "k-", lw=1.5, label="reference")
+        ax.plot(r, rdfs["model"][k], "C1--", lw=1.2, label="A2I model")
+        ax.set(xlabel="r", ylabel="g(r)", title=f"{title} {pair_name(k)}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| system | state point | atoms | steps x dt | model: finite / drift / max dE | reference: drift / max dE "
+             "| model / reference T | RDF mean abs diff (model vs ref) | noise floor (ref vs ref) "
+             "| atom-steps/s model / ref |",
+             "|---|---|---:|---|---|---|---|---|---|---|"]
+    for res in results:
+        m, ref = res["nve"]["model"], res["nve"]["reference"]
+        rdf = ", ".join(f"{k} {v:.4f}" for k, v in res["rdf_difference"].items())
+        floor = ", ".join(f"{k} {v:.4f}" for k, v in res["rdf_noise_floor"].items())
+        lines.append(f"| {res['system']} | {res['state_point']} | {res['atoms']} | {m['steps']} x {res['dt']} | "
+                     f"{'yes' if m['finite'] else 'NO'} / {m['drift_per_atom_per_time']:.2e} / "
+                     f"{m['max_excursion_per_atom']:.2e} | {ref['drift_per_atom_per_time']:.2e} / "
+                     f"{ref['max_excursion_per_atom']:.2e} | {m['temperature_mean']:.4g} / "
+                     f"{ref['temperature_mean']:.4g} | "
+                     f"{rdf} | {floor} | {m['atom_steps_per_s']:.3g} / {ref['atom_steps_per_s']:.3g} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workdirs", nargs="+", type=Path, help="training work directories (or checkpoints)")
+    parser.add_argument("--out", type=Path, default=Path("runs/md_checks"))
+    parser.add_argument("--steps", type=int, default=20000, help="NVE steps")
+    parser.add_argument("--nvt-equilibrate", type=int, default=1000, help="NVT steps discarded")
+    parser.add_argument("--nvt-steps", type=int, default=5000, help="NVT steps sampled for the RDF")
+    parser.add_argument("--rdf-every", type=int, default=50, help="NVT steps between RDF frames")
+    parser.add_argument("--equilibrate", type=int, default=5000, help="reference steps that prepare the start")
+    parser.add_argument("--bins", type=int, default=100)
+    parser.add_argument("--r-max", type=float, default=np.inf, help="RDF range (at most half the box)")
+    parser.add_argument("--skin", type=float, default=0.1, help="neighbour-list skin as a fraction of the cutoff")
+    parser.add_argument("--capacity-multiplier", type=float, default=1.25,
+                        help="neighbour slots per counted neighbour (an overflow reallocates and reruns the chunk)")
+    parser.add_argument("--thermo-every", type=int, default=50, help="steps between thermo records")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--state-point", action="append", default=[], metavar="SYSTEM=NAME",
+                        help=f"state point per system (default {DEFAULT_POINTS})")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args()
+    args.state_point = dict(item.split("=", 1) for item in args.state_point)
+    for name in ("steps", "nvt_equilibrate", "nvt_steps", "rdf_every"):
+        if getattr(args, name) % args.thermo_every:
+            parser.error(f"--{name.replace('_', '-')} must be a multiple of --thermo-every ({args.thermo_every})")
+    if args.nvt_equilibrate % args.rdf_every or args.nvt_steps % args.rdf_every:
+        parser.error("--nvt-equilibrate and --nvt-steps must be multiples of --rdf-every")
+    if 1000 % args.thermo_every:
+        parser.error("--thermo-every must divide 1000 (the NVE trajectory stride)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for workdir in args.workdirs:
+        t0 = time.perf_counter()
+        results.append(check(workdir, args))
+        results[-1]["wall_seconds"] = time.perf_counter() - t0
+        (args.out / "md_checks.json").write_text(json.dumps(results, indent=1))
+    text = table(results)
+    (args.out / "md_checks.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""``a2ijax bench``: rows, ratios and files on a tiny run (the figures themselves live in BUILD_NOTES)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from jax_md import space
+
+from a2ijax import bench
+
+
+def test_bench_writes_consistent_rows_and_ratios(tmp_path):
+    result = bench.run(["lj", "a2i-small"], [128], out=tmp_path, chunk=4, chunks=1, repeats=1, argv=["test"])
+    rows = {r["potential"]: r for r in result["rows"]}
+    assert set(rows) == {"lj", "a2i-small"}
+    for r in rows.values():
+        assert r["n"] == 128
+        np.testing.assert_allclose(r["atom_steps_per_s"] * r["md_chunk_s"], 128 * 4, rtol=1e-6)
+        np.testing.assert_allclose(r["time_per_day"], r["atom_steps_per_s"] / 128 * bench.DT * 86400, rtol=1e-6)
+    # The parameter count is that of the model's own initialisation, independent of the bench.
+    R, side = bench.liquid(128)
+    pot = bench.build("a2i-small", space.periodic(side)[0], side, R, 0.3, jax.random.PRNGKey(0))
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(pot.params))
+    assert rows["a2i-small"]["parameters"] == n_params > 1000
+    assert rows["lj"]["parameters"] == 0
+    # The Markdown row of A2I carries its time per atom-step over LJ's.
+    line = next(line for line in (tmp_path / "bench.md").read_text().splitlines() if line.startswith("| a2i-small"))
+    ratio = float(line.split("|")[8])
+    expected = rows["a2i-small"]["us_per_atom_step"] / rows["lj"]["us_per_atom_step"]
+    assert ratio == pytest.approx(expected, rel=2e-3)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["environment"]["backend"] == jax.default_backend() and saved["environment"]["command"] == "test"
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert bench.flatness(result) is None  # one size: nothing to compare
+
+
+def test_bench_rejects_unknown_potential(tmp_path):
+    with pytest.raises(ValueError, match="unknown potential 'mace'.*nequip"):
+        bench.run(["lj", "mace"], [128], out=tmp_path)
