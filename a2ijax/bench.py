@@ -9,6 +9,8 @@ the same skin, float32 unless ``jax_enable_x64``. For each potential and each N:
 * **MD**: ``jax_md.simulate.nve`` with the neighbour list updated every step, ``chunk`` steps in one
   compiled ``lax.scan`` (the state and list donated, no host sync inside a chunk), compile time apart;
   atom-steps/s and simulated time per day at the LJ time step 0.005;
+* **work**: XLA's count of floating-point operations per atom of one energy+forces call, and the
+  rate it reaches as a fraction of this device's measured matmul rate (a square float product);
 * **memory**: XLA's buffer plan of the compiled MD chunk (temporaries + arguments + outputs) and,
   where the device reports it, the device's peak bytes in use so far in the process (it never goes down).
 
@@ -99,14 +101,18 @@ def _nnx_potential(neighbor_fn: partition.NeighborFn, energy_fn: Callable) -> Bu
 
 
 def build(name: str, displacement: Callable, side: float, R: jax.Array, skin: float, key: jax.Array,
-          capacity_multiplier: float = 1.25) -> Built:
-    """The potential ``name`` (one of :data:`POTENTIALS`) in a cubic box of side ``side``."""
+          capacity_multiplier: float = 1.25, atom_chunk: int | None = None) -> Built:
+    """The potential ``name`` (one of :data:`POTENTIALS`) in a cubic box of side ``side``
+    (``atom_chunk`` overrides the A2I variant's, e.g. 0 for one unchunked program)."""
     nl = dict(dr_threshold=skin, capacity_multiplier=capacity_multiplier)
     if name == "lj":
         neighbor_fn, energy_fn = energy.lennard_jones_neighbor_list(displacement, side, r_cutoff=CUTOFF, **nl)
         return Built(neighbor_fn, lambda params, R, neighbor: energy_fn(R, neighbor=neighbor), None, 0)
     if name in A2I_VARIANTS:
-        neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(displacement, side, A2I_VARIANTS[name], **nl)
+        config = A2I_VARIANTS[name]
+        if atom_chunk is not None:
+            config = dataclasses.replace(config, atom_chunk=atom_chunk)
+        neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(displacement, side, config, **nl)
         params = init_fn(key, R, neighbor=neighbor_fn.allocate(R))
         return Built(neighbor_fn, lambda params, R, neighbor: energy_fn(params, R, neighbor=neighbor), params,
                      count(params))
@@ -172,6 +178,7 @@ def measure(name: str, n: int, *, skin: float = 0.3, chunk: int = 50, chunks: in
         times.append(time.perf_counter() - t0)
     row["force_s"] = statistics.median(times)
     row["force_us_per_atom"] = 1e6 * row["force_s"] / n
+    row["force_flop_per_atom"] = force_flops(name, n, skin, seed) / n
 
     def md_chunk(params, state, neighbor):
         init, apply = simulate.nve(lambda R, neighbor: pot.energy(params, R, neighbor), shift, DT)
@@ -207,6 +214,33 @@ def measure(name: str, n: int, *, skin: float = 0.3, chunk: int = 50, chunks: in
     return row
 
 
+def force_flops(name: str, n: int, skin: float, seed: int = 0) -> float:
+    """XLA's count of floating-point operations in one energy+forces call (compiled, not run).
+
+    XLA counts a loop body once, so A2I is costed as the same model without atom chunking."""
+    R, side = liquid(n, seed)
+    displacement, _ = space.periodic(side)
+    pot = build(name, displacement, side, R, skin, jax.random.PRNGKey(seed), atom_chunk=0)
+    nbrs = pot.neighbor_fn.allocate(R)
+    cost = jax.jit(lambda p, R, nb: jax.value_and_grad(pot.energy, argnums=1)(p, R, nb)).lower(
+        pot.params, R, nbrs).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
+    """This device's measured float matmul rate (FLOP/s): the median of ``repeats`` square products."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.result_type(float))
+    dot = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(dot(a))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(dot(a))
+        times.append(time.perf_counter() - t0)
+    return 2 * size**3 / statistics.median(times)
+
+
 def environment(argv: Sequence[str]) -> dict:
     from importlib.metadata import version
 
@@ -214,7 +248,8 @@ def environment(argv: Sequence[str]) -> dict:
     return dict(backend=jax.default_backend(), device=str(getattr(device, "device_kind", device.platform)),
                 devices=jax.device_count(), dtype=str(jnp.result_type(float)), jax=jax.__version__,
                 jax_md=version("jax-md"), flax=version("flax"), python=platform.python_version(),
-                machine=platform.machine(), command=" ".join(argv), date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                machine=platform.machine(), command=" ".join(argv), matmul_flop_per_s=matmul_rate(),
+                date=time.strftime("%Y-%m-%d %H:%M:%S"),
                 density=DENSITY, cutoff=CUTOFF, dt=DT, baselines=BASELINES,
                 a2i_variants={k: dataclasses.asdict(v) for k, v in A2I_VARIANTS.items()})
 
@@ -238,6 +273,8 @@ def run(potentials: Sequence[str], sizes: Sequence[int], *, out: str | Path, max
                     raise
                 result["skipped"].append(dict(potential=name, n=n, reason=f"out of memory: {str(error)[:200]}"))
                 break
+            row["force_fraction_of_matmul"] = (row["force_flop_per_atom"] * n / row["force_s"]
+                                               / result["environment"]["matmul_flop_per_s"])
             result["rows"].append(row)
             print(f"{name:>18} N={n:>6}: {row['atom_steps_per_s']:.4g} atom-steps/s, "
                   f"{row['force_us_per_atom']:.3g} us/atom energy+forces, compile {row['md_compile_s']:.1f} s",
@@ -257,10 +294,11 @@ def table(result: dict) -> str:
     by = {(r["potential"], r["n"]): r for r in rows}
     env = result["environment"]
     lines = [f"{env['backend']} ({env['device']}), {env['dtype']}, jax {env['jax']}, jax-md {env['jax_md']}, "
-             f"flax {env['flax']}; `{env['command']}`", "",
+             f"flax {env['flax']}; measured matmul rate {env['matmul_flop_per_s'] / 1e9:.4g} GFLOP/s; "
+             f"`{env['command']}`", "",
              "| potential | params | N | K (Sparse: edges) | atom-steps/s | time/day | us/atom-step | x LJ | x A2I "
-             "| E+F us/atom | compile MD s | planned MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| E+F us/atom | E+F MFLOP/atom | of matmul rate | compile MD s | planned MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     def ratio(r: dict, base: str) -> str:
         other = by.get((base, r["n"]))
         return "" if other is None else f"{r['us_per_atom_step'] / other['us_per_atom_step']:.3g}"
@@ -269,7 +307,9 @@ def table(result: dict) -> str:
         planned = "" if r["md_planned_mib"] is None else f"{r['md_planned_mib']:.0f}"
         lines.append(f"| {r['potential']} | {r['parameters']:,} | {r['n']:,} | {r['neighbors']} | "
                      f"{r['atom_steps_per_s']:.4g} | {r['time_per_day']:.3g} | {r['us_per_atom_step']:.3g} | "
-                     f"{ratio(r, 'lj')} | {ratio(r, 'a2i')} | {r['force_us_per_atom']:.3g} | {r['md_compile_s']:.1f} | "
+                     f"{ratio(r, 'lj')} | {ratio(r, 'a2i')} | {r['force_us_per_atom']:.3g} | "
+                     f"{r['force_flop_per_atom'] / 1e6:.3g} | {100 * r['force_fraction_of_matmul']:.2g}% | "
+                     f"{r['md_compile_s']:.1f} | "
                      f"{planned} |")
     for s in result["skipped"]:
         lines.append(f"\nskipped: {s['potential']} N {s['n']}: {s['reason']}")

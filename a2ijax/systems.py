@@ -143,14 +143,19 @@ def _stillinger_weber(displacement_fn, box, species=None, **nl_kwargs):
         j = jnp.where(mask, neighbor.idx, 0)
         dR = jax.vmap(jax.vmap(lambda Rj, Ri: displacement_fn(Rj, Ri, **kwargs), (0, None)))(R[j], R)
         r2 = jnp.sum(dR * dR, -1)
-        inside = mask & (r2 < cutoff**2)
-        r = jnp.sqrt(jnp.where(inside, r2, (0.5 * cutoff) ** 2))  # [N, K], safe where unused
+        near = mask & (r2 < cutoff**2)
+        r = jnp.sqrt(jnp.where(near, r2, (0.5 * cutoff) ** 2))  # [N, K], safe where unused
+        # In float32, sqrt can round r2 < cutoff^2 up to r == cutoff: sigma / 0 would then make the
+        # force 0 * inf = NaN. Such a pair contributes exactly 0, so it is left out, and the gap
+        # r - cutoff is replaced by a harmless -1 wherever it is not used.
+        inside = near & (r < cutoff)
+        gap = jnp.where(inside, r - cutoff, -1.0)
         # Two-body: A eps (B (sigma/r)^p - (sigma/r)^q) exp(sigma / (r - a sigma)), halved per atom.
-        decay = jnp.exp(sigma / (r - cutoff))
+        decay = jnp.exp(sigma / gap)
         pair = sw["A"] * sw["epsilon"] * (sw["B"] * (sigma / r) ** sw["p"] - (sigma / r) ** sw["q"]) * decay
         two_body = 0.5 * jnp.sum(jnp.where(inside, pair, 0.0), -1)  # [N]
         # Three-body on central atom i: lambda eps sum_{j<k} g_j g_k (cos_jik - cos0)^2.
-        g = jnp.where(inside, jnp.exp(sw["gamma"] * sigma / (r - cutoff)), 0.0)  # [N, K]
+        g = jnp.where(inside, jnp.exp(sw["gamma"] * sigma / gap), 0.0)  # [N, K]
         unit = dR / r[..., None]
         cos = jnp.einsum("nkd,nld->nkl", unit, unit)  # [N, K, K]
         off_diagonal = 1.0 - jnp.eye(cos.shape[-1], dtype=cos.dtype)

@@ -28,6 +28,7 @@ import json
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax_md import space
@@ -91,9 +92,11 @@ def check(workdir: Path, args: argparse.Namespace) -> dict:
                   "reference": reference_potential(system, box, species, args.skin, **nl)}
     common = dict(dt=system.dt, kT=point.kT, mass=system.mass, thermo_every=args.thermo_every,
                   progress=not args.quiet)
+    parameters = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(checkpoint.params)))
     result = dict(system=system.name, state_point=point.name, kT=point.kT, dt=system.dt, atoms=len(atoms),
-                  time_unit=system.units, parameters=checkpoint.meta.get("parameters"),
-                  checkpoint=str(workdir), nve={}, nvt={})
+                  time_unit=system.units, parameters=parameters,
+                  checkpoint=str(workdir), training_closest_pair=checkpoint.meta["statistics"].get("min_distance"),
+                  nve={}, nvt={})
     r_max = min(0.5 * float(np.min(np.diag(np.asarray(box)))), args.r_max)
     rdfs = {}
     runs = [("model", args.seed), ("reference", args.seed), ("reference_seed2", args.seed + 1)]
@@ -161,9 +164,9 @@ def plot_rdf(path: Path, r: np.ndarray, rdfs: dict, pair_name, title: str) -> No
 
 def table(results: list[dict]) -> str:
     lines = ["| system | state point | atoms | steps x dt | model: finite / drift / max dE | reference: drift / max dE "
-             "| model / reference T | RDF mean abs diff (model vs ref) | noise floor (ref vs ref) "
-             "| atom-steps/s model / ref |",
-             "|---|---|---:|---|---|---|---|---|---|---|"]
+             "| model / reference T | closest pair model / ref (training) | RDF mean abs diff (model vs ref) "
+             "| noise floor (ref vs ref) | atom-steps/s model / ref |",
+             "|---|---|---:|---|---|---|---|---|---|---|---|"]
     for res in results:
         m, ref = res["nve"]["model"], res["nve"]["reference"]
         rdf = ", ".join(f"{k} {v:.4f}" for k, v in res["rdf_difference"].items())
@@ -172,8 +175,9 @@ def table(results: list[dict]) -> str:
                      f"{'yes' if m['finite'] else 'NO'} / {m['drift_per_atom_per_time']:.2e} / "
                      f"{m['max_excursion_per_atom']:.2e} | {ref['drift_per_atom_per_time']:.2e} / "
                      f"{ref['max_excursion_per_atom']:.2e} | {m['temperature_mean']:.4g} / "
-                     f"{ref['temperature_mean']:.4g} | "
-                     f"{rdf} | {floor} | {m['atom_steps_per_s']:.3g} / {ref['atom_steps_per_s']:.3g} |")
+                     f"{ref['temperature_mean']:.4g} | {m['closest_pair']:.3g} / {ref['closest_pair']:.3g} "
+                     f"({res['training_closest_pair'] or float('nan'):.3g}) | {rdf} | {floor} | "
+                     f"{m['atom_steps_per_s']:.3g} / {ref['atom_steps_per_s']:.3g} |")
     return "\n".join(lines)
 
 

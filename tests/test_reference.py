@@ -223,3 +223,33 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's private 0600
+
+
+def test_stillinger_weber_forces_finite_where_float32_rounds_onto_the_cutoff():
+    """A pair with r^2 < cutoff^2 whose float32 square root is exactly the cutoff once made the
+    force 0 * inf = NaN (seen after 617 NVE steps of the 900 K crystal); it contributes nothing."""
+    import jax.numpy as jnp
+    from jax_md import space
+
+    system = get_system("sw")
+    c, c2 = np.float32(system.cutoff), np.float32(system.cutoff**2)
+    x = c
+    for _ in range(64):  # float32 distances from the cutoff down
+        r2 = np.float32(x * x)
+        if r2 < c2 and np.sqrt(r2) == c:
+            break
+        x = np.nextafter(x, np.float32(0))
+    else:
+        pytest.skip("no float32 distance rounds onto this cutoff")
+    # Three atoms: the critical pair 0-1 along x and a third atom bonded to 0 (three-body terms);
+    # free space, so that the displacement is x exactly.
+    R = jnp.asarray([[0.0, 0.0, 0.0], [x, 0.0, 0.0], [0.0, 2.35, 0.0]], jnp.float32)
+    displacement, _ = space.free()
+    assert float(jnp.sum(displacement(R[1], R[0]) ** 2)) == r2  # the pair really is at that r^2
+    neighbor_fn, energy_fn = system.neighbor_list(displacement, 20.0)
+    nbrs = neighbor_fn.allocate(R)
+    energy, grad = jax.value_and_grad(lambda R: energy_fn(R, nbrs))(R)
+    assert np.isfinite(float(energy)) and np.all(np.isfinite(np.asarray(grad)))
+    # The pair at the cutoff adds nothing: the same energy with atom 1 moved far away.
+    far = R.at[1].set(jnp.asarray([15.0, 15.0, 15.0], jnp.float32))
+    np.testing.assert_allclose(float(energy_fn(far, neighbor_fn.allocate(far))), float(energy), rtol=1e-6)
