@@ -181,8 +181,7 @@ def measure(name: str, n: int, *, skin: float = 0.3, chunk: int = 50, chunks: in
     row["force_flop_per_atom"] = force_flops(name, n, skin, seed) / n
 
     def md_chunk(params, state, neighbor):
-        init, apply = simulate.nve(lambda R, neighbor: pot.energy(params, R, neighbor), shift, DT)
-        del init
+        _, apply = simulate.nve(lambda R, neighbor: pot.energy(params, R, neighbor), shift, DT)
 
         def step(carry, _):
             state, neighbor = carry
