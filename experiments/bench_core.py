@@ -31,14 +31,7 @@ import jax
 from jax_md import energy, space
 
 from a2ijax import A2IConfig, a2i_neighbor_list
-from a2ijax.systems import lattice_positions
-
-DENSITY = 0.84
-
-
-def liquid(n: int, seed: int = 0):
-    box = (n / DENSITY) ** (1 / 3)
-    return lattice_positions(n, box, jitter=0.1, seed=seed), box
+from a2ijax.bench import DENSITY, liquid
 
 
 def energy_and_forces_a2i(n: int, config: A2IConfig, dr_threshold: float):
