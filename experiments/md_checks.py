@@ -92,7 +92,10 @@ def check(workdir: Path, args: argparse.Namespace) -> dict:
                   "reference": reference_potential(system, box, species, args.skin, **nl)}
     common = dict(dt=system.dt, kT=point.kT, mass=system.mass, thermo_every=args.thermo_every,
                   progress=not args.quiet)
-    parameters = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(checkpoint.params)))
+    leaves = jax.tree_util.tree_leaves(checkpoint.params)
+    parameters = int(sum(np.size(x) for x in leaves))
+    # Which model a saved model run belongs to: a retrained checkpoint must not reuse old runs.
+    fingerprint = f"{checkpoint.path}@{checkpoint.step}:{sum(float(np.abs(np.asarray(x)).sum()) for x in leaves):.9g}"
     result = dict(system=system.name, state_point=point.name, kT=point.kT, dt=system.dt, atoms=len(atoms),
                   time_unit=system.units, parameters=parameters,
                   checkpoint=str(workdir), training_closest_pair=checkpoint.meta["statistics"].get("min_distance"),
@@ -104,7 +107,8 @@ def check(workdir: Path, args: argparse.Namespace) -> dict:
         neighbor_fn, energy_fn, displacement, shift = potentials[label.split("_")[0]]
         settings = dict(seed=seed, steps=args.steps, nvt_equilibrate=args.nvt_equilibrate, nvt_steps=args.nvt_steps,
                         rdf_every=args.rdf_every, thermo_every=args.thermo_every, equilibrate=args.equilibrate,
-                        capacity_multiplier=args.capacity_multiplier, skin=args.skin, state_point=point.name)
+                        capacity_multiplier=args.capacity_multiplier, skin=args.skin, state_point=point.name,
+                        model=fingerprint if label == "model" else None)
         if label != "reference_seed2":
             run_dir = out / f"{label}_nve"
             summary = finished(run_dir, settings)
