@@ -38,7 +38,7 @@ if ! "$PYTHON" -c "import jax_md" 2>/dev/null; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-# Compile once per shape, keep XLA's GPU memory growth on so peak figures mean what was used.
+# No preallocation of GPU memory: the device's peak bytes then mean what the runs used.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 
 "$PYTHON" - <<'EOF'
