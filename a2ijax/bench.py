@@ -150,6 +150,31 @@ def _planned_bytes(compiled: Any) -> int | None:
     return int(memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes)
 
 
+def _flops(compiled: Any) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def _median_seconds(call: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``call()`` over ``repeats`` calls after one warm-up call."""
+    jax.block_until_ready(call())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _energy_and_forces(energy_fn: Callable) -> Callable:
+    def fn(params, R, neighbor):
+        e, g = jax.value_and_grad(energy_fn, argnums=1)(params, R, neighbor)
+        return e, -g
+
+    return fn
+
+
 def _device_peak() -> int | None:
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
@@ -165,20 +190,12 @@ def measure(name: str, n: int, *, skin: float = 0.3, chunk: int = 50, chunks: in
     row = dict(potential=name, n=n, parameters=pot.parameters, neighbors=int(nbrs.idx.shape[-1]),
                neighbor_format=str(nbrs.format.name))
 
-    def energy_and_forces(params, R, neighbor):
-        e, g = jax.value_and_grad(pot.energy, argnums=1)(params, R, neighbor)
-        return e, -g
-
-    compiled, row["force_compile_s"] = _compile(energy_and_forces, pot.params, R, nbrs)
-    jax.block_until_ready(compiled(pot.params, R, nbrs))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(pot.params, R, nbrs))
-        times.append(time.perf_counter() - t0)
-    row["force_s"] = statistics.median(times)
+    compiled, row["force_compile_s"] = _compile(_energy_and_forces(pot.energy), pot.params, R, nbrs)
+    row["force_s"] = _median_seconds(lambda: compiled(pot.params, R, nbrs), repeats)
     row["force_us_per_atom"] = 1e6 * row["force_s"] / n
-    row["force_flop_per_atom"] = force_flops(name, n, skin, seed) / n
+    # XLA counts a loop body once: a chunked A2I is costed as the same model compiled unchunked.
+    chunked = name in A2I_VARIANTS and A2I_VARIANTS[name].atom_chunk > 0
+    row["force_flop_per_atom"] = (unchunked_flops(name, n, skin, seed) if chunked else _flops(compiled)) / n
 
     def md_chunk(params, state, neighbor):
         _, apply = simulate.nve(lambda R, neighbor: pot.energy(params, R, neighbor), shift, DT)
@@ -194,7 +211,8 @@ def measure(name: str, n: int, *, skin: float = 0.3, chunk: int = 50, chunks: in
     init, _ = simulate.nve(lambda R, neighbor: pot.energy(pot.params, R, neighbor), shift, DT)
     state = init(jax.random.PRNGKey(seed + 1), R, kT=KT, neighbor=nbrs)
     md, row["md_compile_s"] = _compile(md_chunk, pot.params, state, nbrs, donate=(1, 2))
-    row["md_planned_mib"] = None if _planned_bytes(md) is None else _planned_bytes(md) / 2**20
+    planned = _planned_bytes(md)
+    row["md_planned_mib"] = None if planned is None else planned / 2**20
     state, nbrs = jax.block_until_ready(md(pot.params, state, nbrs))  # warm-up chunk
     if bool(nbrs.did_buffer_overflow):
         raise RuntimeError(f"{name} at N={n}: the neighbour list overflowed during the warm-up chunk")
@@ -209,35 +227,26 @@ def measure(name: str, n: int, *, skin: float = 0.3, chunk: int = 50, chunks: in
     row["atom_steps_per_s"] = n * chunk * chunks / seconds
     row["us_per_atom_step"] = 1e6 / row["atom_steps_per_s"]
     row["time_per_day"] = row["atom_steps_per_s"] / n * DT * 86400
-    row["device_peak_mib_so_far"] = None if _device_peak() is None else _device_peak() / 2**20
+    peak = _device_peak()
+    row["device_peak_mib_so_far"] = None if peak is None else peak / 2**20
     return row
 
 
-def force_flops(name: str, n: int, skin: float, seed: int = 0) -> float:
-    """XLA's count of floating-point operations in one energy+forces call (compiled, not run).
-
-    XLA counts a loop body once, so A2I is costed as the same model without atom chunking."""
+def unchunked_flops(name: str, n: int, skin: float, seed: int = 0) -> float:
+    """XLA's FLOP count of one energy+forces call of the A2I variant ``name`` without atom chunking
+    (compiled, never run)."""
     R, side = liquid(n, seed)
     displacement, _ = space.periodic(side)
     pot = build(name, displacement, side, R, skin, jax.random.PRNGKey(seed), atom_chunk=0)
-    nbrs = pot.neighbor_fn.allocate(R)
-    cost = jax.jit(lambda p, R, nb: jax.value_and_grad(pot.energy, argnums=1)(p, R, nb)).lower(
-        pot.params, R, nbrs).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost.get("flops", float("nan")))
+    compiled, _ = _compile(_energy_and_forces(pot.energy), pot.params, R, pot.neighbor_fn.allocate(R))
+    return _flops(compiled)
 
 
 def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
     """This device's measured float matmul rate (FLOP/s): the median of ``repeats`` square products."""
     a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.result_type(float))
     dot = jax.jit(lambda a: a @ a)
-    jax.block_until_ready(dot(a))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(dot(a))
-        times.append(time.perf_counter() - t0)
-    return 2 * size**3 / statistics.median(times)
+    return 2 * size**3 / _median_seconds(lambda: dot(a), repeats)
 
 
 def environment(argv: Sequence[str]) -> dict:
