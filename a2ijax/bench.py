@@ -350,10 +350,10 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write(result: dict, out: Path) -> None:
+    from a2ijax.data import atomic_write
+
     for name, text in (("bench.json", json.dumps(result, indent=1)), ("bench.md", table(result) + "\n")):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out / name)
+        atomic_write(out / name, lambda f, text=text: f.write(text))
     if result["rows"]:
         plot(result, out / "bench.png")
 

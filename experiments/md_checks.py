@@ -34,7 +34,7 @@ import numpy as np
 from jax_md import space
 
 from a2ijax import md
-from a2ijax.data import SamplingConfig, sample_state_point
+from a2ijax.data import SamplingConfig, atomic_write, sample_state_point
 from a2ijax.systems import get_system
 from a2ijax.train import load_checkpoint
 
@@ -69,9 +69,8 @@ def finished(run_dir: Path, settings: dict) -> dict | None:
 
 
 def record(run_dir: Path, settings: dict, summary: dict) -> None:
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(dict(settings=settings, summary=summary)))
-    tmp.replace(run_dir / "summary.json")  # atomic: a summary is either complete or absent
+    """A summary is either complete or absent (an interrupted write leaves none)."""
+    atomic_write(run_dir / "summary.json", lambda f: json.dump(dict(settings=settings, summary=summary), f))
 
 
 def check(workdir: Path, args: argparse.Namespace) -> dict:
@@ -219,9 +218,9 @@ def main() -> None:
         t0 = time.perf_counter()
         results.append(check(workdir, args))
         results[-1]["wall_seconds"] = time.perf_counter() - t0
-        (args.out / "md_checks.json").write_text(json.dumps(results, indent=1))
+        atomic_write(args.out / "md_checks.json", lambda f: json.dump(results, f, indent=1))
     text = table(results)
-    (args.out / "md_checks.md").write_text(text + "\n")
+    atomic_write(args.out / "md_checks.md", lambda f: f.write(text + "\n"))
     print(text)
 
 
