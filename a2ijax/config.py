@@ -81,6 +81,10 @@ class TrainConfig:
       size_buckets: frames are padded to at most this many distinct atom counts (one compilation each).
       rotation_augmentation: rotate each frame (positions, forces, cell) at random every step.
         ``"auto"``: on for the ``coordinates`` featurisation, off for ``invariant``.
+      core_repulsion: give the model a core repulsion below the closest approach of each species pair
+        in the training data (see ``a2ijax.train.with_core_repulsion``), unless ``[model] core_radii``
+        are set. It is zero on every training pair, so the fit is unchanged; it stops MD from
+        collapsing pairs into distances the data never shows.
       eval_every: evaluate on the validation split (with the EMA parameters) every this many steps.
       checkpoint_every: write a periodic checkpoint every this many steps.
       eval_frames: validation frames used at each evaluation (0: all).
@@ -101,6 +105,7 @@ class TrainConfig:
     ema_decay: float = 0.99
     size_buckets: int = 4
     rotation_augmentation: str = "auto"
+    core_repulsion: bool = True
     eval_every: int = 100
     checkpoint_every: int = 500
     eval_frames: int = 0

@@ -20,6 +20,12 @@ key in the softmax, ``w_jk = c_k exp(s_jk) / (exp(s_sink) + sum_k c_k exp(s_jk))
 in the pooling. A neighbour at the cutoff has no influence, so energies and forces stay continuous
 as atoms cross it. The learned sink logit keeps the denominator away from zero.
 
+Core repulsion (optional, ``core_radii``): a fixed pair wall that is exactly zero, with its first two
+derivatives, at and beyond a radius per species pair, and grows like ``(r_ab / d)^12`` below it. The
+trainer sets the radii to the closest approach of each species pair in the training data, so the
+wall never touches a training pair and the fit is unchanged; in MD it keeps atoms out of the short
+distances that no training frame shows, where a learned potential is free to be attractive.
+
 This module knows only jax and flax; the jax-md glue lives in ``a2ijax.potential``.
 """
 
@@ -67,6 +73,9 @@ class A2IConfig:
         do not depend on it (up to float rounding). 0 evaluates all atoms at once. On a CPU small
         chunks are also the fastest (their ``[chunk, H, K, K]`` attention stays in cache: 1.4x at
         N = 1,000, see BUILD_NOTES.md); on a GPU use thousands, or 0, to fill the device.
+      core_radii: radii ``r_ab`` of the core repulsion, the ``n_species x n_species`` symmetric matrix
+        flattened row by row; empty: no core repulsion. See :func:`core_repulsion`.
+      core_energy: energy scale ``E_0`` of the core repulsion (energy unit of the data).
       dtype: compute dtype (``None``: promote from the inputs and parameters), e.g. ``"bfloat16"``.
       param_dtype: dtype of the parameters, e.g. ``"float32"`` or ``"float64"``.
     """
@@ -84,6 +93,8 @@ class A2IConfig:
     featurization: str = "invariant"
     avg_neighbors: float = 32.0
     atom_chunk: int = 32
+    core_radii: tuple[float, ...] = ()
+    core_energy: float = 0.0
     dtype: str | None = None
     param_dtype: str = "float32"
 
@@ -106,6 +117,14 @@ class A2IConfig:
              f"envelope_exponent must be an int >= 2, got {self.envelope_exponent!r}")
         need(self.featurization in FEATURIZATIONS,
              f"featurization must be one of {FEATURIZATIONS}, got {self.featurization!r}")
+        if self.core_radii:
+            s = self.n_species
+            need(len(self.core_radii) == s * s,
+                 f"core_radii must hold n_species**2 = {s * s} radii (the matrix row by row), got {len(self.core_radii)}")
+            need(all(float(r) > 0 for r in self.core_radii), f"core_radii must be positive, got {self.core_radii!r}")
+            need(all(self.core_radii[a * s + b] == self.core_radii[b * s + a] for a in range(s) for b in range(s)),
+                 f"core_radii must be a symmetric matrix, got {self.core_radii!r}")
+        need(float(self.core_energy) >= 0, f"core_energy must be >= 0, got {self.core_energy!r}")
         need(float(self.avg_neighbors) > 0, f"avg_neighbors must be positive, got {self.avg_neighbors!r}")
         for name in ("dtype", "param_dtype"):
             value = getattr(self, name)
@@ -139,6 +158,22 @@ def envelope(x: Array, kind: str = "polynomial", p: int = 6) -> Array:
     else:
         raise ValueError(f"unknown envelope {kind!r}; expected one of {ENVELOPES}")
     return jnp.where(inside, c, 0.0)
+
+
+CORE_EXPONENT = 12
+
+
+def core_repulsion(x: Array, p: int = CORE_EXPONENT) -> Array:
+    """Wall ``x^-p`` minus its second-order Taylor polynomial at ``x = 1``, for ``x = d / r_ab < 1``; 0 beyond.
+
+    Value, first and second derivative vanish at ``x = 1`` (the Taylor remainder of a convex,
+    decreasing function), so the wall switches on smoothly; it is positive and decreasing below 1
+    and diverges like ``x^-p`` at 0.
+    """
+    inside = x < 1.0
+    x = jnp.where(inside, x, 1.0)  # keep the unused branch finite for gradients
+    t = x - 1.0
+    return jnp.where(inside, x ** -p - 1.0 + p * t - 0.5 * p * (p + 1) * t * t, 0.0)
 
 
 def bessel_basis(x: Array, n: int) -> Array:
@@ -270,7 +305,13 @@ class A2ITransformer(nn.Module):
 
         scale = self.param("energy_scale", nn.initializers.ones, (cfg.n_species,), cfg.param_dtype)
         shift = self.param("energy_shift", nn.initializers.zeros, (cfg.n_species,), cfg.param_dtype)
-        return _lookup(scale, species_center) * y + _lookup(shift, species_center)
+        energy = _lookup(scale, species_center) * y + _lookup(shift, species_center)
+        if cfg.core_radii:
+            radii = jnp.asarray(cfg.core_radii, d.dtype).reshape(cfg.n_species, cfg.n_species)
+            r_ab = radii[species_center[:, None], species_neighbor]  # [n, K]; padded slots sit at 2 r_c
+            wall = jnp.where(pair_mask, core_repulsion(d / r_ab), 0.0)
+            energy = energy + 0.5 * cfg.core_energy * jnp.sum(wall, -1).astype(energy.dtype)  # half of each pair
+        return energy
 
 
 def per_atom_energies(

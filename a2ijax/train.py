@@ -203,10 +203,29 @@ def training_statistics(dataset: Dataset, train: np.ndarray, n_species: int) -> 
     residual = np.asarray([(dataset.energy[i] - shift[dataset.species[i]].sum()) / len(dataset.species[i])
                            for i in train])
     forces = np.concatenate([dataset.forces[i].ravel() for i in train])
-    closest = min(float(pair_distances(dataset.positions[i], dataset.cells[i], dataset.pbc[i]).min()) for i in train)
+    pair_closest = np.full((n_species, n_species), np.inf)
+    for i in train:
+        d, s = pair_distances(dataset.positions[i], dataset.cells[i], dataset.pbc[i]), dataset.species[i]
+        np.minimum.at(pair_closest, (s[:, None], s[None, :]), d)
+    closest = float(pair_closest.min())
     return dict(energy_shift=shift.tolist(), energy_var=float(max(np.var(residual), 1e-12)),
                 force_var=float(max(np.mean(forces**2), 1e-12)), min_distance=closest,
+                pair_min_distance=np.where(np.isfinite(pair_closest), pair_closest, closest).tolist(),
                 fluctuations=fluctuations(dataset))
+
+
+def with_core_repulsion(config: ExperimentConfig, statistics: dict[str, Any]) -> ExperimentConfig:
+    """``config`` with the model's core repulsion set from the training data (``[train] core_repulsion``):
+    radii = the closest approach of each species pair (pairs that never meet: the closest of any), so
+    no training pair feels the wall; energy scale = force RMS x smallest radius. A config that already
+    names ``core_radii`` keeps them."""
+    model = config.model
+    if not config.train.core_repulsion or model.core_radii:
+        return config
+    radii = np.asarray(statistics["pair_min_distance"], np.float64)
+    core_energy = math.sqrt(statistics["force_var"]) * float(radii.min())
+    model = dataclasses.replace(model, core_radii=tuple(float(r) for r in radii.ravel()), core_energy=core_energy)
+    return dataclasses.replace(config, model=model)
 
 
 def prepare(dataset: Dataset, config: ExperimentConfig, statistics: dict[str, Any] | None = None,
@@ -688,6 +707,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume:
     data = prepare(dataset, config)
     if not len(data.splits["valid"]):
         raise ValueError(f"{dataset.path}: no validation frames")
+    config = with_core_repulsion(config, data.statistics)
     init_fn, energy_fn = a2i_builder(config.model)
     meta = dict(config=config.to_dict(), symbols=list(dataset.symbols), statistics=data.statistics,
                 capacity=data.capacity, buckets=data.buckets.tolist(), data_path=str(dataset.path),

@@ -41,11 +41,18 @@ def x64():
     jax.config.update("jax_enable_x64", previous)
 
 
+# Core-repulsion radii per species pair (symmetric, all different): the jittered test systems have
+# pairs on both sides of them, so every invariance test also checks the wall.
+CORE_RADII = (0.95, 0.85, 1.0,
+              0.85, 1.05, 0.9,
+              1.0, 0.9, 0.8)
+
+
 def small_config(featurization: str = "invariant", *, x64: bool = True, **overrides) -> A2IConfig:
-    """A small model for tests: two blocks, width 16, three species."""
+    """A small model for tests: two blocks, width 16, three species, a core repulsion."""
     values = dict(cutoff=CUTOFF, n_species=N_SPECIES, width=16, heads=2, layers=2, n_radial=6,
                   angular_order=2, avg_neighbors=16.0, featurization=featurization,
-                  param_dtype="float64" if x64 else "float32")
+                  core_radii=CORE_RADII, core_energy=0.02, param_dtype="float64" if x64 else "float32")
     values.update(overrides)
     return A2IConfig(**values)
 

@@ -114,6 +114,14 @@ def test_config_errors_name_the_field():
         A2IConfig(cutoff=0.0)
     with pytest.raises(ValueError, match="param_dtype must name a floating dtype"):
         A2IConfig(param_dtype="int32")
+    with pytest.raises(ValueError, match=r"core_radii must hold n_species\*\*2 = 4 radii"):
+        A2IConfig(n_species=2, core_radii=(0.8, 0.7, 0.7))
+    with pytest.raises(ValueError, match="core_radii must be a symmetric matrix"):
+        A2IConfig(n_species=2, core_radii=(0.8, 0.7, 0.6, 0.9))
+    with pytest.raises(ValueError, match="core_radii must be positive"):
+        A2IConfig(core_radii=(0.0,))
+    with pytest.raises(ValueError, match="core_energy must be >= 0"):
+        A2IConfig(core_radii=(0.9,), core_energy=-1.0)
     with pytest.raises(ValueError, match=r"unknown keys \['widht'\]"):
         from_dict(A2IConfig, {"widht": 32}, "model")
     with pytest.raises(ValueError, match=r"\[model\] cutoff must be float, got '2.5' \(str\)"):

@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import CUTOFF, assert_nontrivial, jittered_lattice, random_species, small_config
+from conftest import CORE_RADII, CUTOFF, N_SPECIES, assert_nontrivial, jittered_lattice, random_species, small_config
 from jax_md import quantity, space
 
 from a2ijax import a2i_neighbor_list, a2i_pair, batched_energy_and_forces, reallocate
+from a2ijax.model import core_repulsion
 from a2ijax.potential import NeighborListOverflowError
 
 FEATURIZATIONS = ["invariant", "coordinates"]
@@ -256,6 +257,40 @@ def test_energy_and_forces_continuous_through_cutoff(x64, featurization, envelop
         assert_nontrivial(F_a)
         assert abs(float(E_b - E_a)) <= 10 * abs(float(E_a - E_in)) + 1e-11
         assert float(jnp.max(jnp.abs(F_b - F_a))) <= 10 * float(jnp.max(jnp.abs(F_a - F_in))) + 1e-9
+
+
+def test_core_repulsion_switches_on_smoothly(x64):
+    """The wall and its first two derivatives vanish at x = 1 (they shrink with the distance to 1:
+    a C2 switch-on) and stay 0 beyond; below 1 it is positive and repulsive."""
+    f = core_repulsion
+    df, d2f = jax.grad(f), jax.grad(jax.grad(f))
+    c = 3 * 12 * 13 * 14  # above f'''(1) = p (p + 1) (p + 2) for p = 12: f ~ h^3, f' ~ h^2, f'' ~ h at x = 1 - h
+    for h in (1e-3, 1e-4):
+        x = 1.0 - h
+        assert 0 < float(f(x)) < c * h**3 and 0 < -float(df(x)) < c * h**2 and abs(float(d2f(x))) < c * h
+    for x in (1.0, 1.2, 3.0):
+        assert float(f(x)) == float(df(x)) == float(d2f(x)) == 0.0
+    xs = jnp.linspace(0.3, 0.99, 50)
+    assert bool(jnp.all(jax.vmap(df)(xs) < 0)) and bool(jnp.all(jnp.diff(jax.vmap(f)(xs)) < 0))
+
+
+@pytest.mark.parametrize("pair", [(0, 1), (1, 2), (2, 2)])
+def test_core_repulsion_uses_the_radius_of_each_species_pair(x64, pair):
+    """A dimer: the energy with the wall minus the energy without it is E_0 f(d / r_ab) for the pair's
+    own radius (all radii differ, so a transposed or wrong lookup fails), and 0 above it."""
+    displacement, _ = space.free()
+    species = jnp.asarray(pair)
+    config = small_config("invariant")
+    init_fn, energy_fn = pair_model(displacement, 100.0, config, species)
+    _, bare_fn = pair_model(displacement, 100.0, small_config("invariant", core_radii=()), species)
+    r_ab = CORE_RADII[pair[0] * N_SPECIES + pair[1]]
+    params = init_fn(jax.random.PRNGKey(4), jnp.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
+    for d in (0.6, 0.75, 0.84, 0.89, 0.97, 1.1):
+        R = jnp.array([[0.0, 0.0, 0.0], [d, 0.3 * d, -0.2 * d]]) / jnp.sqrt(1.13)
+        wall = energy_fn(params, R) - bare_fn(params, R)
+        np.testing.assert_allclose(wall, config.core_energy * core_repulsion(d / r_ab), rtol=1e-9, atol=1e-14)
+        if d < r_ab:
+            assert float(wall) > 0
 
 
 # 7. Locality and extensivity -------------------------------------------------------------------

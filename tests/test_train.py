@@ -14,7 +14,7 @@ from conftest import MODEL, lj_frames, tiny_config
 
 from a2ijax import cli
 from a2ijax.config import load_config
-from a2ijax.data import Dataset, read_dataset, write_dataset
+from a2ijax.data import Dataset, pair_distances, read_dataset, write_dataset
 from a2ijax.train import (
     CheckpointError,
     TrainingDivergedError,
@@ -53,7 +53,8 @@ def test_training_lowers_validation_errors_and_writes_the_report(trained):
 def test_checkpoint_alone_rebuilds_the_potential(trained, tiny_data):
     _, workdir = trained
     checkpoint = load_checkpoint(workdir)
-    assert checkpoint.config.model == MODEL and checkpoint.symbols == ("Ar",)
+    assert dataclasses.replace(checkpoint.config.model, core_radii=(), core_energy=0.0) == MODEL
+    assert checkpoint.symbols == ("Ar",)
     assert checkpoint.meta["capacity"] > 0 and "fluctuations" in checkpoint.meta["statistics"]
     # The fitted per-species shift is stored, and the parameters give finite, non-trivial forces.
     data = prepare(read_dataset(tiny_data), checkpoint.config, statistics=checkpoint.meta["statistics"])
@@ -62,6 +63,41 @@ def test_checkpoint_alone_rebuilds_the_potential(trained, tiny_data):
     energy, forces, per_atom = jax.jit(predict_fn(energy_fn))(checkpoint.params, batch)
     assert np.isfinite(np.asarray(forces)).all() and float(jnp.abs(forces).max()) > 1e-2
     assert float(energy[0]) == pytest.approx(float(per_atom[0].sum()), rel=1e-5)
+
+
+def test_core_repulsion_sits_below_every_training_pair(trained, tiny_data):
+    """The trainer puts the wall at the closest training pair: every training frame has the same
+    energy with and without it, and a pair pushed closer than any training pair feels it."""
+    _, workdir = trained
+    checkpoint = load_checkpoint(workdir)
+    dataset = read_dataset(tiny_data)
+    train = checkpoint.meta["splits"]["train"]
+    closest = min(float(pair_distances(dataset.positions[i], dataset.cells[i], dataset.pbc[i]).min()) for i in train)
+    model = checkpoint.config.model
+    assert model.core_radii == (pytest.approx(closest, rel=1e-12),)
+    assert model.core_energy == pytest.approx(np.sqrt(checkpoint.meta["statistics"]["force_var"]) * closest)
+    bare = dataclasses.replace(checkpoint, config=dataclasses.replace(
+        checkpoint.config, model=dataclasses.replace(model, core_radii=(), core_energy=0.0)))
+
+    def energies(frame, R):
+        out = []
+        for c in (checkpoint, bare):
+            neighbor_fn, energy_fn, _, _ = c.potential(dataset.cells[frame].T)
+            out.append(float(energy_fn(jnp.asarray(R), neighbor_fn.allocate(jnp.asarray(R)))))
+        return out
+
+    for frame in train[:3]:
+        with_wall, without = energies(frame, dataset.positions[frame])
+        assert with_wall == without
+    frame = train[0]
+    R = dataset.positions[frame].copy()
+    d = pair_distances(R, dataset.cells[frame], dataset.pbc[frame])
+    i, j = np.unravel_index(np.argmin(d), d.shape)
+    frac = (R[j] - R[i]) @ np.linalg.inv(dataset.cells[frame])
+    v = (frac - np.round(frac)) @ dataset.cells[frame]  # minimum image
+    R[j] = R[i] + v * 0.9 * closest / d[i, j]
+    with_wall, without = energies(frame, R)
+    assert with_wall - without > 0.1 * model.core_energy
 
 
 def test_resume_continues_exactly(tiny_data, tmp_path):
