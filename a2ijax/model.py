@@ -120,7 +120,8 @@ class A2IConfig:
         if self.core_radii:
             s = self.n_species
             need(len(self.core_radii) == s * s,
-                 f"core_radii must hold n_species**2 = {s * s} radii (the matrix row by row), got {len(self.core_radii)}")
+                 f"core_radii must hold n_species**2 = {s * s} radii (the matrix row by row), "
+                 f"got {len(self.core_radii)}")
             need(all(float(r) > 0 for r in self.core_radii), f"core_radii must be positive, got {self.core_radii!r}")
             need(all(self.core_radii[a * s + b] == self.core_radii[b * s + a] for a in range(s) for b in range(s)),
                  f"core_radii must be a symmetric matrix, got {self.core_radii!r}")
