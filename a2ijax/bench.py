@@ -11,8 +11,10 @@ the same skin, float32 unless ``jax_enable_x64``. For each potential and each N:
   atom-steps/s and simulated time per day at the LJ time step 0.005;
 * **work**: XLA's count of floating-point operations per atom of one energy+forces call, and the
   rate it reaches as a fraction of this device's measured matmul rate (a square float product);
-* **memory**: XLA's buffer plan of the compiled MD chunk (temporaries + arguments + outputs) and,
-  where the device reports it, the device's peak bytes in use so far in the process (it never goes down).
+* **memory**: XLA's buffer plan of the compiled MD chunk (temporaries + arguments + outputs), the
+  device's peak bytes in use where the device reports them, and the process's peak resident memory;
+  both peaks are "so far" in the process (they never go down: run one potential and ascending sizes
+  to read them per size).
 
 The potentials, all built the jax-md way (``neighbor_fn`` + an energy of ``(params, R, neighbor)``):
 ``lj`` (``jax_md.energy.lennard_jones_neighbor_list``: the floor any learned potential pays),
@@ -39,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax_md import energy, partition, simulate, space
 
+from a2ijax.baselines import DESCRIPTIONS, baseline_neighbor_list
 from a2ijax.model import A2IConfig
 from a2ijax.potential import a2i_neighbor_list
 from a2ijax.systems import lattice_positions
@@ -54,17 +57,8 @@ A2I_VARIANTS = {
     "a2i": A2IConfig(cutoff=CUTOFF, avg_neighbors=55.0),
     "a2i-large": A2IConfig(cutoff=CUTOFF, width=64, heads=4, layers=3, avg_neighbors=55.0),
 }
-#: jax-md potentials and the settings that differ from jax-md's defaults (cutoff and species only).
-BASELINES = {
-    "lj": "jax_md.energy.lennard_jones_neighbor_list(sigma=1, epsilon=1, r_cutoff=2.5)",
-    "nequip": "jax_md.energy.nequip_neighbor_list, nequip.default_config() with r_max=2.5, n_elements=1, "
-              "n_neighbors=55, shift=0, scale=1",
-    "graph_network": "jax_md.energy.graph_network_neighbor_list(r_cutoff=2.5), default mlp_sizes (64, 64), "
-                     "2 recurrences",
-    "behler_parrinello": "jax_md.energy.behler_parrinello_neighbor_list(sym_kwargs cutoff_distance=2.5, "
-                         "format=Dense: the Sparse angular terms pair every edge with every edge), default "
-                         "symmetry functions and mlp_sizes (30, 30)",
-}
+#: jax-md potentials and the settings that differ from jax-md's defaults.
+BASELINES = {"lj": "jax_md.energy.lennard_jones_neighbor_list(sigma=1, epsilon=1, r_cutoff=2.5)", **DESCRIPTIONS}
 POTENTIALS = tuple(BASELINES) + tuple(A2I_VARIANTS)
 
 
@@ -88,18 +82,6 @@ def count(params: Any) -> int:
     return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
 
 
-def _nnx_potential(neighbor_fn: partition.NeighborFn, energy_fn: Callable) -> Built:
-    """jax-md's NNX models (Behler-Parrinello, GraphNetwork): parameters split out of the module."""
-    from flax import nnx
-
-    graphdef, state = nnx.split(energy_fn.model)
-
-    def apply(params, R, neighbor):
-        return nnx.merge(graphdef, params)(R, neighbor)
-
-    return Built(neighbor_fn, apply, state, count(nnx.state(energy_fn.model, nnx.Param)))
-
-
 def build(name: str, displacement: Callable, side: float, R: jax.Array, skin: float, key: jax.Array,
           capacity_multiplier: float = 1.25, atom_chunk: int | None = None) -> Built:
     """The potential ``name`` (one of :data:`POTENTIALS`) in a cubic box of side ``side``
@@ -116,24 +98,11 @@ def build(name: str, displacement: Callable, side: float, R: jax.Array, skin: fl
         params = init_fn(key, R, neighbor=neighbor_fn.allocate(R))
         return Built(neighbor_fn, lambda params, R, neighbor: energy_fn(params, R, neighbor=neighbor), params,
                      count(params))
-    if name == "nequip":
-        from jax_md._nn import nequip
-
-        cfg = nequip.default_config()
-        cfg.r_max, cfg.n_elements, cfg.n_neighbors = CUTOFF, 1, 55.0
-        cfg.shift, cfg.scale = 0.0, 1.0  # jax-md takes these from a named dataset otherwise
-        atoms = jnp.ones((R.shape[0], 1), R.dtype)
-        neighbor_fn, init_fn, energy_fn = energy.nequip_neighbor_list(displacement, side, cfg, atoms=atoms, **nl)
+    if name in DESCRIPTIONS:
+        neighbor_fn, init_fn, energy_fn = baseline_neighbor_list(name, displacement, side, cutoff=CUTOFF,
+                                                                 avg_neighbors=55.0, key=key, **nl)
         params = init_fn(key, R, neighbor_fn.allocate(R))
-        return Built(neighbor_fn, lambda params, R, neighbor: energy_fn(params, R, neighbor), params, count(params))
-    if name == "graph_network":
-        neighbor_fn, energy_fn = energy.graph_network_neighbor_list(displacement, side, CUTOFF, skin, key=key,
-                                                                    capacity_multiplier=capacity_multiplier)
-        return _nnx_potential(neighbor_fn, energy_fn)
-    if name == "behler_parrinello":
-        neighbor_fn, energy_fn = energy.behler_parrinello_neighbor_list(
-            displacement, side, key=key, sym_kwargs=dict(cutoff_distance=CUTOFF), format=partition.Dense, **nl)
-        return _nnx_potential(neighbor_fn, energy_fn)
+        return Built(neighbor_fn, energy_fn, params, count(params))
     raise ValueError(f"unknown potential {name!r}; known: {POTENTIALS}")
 
 
@@ -178,6 +147,15 @@ def _energy_and_forces(energy_fn: Callable) -> Callable:
 def _device_peak() -> int | None:
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
+
+
+def _host_peak_mib() -> float | None:
+    """This process's peak resident memory so far (Linux ``VmHWM``; None elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
 
 
 def measure(name: str, n: int, *, skin: float = 0.3, chunk: int = 50, chunks: int = 3, repeats: int = 5,
@@ -229,6 +207,7 @@ def measure(name: str, n: int, *, skin: float = 0.3, chunk: int = 50, chunks: in
     row["time_per_day"] = row["atom_steps_per_s"] / n * DT * 86400
     peak = _device_peak()
     row["device_peak_mib_so_far"] = None if peak is None else peak / 2**20
+    row["host_peak_rss_mib_so_far"] = _host_peak_mib()
     return row
 
 

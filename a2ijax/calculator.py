@@ -75,6 +75,7 @@ class A2ICalculator(Calculator):
     def __init__(self, checkpoint: Checkpoint | str | Path, **kwargs):
         super().__init__(**kwargs)
         self.checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+        self.checkpoint.require_a2i("A2ICalculator")
         self.cutoff = self.checkpoint.config.model.cutoff
         _, energy_fn = a2i_builder(self.checkpoint.config.model)
 

@@ -8,7 +8,7 @@
 ``a2ijax demo`` builds the default A2I potential on a Lennard-Jones liquid (embedded, nothing to
 download), checks it against its own all-pairs path and ``-grad E``, and runs jit-compiled NVE with
 a neighbour list, reporting energy conservation. The weights are untrained: the demo shows the
-machinery, not a fitted model. Speed against baselines is measured by ``experiments/bench_core.py``.
+machinery, not a fitted model. Speed against baselines is measured by ``a2ijax bench``.
 """
 
 from __future__ import annotations

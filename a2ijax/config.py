@@ -11,6 +11,11 @@ A training run is described by one TOML file with three tables, each a frozen da
     [train]           # TrainConfig: loss, optimiser, schedule, checkpoints
     steps = 3000
 
+and, to fit one of jax-md's own potentials with the same trainer instead of A2I, a fourth::
+
+    [baseline]        # BaselineConfig
+    name = "nequip"   # or "graph_network", "behler_parrinello"
+
 Every key is checked: an unknown key or a value of the wrong type is an error that names the table,
 the key and the expected type. Paths are relative to the working directory.
 """
@@ -24,6 +29,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from a2ijax.baselines import BASELINES
 from a2ijax.model import A2IConfig
 
 T = TypeVar("T")
@@ -138,12 +144,31 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class BaselineConfig:
+    """Fit one of jax-md's own potentials (``a2ijax.baselines``) instead of A2I, for comparisons.
+
+    Attributes:
+      name: empty for A2I (the default), else one of ``a2ijax.baselines.BASELINES``. The baseline
+        takes ``cutoff``, ``n_species`` and ``avg_neighbors`` from ``[model]`` (the other ``[model]``
+        keys are A2I's and unused) and keeps jax-md's default sizes. It gives no per-atom energies
+        and cannot pad atoms: every frame must have the same atoms.
+    """
+
+    name: str = ""
+
+    def __post_init__(self):
+        if self.name and self.name not in BASELINES:
+            raise ValueError(f"[baseline] name must be one of {BASELINES} (or empty for A2I), got {self.name!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    """One training run: data, model and training settings."""
+    """One training run: data, model and training settings (and which potential, A2I by default)."""
 
     data: DataConfig
     model: A2IConfig
     train: TrainConfig
+    baseline: BaselineConfig = BaselineConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,7 +176,8 @@ class ExperimentConfig:
     def rotate(self) -> bool:
         """Whether training rotates frames at random (see ``TrainConfig.rotation_augmentation``)."""
         choice = self.train.rotation_augmentation
-        return choice == "on" or (choice == "auto" and self.model.featurization == "coordinates")
+        return choice == "on" or (choice == "auto" and not self.baseline.name
+                                  and self.model.featurization == "coordinates")
 
 
 def _matches(value: Any, annotation: Any) -> bool:
@@ -193,13 +219,14 @@ def from_dict(cls: type[T], values: dict[str, Any], table: str = "") -> T:
 
 
 def experiment_from_dict(values: dict[str, Any]) -> ExperimentConfig:
-    """An :class:`ExperimentConfig` from nested tables ``data``, ``model`` and ``train``."""
-    unknown = sorted(set(values) - {"data", "model", "train"})
+    """An :class:`ExperimentConfig` from nested tables ``data``, ``model``, ``train`` and ``baseline``."""
+    unknown = sorted(set(values) - {"data", "model", "train", "baseline"})
     if unknown:
-        raise ValueError(f"unknown tables {unknown}; a config has [data], [model] and [train]")
+        raise ValueError(f"unknown tables {unknown}; a config has [data], [model], [train] and optionally [baseline]")
     return ExperimentConfig(data=from_dict(DataConfig, values.get("data", {}), "data"),
                             model=from_dict(A2IConfig, values.get("model", {}), "model"),
-                            train=from_dict(TrainConfig, values.get("train", {}), "train"))
+                            train=from_dict(TrainConfig, values.get("train", {}), "train"),
+                            baseline=from_dict(BaselineConfig, values.get("baseline", {}), "baseline"))
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

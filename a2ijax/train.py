@@ -38,6 +38,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax_md import space
 
+from a2ijax.baselines import baseline_neighbor_list
 from a2ijax.config import ExperimentConfig, experiment_from_dict
 from a2ijax.data import (
     Dataset,
@@ -220,7 +221,7 @@ def with_core_repulsion(config: ExperimentConfig, statistics: dict[str, Any]) ->
     no training pair feels the wall; energy scale = force RMS x smallest radius. A config that already
     names ``core_radii`` keeps them."""
     model = config.model
-    if not config.train.core_repulsion or model.core_radii:
+    if not config.train.core_repulsion or model.core_radii or config.baseline.name:
         return config
     radii = np.asarray(statistics["pair_min_distance"], np.float64)
     core_energy = math.sqrt(statistics["force_var"]) * float(radii.min())
@@ -290,18 +291,71 @@ def a2i_builder(config: A2IConfig) -> tuple[Callable, Callable]:
     return init_fn, energy_fn
 
 
-def predict_fn(energy_fn: Callable) -> Callable:
-    """``predict(params, batch) -> (E [B], F [B, N, 3], E_i [B, N])`` over a padded batch."""
+def fixed_species(dataset: Dataset, config: ExperimentConfig) -> np.ndarray | None:
+    """The species ``[N]`` shared by every frame, for a ``[baseline]`` potential (None for A2I, which
+    pads and masks atoms); a dataset whose frames differ in atoms is an error naming the first such frame."""
+    if not config.baseline.name:
+        return None
+    first = dataset.species[0]
+    for index, species in enumerate(dataset.species):
+        if len(species) != len(first) or np.any(species != first):
+            raise ValueError(f"{dataset.path}, frame {index}: jax-md's {config.baseline.name} cannot pad or mask "
+                             f"atoms, so every frame must hold the same atoms in the same order; frame 0 has "
+                             f"{len(first)} atoms, frame {index} has {len(species)} (or another species order)")
+    return first
+
+
+def potential_builder(config: ExperimentConfig, species: np.ndarray | None = None) -> tuple[Callable, Callable, bool]:
+    """``(init_fn, energy_fn, per_atom)`` of the potential that ``config`` trains: A2I, or the jax-md
+    potential named in ``[baseline]`` (``per_atom``: whether it gives per-atom energies).
+
+    A baseline is wrapped as ``E = s * E_net + sum_i shift[species_i]`` with the trainer's per-species
+    shift and a scale ``s``, as A2I carries them inside, so both start from the same fitted offsets.
+    ``species`` (``[N]``) is fixed into GraphNetwork and Behler-Parrinello when they are built.
+    """
+    name = config.baseline.name
+    if not name:
+        return (*a2i_builder(config.model), True)
+    model = config.model
+    box = jnp.eye(3) * 4.0 * model.cutoff
+    displacement, _ = space.periodic_general(box, fractional_coordinates=False)
+    _, net_init, net_energy = baseline_neighbor_list(
+        name, displacement, box, cutoff=model.cutoff, species=species, n_species=model.n_species,
+        avg_neighbors=model.avg_neighbors, key=jax.random.PRNGKey(config.train.seed))
+
+    def init_fn(key, R, neighbor, species=None, box=None):
+        net = net_init(key, R, neighbor, species=species, box=box)
+        dtype = jnp.result_type(float)
+        return {"params": dict(net=net, energy_shift=jnp.zeros((model.n_species,), dtype),
+                               energy_scale=jnp.ones((1,), dtype))}
+
+    def energy_fn(params, R, neighbor, species=None, mask=None, box=None, per_atom=False):
+        del mask  # every frame has the same atoms (checked in prepare); padding frames carry zero weight
+        if per_atom:
+            raise ValueError(f"jax-md's {name} gives no per-atom energies")
+        p = params["params"]
+        species = jnp.zeros(R.shape[:1], jnp.int32) if species is None else species
+        return p["energy_scale"][0] * net_energy(p["net"], R, neighbor, species=species, box=box) + jnp.sum(
+            p["energy_shift"][species])
+
+    return init_fn, energy_fn, False
+
+
+def predict_fn(energy_fn: Callable, per_atom: bool = True) -> Callable:
+    """``predict(params, batch) -> (E [B], F [B, N, 3], E_i [B, N] or None)`` over a padded batch
+    (``per_atom=False``: for potentials without per-atom energies, ``E_i`` is None)."""
 
     def one(params, R, species, mask, idx, box):
         neighbor = fixed_neighbor_list(idx, R)
 
         def total(R):
-            per_atom = energy_fn(params, R, neighbor=neighbor, species=species, mask=mask, box=box, per_atom=True)
-            return jnp.sum(per_atom), per_atom
+            if not per_atom:
+                return energy_fn(params, R, neighbor=neighbor, species=species, mask=mask, box=box), None
+            energies = energy_fn(params, R, neighbor=neighbor, species=species, mask=mask, box=box, per_atom=True)
+            return jnp.sum(energies), energies
 
-        (energy, per_atom), grad = jax.value_and_grad(total, has_aux=True)(R)
-        return energy, -grad, per_atom
+        (energy, energies), grad = jax.value_and_grad(total, has_aux=True)(R)
+        return energy, -grad, energies
 
     def predict(params, batch):
         return jax.vmap(one, (None, 0, 0, 0, 0, 0))(params, batch["R"], batch["species"], batch["mask"],
@@ -353,10 +407,11 @@ def make_optimizer(train) -> optax.GradientTransformation:
     return optax.chain(*chain, optax.adamw(schedule, weight_decay=train.weight_decay, mask=decay_mask))
 
 
-def make_train_step(config: ExperimentConfig, energy_fn: Callable, statistics: dict[str, Any]) -> Callable:
+def make_train_step(config: ExperimentConfig, energy_fn: Callable, statistics: dict[str, Any],
+                    per_atom: bool = True) -> Callable:
     """``step(state, batch) -> (state, metrics)``: one jitted AdamW step with EMA and NaN guard."""
     train = config.train
-    predict = predict_fn(energy_fn)
+    predict = predict_fn(energy_fn, per_atom)
     optimizer = make_optimizer(train)
     rotate = config.rotate()
     stats = dict(energy_var=statistics["energy_var"], force_var=statistics["force_var"])
@@ -413,7 +468,7 @@ class Predictions:
     frames: np.ndarray
     energy: np.ndarray
     forces: list[np.ndarray]
-    per_atom: list[np.ndarray]
+    per_atom: list[np.ndarray] | None  # None: the potential gives no per-atom energies
 
 
 def predict_frames(predict: Callable, params: Any, frames: list[Frames], batch_size: int) -> Predictions:
@@ -422,16 +477,16 @@ def predict_frames(predict: Callable, params: Any, frames: list[Frames], batch_s
     for b, rows in batches_in_order(frames, batch_size):
         bucket = frames[b]
         batch = {k: jnp.asarray(v) for k, v in bucket.take(rows, batch_size).items()}
-        E, F, Ei = (np.asarray(x, np.float64) for x in predict(params, batch))
+        E, F, Ei = (None if x is None else np.asarray(x, np.float64) for x in predict(params, batch))
         for r, row in enumerate(rows):
             n = int(bucket.n_atoms[row])
             index.append(int(bucket.frame[row]))
             energy.append(E[r])
             forces.append(F[r, :n])
-            per_atom.append(Ei[r, :n])
+            per_atom.append(None if Ei is None else Ei[r, :n])
     order = np.argsort(index, kind="stable")
-    return Predictions(np.asarray(index)[order], np.asarray(energy)[order], [forces[i] for i in order],
-                       [per_atom[i] for i in order])
+    per_atom = None if any(e is None for e in per_atom) else [per_atom[i] for i in order]
+    return Predictions(np.asarray(index)[order], np.asarray(energy)[order], [forces[i] for i in order], per_atom)
 
 
 def _rmse(x: np.ndarray) -> float:
@@ -461,7 +516,7 @@ def error_report(dataset: Dataset, predictions: Predictions, fluctuation: dict[s
         row["energy_ratio"] = row["energy_rmse"] / row["energy_fluctuation"]
         row["force_ratio"] = row["force_rmse"] / row["force_std"]
         report["state_points"][name] = row
-    if dataset.per_atom_energies is not None:
+    if dataset.per_atom_energies is not None and predictions.per_atom is not None:
         exact = np.concatenate([dataset.per_atom_energies[i] for i in frames])
         model = np.concatenate(predictions.per_atom)
         report["per_atom_energy"] = dict(pearson=float(np.corrcoef(model, exact)[0, 1]), rmse=_rmse(model - exact))
@@ -573,6 +628,13 @@ class Checkpoint:
     def symbols(self) -> tuple[str, ...]:
         return tuple(self.meta["symbols"])
 
+    def require_a2i(self, what: str) -> None:
+        """Raises if this checkpoint holds a jax-md baseline: ``what`` serves A2I checkpoints only."""
+        if self.config.baseline.name:
+            raise ValueError(f"checkpoint {self.path} holds jax-md's {self.config.baseline.name}, not an A2I model; "
+                             f"{what} serves A2I checkpoints (build the baseline with "
+                             "a2ijax.baselines.baseline_neighbor_list and load its params from the checkpoint)")
+
     def potential(self, box: Any, species: Array | None = None, **nl_kwargs
                   ) -> tuple[Any, Callable[..., Array], Callable, Callable]:
         """The trained potential in a periodic ``box`` (``[3, 3]``, lattice vectors as columns; real
@@ -580,6 +642,7 @@ class Checkpoint:
 
         Parameters are cast to JAX's default float (float64 under ``jax_enable_x64``).
         """
+        self.require_a2i("Checkpoint.potential (MD)")
         box = jnp.asarray(box, jnp.result_type(float))
         displacement, shift = space.periodic_general(box, fractional_coordinates=False)
         if not np.allclose(np.asarray(box), np.diag(np.diag(np.asarray(box)))):
@@ -708,7 +771,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume:
     if not len(data.splits["valid"]):
         raise ValueError(f"{dataset.path}: no validation frames")
     config = with_core_repulsion(config, data.statistics)
-    init_fn, energy_fn = a2i_builder(config.model)
+    init_fn, energy_fn, per_atom = potential_builder(config, fixed_species(dataset, config))
     meta = dict(config=config.to_dict(), symbols=list(dataset.symbols), statistics=data.statistics,
                 capacity=data.capacity, buckets=data.buckets.tolist(), data_path=str(dataset.path),
                 units=str(dataset.info[0].get("units", "")), system=str(dataset.info[0].get("system", "")),
@@ -723,8 +786,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume:
                               "new work directory")
     else:
         metrics_path.write_text("")
-    step_fn = make_train_step(config, energy_fn, data.statistics)
-    predict = jax.jit(predict_fn(energy_fn))
+    step_fn = make_train_step(config, energy_fn, data.statistics, per_atom)
+    predict = jax.jit(predict_fn(energy_fn, per_atom))
     steps_per_epoch = sum(-(-len(b.frame) // train.batch_size) for b in data.frames["train"])
     final_weights = train.loss_weights(train.steps - 1)
     stats = dict(energy_var=data.statistics["energy_var"], force_var=data.statistics["force_var"])
@@ -783,7 +846,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume:
             bar.close()
     report = None
     if step == train.steps:
-        report = final_report(workdir, data, energy_fn, train.batch_size)
+        report = final_report(workdir, data, predict, train.batch_size)
     return TrainResult(state, report, workdir, time.perf_counter() - t_start)
 
 
@@ -810,12 +873,12 @@ def _resume(manager: ocp.CheckpointManager, state: dict, meta: dict, metrics_pat
     return restored
 
 
-def final_report(workdir: Path, data: PreparedData, energy_fn: Callable, batch_size: int) -> dict:
-    """Evaluates the best checkpoint on the test split (validation if there is none); writes
-    ``report.json``, ``report.md``, ``parity.png`` and ``learning_curve.png``."""
+def final_report(workdir: Path, data: PreparedData, predict: Callable, batch_size: int) -> dict:
+    """Evaluates the best checkpoint on the test split (validation if there is none) with ``predict``
+    (from :func:`predict_fn`); writes ``report.json``, ``report.md``, ``parity.png`` and ``learning_curve.png``."""
     checkpoint = load_checkpoint(workdir / "checkpoints" / "best")
     split = "test" if len(data.splits["test"]) else "valid"
-    predictions = predict_frames(jax.jit(predict_fn(energy_fn)), checkpoint.params, data.frames[split], batch_size)
+    predictions = predict_frames(predict, checkpoint.params, data.frames[split], batch_size)
     report = error_report(data.dataset, predictions, data.statistics["fluctuations"])
     report.update(split=split, checkpoint=str(checkpoint.path), step=checkpoint.step,
                   parameters=int(sum(np.size(p) for p in jax.tree_util.tree_leaves(checkpoint.params))))
@@ -851,8 +914,9 @@ def evaluate(checkpoint_path: str | Path, data_path: str | Path, split: str | No
         indices = np.arange(len(dataset))
     data = prepare(dataset, config, statistics=checkpoint.meta["statistics"],
                    splits=dict(train=np.zeros(0, int), valid=np.zeros(0, int), test=indices))
-    _, energy_fn = a2i_builder(config.model)
-    predictions = predict_frames(jax.jit(predict_fn(energy_fn)), checkpoint.params, data.frames["test"], batch_size)
+    _, energy_fn, per_atom = potential_builder(config, fixed_species(dataset, config))
+    predictions = predict_frames(jax.jit(predict_fn(energy_fn, per_atom)), checkpoint.params, data.frames["test"],
+                                 batch_size)
     report = error_report(dataset, predictions, fluctuations(dataset))
     report.update(split=split or "all", checkpoint=str(checkpoint.path), step=checkpoint.step)
     text = format_report(report, checkpoint.meta.get("units", ""))

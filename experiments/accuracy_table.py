@@ -1,0 +1,136 @@
+"""Speed at equal accuracy: A2I next to jax-md's NequIP, GraphNetwork and Behler-Parrinello, each
+fitted by the same trainer to the same dataset within the same wall-clock budget.
+
+    python experiments/accuracy_table.py --systems lj sw ka --budget-s 1500 --out runs/accuracy
+
+For every system and potential: the system's config ``experiments/configs/<system>.toml`` (data,
+cutoff, species, batch size, learning rate, loss weights), with ``[baseline] name`` set for the
+jax-md potentials. The budget is turned into a step count first: ``--probe`` compiled training steps
+are timed (median) and ``steps = 0.85 * budget / step time`` (the rest pays for compilation and the
+validation passes); the learning-rate schedule then spans those steps. Then ``train_and_evaluate``
+in ``<out>/<system>_<potential>`` and the test report. MD speed comes from ``a2ijax.bench`` (NVE with
+a neighbour list on the LJ liquid at N = 256, weights do not change the cost). Results go to
+``<out>/accuracy.json`` and ``accuracy.md`` after every run; finished runs are read back, not redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from a2ijax import bench
+from a2ijax.config import BaselineConfig, load_config
+from a2ijax.data import atomic_write, read_dataset
+from a2ijax.train import (
+    fixed_species,
+    init_state,
+    make_train_step,
+    potential_builder,
+    prepare,
+    train_and_evaluate,
+    with_core_repulsion,
+)
+
+POTENTIALS = ("a2i", "nequip", "graph_network", "behler_parrinello")
+
+
+def configured(system: str, potential: str):
+    config = load_config(Path("experiments/configs") / f"{system}.toml")
+    return dataclasses.replace(config, baseline=BaselineConfig("" if potential == "a2i" else potential))
+
+
+def step_seconds(config, probe: int) -> float:
+    """Median time of one compiled training step of ``config`` (after one compiling step)."""
+    dataset = read_dataset(config.data.path, config.data.symbols or None)
+    data = prepare(dataset, config)
+    config = with_core_repulsion(config, data.statistics)
+    init_fn, energy_fn, per_atom = potential_builder(config, fixed_species(dataset, config))
+    state = init_state(config, init_fn, data)
+    step = make_train_step(config, energy_fn, data.statistics, per_atom)
+    bucket = data.frames["train"][0]
+    batch = {k: jnp.asarray(v) for k, v in bucket.take(np.arange(config.train.batch_size) % len(bucket.frame),
+                                                       config.train.batch_size).items()}
+    state, _ = jax.block_until_ready(step(state, batch))
+    times = []
+    for _ in range(probe):
+        t0 = time.perf_counter()
+        state, _ = jax.block_until_ready(step(state, batch))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def fit(config, steps: int):
+    train = dataclasses.replace(config.train, steps=steps, warmup_steps=min(config.train.warmup_steps, steps // 10),
+                                eval_every=max(1, steps // 8), checkpoint_every=max(1, steps // 4))
+    return dataclasses.replace(config, train=train)
+
+
+def table(result: dict) -> str:
+    lines = [f"budget {result['budget_s']:.0f} s per run; `{result['command']}`", "",
+             "| system | potential | params | steps | s/step | train min | worst / best E ratio | "
+             "worst / best F ratio | F RMSE | MD us/atom-step (LJ N=256) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["runs"]:
+        e = [sp["energy_ratio"] for sp in r["report"]["state_points"].values()]
+        f = [sp["force_ratio"] for sp in r["report"]["state_points"].values()]
+        md = result["md"].get(r["potential"], {}).get("us_per_atom_step")
+        lines.append(f"| {r['system']} | {r['potential']} | {r['report']['parameters']:,} | {r['steps']} | "
+                     f"{r['step_s']:.3g} | {r['seconds'] / 60:.1f} | {100 * max(e):.1f}% / {100 * min(e):.1f}% | "
+                     f"{100 * max(f):.1f}% / {100 * min(f):.1f}% | {r['report']['force_rmse']:.4g} | "
+                     f"{'' if md is None else f'{md:.4g}'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--systems", nargs="+", default=["lj", "sw", "ka"])
+    parser.add_argument("--potentials", nargs="+", default=list(POTENTIALS), choices=POTENTIALS)
+    parser.add_argument("--budget-s", type=float, default=1500.0, help="wall-clock training budget per run")
+    parser.add_argument("--probe", type=int, default=5, help="training steps timed to size the run")
+    parser.add_argument("--out", type=Path, default=Path("runs/accuracy"))
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "accuracy.json"
+    result = dict(command=" ".join(["python", *sys.argv]), budget_s=args.budget_s, runs=[], md={})
+    if path.exists():
+        result["runs"] = [r for r in json.loads(path.read_text())["runs"] if r["budget_s"] == args.budget_s]
+        result["md"] = json.loads(path.read_text()).get("md", {})
+    done = {(r["system"], r["potential"]) for r in result["runs"]}
+
+    def save():
+        atomic_write(path, lambda f: json.dump(result, f, indent=1))
+        atomic_write(args.out / "accuracy.md", lambda f: f.write(table(result) + "\n"))
+
+    for system in args.systems:
+        for potential in args.potentials:
+            if (system, potential) in done:
+                continue
+            config = configured(system, potential)
+            step_s = step_seconds(config, args.probe)
+            steps = max(10, int(0.85 * args.budget_s / step_s))
+            t0 = time.perf_counter()
+            run = train_and_evaluate(fit(config, steps), args.out / f"{system}_{potential}", progress=False)
+            result["runs"].append(dict(system=system, potential=potential, budget_s=args.budget_s, step_s=step_s,
+                                       steps=steps, seconds=time.perf_counter() - t0, report=run.report))
+            print(f"{system} {potential}: {steps} steps in {result['runs'][-1]['seconds']:.0f} s, "
+                  f"F RMSE {run.report['force_rmse']:.4g}", flush=True)
+            save()
+    for potential in args.potentials:
+        if potential not in result["md"]:
+            result["md"][potential] = bench.measure(potential, 256, chunk=10, chunks=2, repeats=3)
+            save()
+    print(table(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""jax-md's own potentials in this package's builder shape, and the one trainer fitting them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import lj_frames, tiny_config
+from jax_md import energy, partition, space
+
+from a2ijax.baselines import BASELINES, baseline_neighbor_list, sparse_from_dense
+from a2ijax.config import BaselineConfig
+from a2ijax.data import write_dataset
+from a2ijax.systems import lattice_positions
+from a2ijax.train import evaluate, load_checkpoint, train_and_evaluate
+
+CUTOFF = 1.5
+
+
+def small_liquid():
+    side = (27 / 0.84) ** (1 / 3)  # 27 atoms; the box (3.18) is wider than twice the cutoff
+    return jnp.asarray(lattice_positions(27, side, jitter=0.15, seed=3)), side
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_baseline_equals_jax_md_own_energy_and_forces(x64, name):
+    """Split-out parameters (nnx models) and a Dense list converted to Sparse (NequIP) give what
+    jax-md's own energy function gives on its own neighbour list."""
+    R, side = small_liquid()
+    species = jnp.asarray(np.arange(27) % 2, jnp.int32)
+    displacement, _ = space.periodic(side)
+    key = jax.random.PRNGKey(1)
+    neighbor_fn, init_fn, energy_fn = baseline_neighbor_list(name, displacement, side, cutoff=CUTOFF, species=species,
+                                                             n_species=2, avg_neighbors=10.0, key=key)
+    params = init_fn(key, R, neighbor_fn.allocate(R))
+    if name == "nequip":
+        from jax_md._nn import nequip
+
+        cfg = nequip.default_config()
+        cfg.r_max, cfg.n_elements, cfg.n_neighbors, cfg.shift, cfg.scale = CUTOFF, 2, 10.0, 0.0, 1.0
+        own_fn, _, own = energy.nequip_neighbor_list(displacement, side, cfg)
+        dense_fn = partition.neighbor_list(displacement, side, CUTOFF, format=partition.Dense)
+        atoms = jax.nn.one_hot(species, 2)
+
+        def reference(R):
+            return own(params, R, own_fn.allocate(R), atoms=atoms)
+
+        ours = lambda R: energy_fn(params, R, dense_fn.allocate(R), species=species)  # noqa: E731
+        assert sparse_from_dense(dense_fn.allocate(R)).idx.shape[0] == 2
+    else:
+        build = (energy.graph_network_neighbor_list if name == "graph_network"
+                 else energy.behler_parrinello_neighbor_list)
+        if name == "graph_network":
+            own_fn, own = build(displacement, side, CUTOFF, 0.0, key=key, nodes=jax.nn.one_hot(species, 2),
+                                format=partition.Dense)
+        else:
+            own_fn, own = build(displacement, side, key=key, species=species, sym_kwargs=dict(cutoff_distance=CUTOFF),
+                                format=partition.Dense)
+        reference = lambda R: own(R, own_fn.allocate(R))  # noqa: E731
+        ours = lambda R: energy_fn(params, R, neighbor_fn.allocate(R))  # noqa: E731
+    e_ref, g_ref = jax.value_and_grad(reference)(R)
+    e, g = jax.value_and_grad(ours)(R)
+    assert float(jnp.max(jnp.abs(g_ref))) > 1e-6  # non-trivial forces
+    np.testing.assert_allclose(e, e_ref, rtol=1e-9)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-7, atol=1e-9 * float(jnp.max(jnp.abs(g_ref))))
+
+
+@pytest.fixture(scope="module")
+def baseline_data(tmp_path_factory):
+    frames = lj_frames(125, 14, seed=7)
+    for atoms, split in zip(frames, ["train"] * 10 + ["valid"] * 2 + ["test"] * 2, strict=True):
+        atoms.info.update(split=split, state_point="s", system="lj", units="LJ reduced")
+    path = tmp_path_factory.mktemp("baseline") / "lj.xyz"
+    write_dataset(path, frames)
+    return path
+
+
+def test_the_trainer_fits_a_jax_md_baseline(baseline_data, tmp_path):
+    """Behler-Parrinello through the same loop as A2I: validation error drops, the checkpoint
+    evaluates to the report's figures, no per-atom energies are claimed, MD refuses it clearly."""
+    config = dataclasses.replace(tiny_config(baseline_data, steps=30, eval_every=10, checkpoint_every=10,
+                                             learning_rate=1e-2), baseline=BaselineConfig("behler_parrinello"))
+    result = train_and_evaluate(config, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["valid_force_rmse"] < rows[0]["valid_force_rmse"]
+    assert "per_atom_energy" not in result.report and result.report["parameters"] > 1000
+    report, _ = evaluate(tmp_path / "run", baseline_data, split="test")
+    assert report["force_rmse"] == pytest.approx(result.report["force_rmse"], rel=1e-5)
+    checkpoint = load_checkpoint(tmp_path / "run")
+    assert checkpoint.config.baseline.name == "behler_parrinello" and checkpoint.config.model.core_radii == ()
+    with pytest.raises(ValueError, match="holds jax-md's behler_parrinello, not an A2I model"):
+        checkpoint.potential(np.eye(3) * 6.0)
+
+
+def test_baseline_needs_the_same_atoms_in_every_frame(tmp_path):
+    frames = lj_frames(125, 6, seed=0) + lj_frames(120, 2, seed=50)
+    for atoms, split in zip(frames, ["train"] * 4 + ["valid"] * 2 + ["test"] * 2, strict=True):
+        atoms.info.update(split=split)
+    path = tmp_path / "mixed.xyz"
+    write_dataset(path, frames)
+    config = dataclasses.replace(tiny_config(path), baseline=BaselineConfig("nequip"))
+    with pytest.raises(ValueError, match=r"frame 6: jax-md's nequip cannot pad or mask atoms"):
+        train_and_evaluate(config, tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match=r"\[baseline\] name must be one of"):
+        BaselineConfig("mace")
