@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from ase.md.verlet import VelocityVerlet
-from ase.optimize import BFGS
+from ase.optimize import BFGSLineSearch
 from conftest import lj_frames
 
 from a2ijax.calculator import A2ICalculator, ExtrapolationWarning
@@ -42,7 +42,8 @@ def test_ase_dynamics_and_optimizer_run_on_the_calculator(calculator, x64):
     atoms = _atoms(seed=6)
     atoms.calc = calculator
     start = atoms.get_potential_energy()
-    BFGS(atoms, logfile=None).run(fmax=1e-3, steps=5)
+    # A line search: each accepted step lowers the energy, even next to the stiff core repulsion.
+    BFGSLineSearch(atoms, logfile=None).run(fmax=1e-3, steps=5)
     assert atoms.get_potential_energy() < start
     atoms.set_momenta(np.random.default_rng(0).normal(0.0, 0.05, (len(atoms), 3)))
     total = lambda: atoms.get_potential_energy() + atoms.get_kinetic_energy()  # noqa: E731
