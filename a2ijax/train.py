@@ -330,7 +330,7 @@ def potential_builder(config: ExperimentConfig, species: np.ndarray | None = Non
                                energy_scale=jnp.ones((1,), dtype))}
 
     def energy_fn(params, R, neighbor, species=None, mask=None, box=None, per_atom=False):
-        del mask  # every frame has the same atoms (checked in prepare); padding frames carry zero weight
+        del mask  # every frame has the same atoms (fixed_species checks); padding frames carry zero weight
         if per_atom:
             raise ValueError(f"jax-md's {name} gives no per-atom energies")
         p = params["params"]
