@@ -7,7 +7,8 @@ For every system and potential: the system's config ``experiments/configs/<syste
 cutoff, species, batch size, learning rate, loss weights), with ``[baseline] name`` set for the
 jax-md potentials. The budget is turned into a step count first: ``--probe`` compiled training steps
 are timed (median) and ``steps = 0.85 * budget / step time`` (the rest pays for compilation and the
-validation passes); the learning-rate schedule then spans those steps. Then ``train_and_evaluate``
+validation passes: four, of 10 frames each, for every potential); the learning-rate schedule then
+spans those steps. Then ``train_and_evaluate``
 in ``<out>/<system>_<potential>`` and the test report. MD speed comes from ``a2ijax.bench`` (NVE with
 a neighbour list on the LJ liquid at N = 256, weights do not change the cost). Results go to
 ``<out>/accuracy.json`` and ``accuracy.md`` after every run; finished runs are read back, not redone.
@@ -70,7 +71,7 @@ def step_seconds(config, probe: int) -> float:
 
 def fit(config, steps: int):
     train = dataclasses.replace(config.train, steps=steps, warmup_steps=min(config.train.warmup_steps, steps // 10),
-                                eval_every=max(1, steps // 8), checkpoint_every=max(1, steps // 4))
+                                eval_every=max(1, steps // 4), eval_frames=10, checkpoint_every=max(1, steps // 4))
     return dataclasses.replace(config, train=train)
 
 
