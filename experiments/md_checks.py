@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -68,9 +69,19 @@ def finished(run_dir: Path, settings: dict) -> dict | None:
     return saved["summary"] if saved["settings"] == settings else None
 
 
-def record(run_dir: Path, settings: dict, summary: dict) -> None:
-    """A summary is either complete or absent (an interrupted write leaves none)."""
-    atomic_write(run_dir / "summary.json", lambda f: json.dump(dict(settings=settings, summary=summary), f))
+def staging(run_dir: Path) -> Path:
+    """An empty sibling directory a new run writes into: an earlier run's files stay until it is done."""
+    tmp = run_dir.with_name(run_dir.name + ".running")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def record(tmp: Path, run_dir: Path, settings: dict, summary: dict) -> None:
+    """Writes the summary into the finished run ``tmp`` and puts it in place of ``run_dir``: a run
+    directory holds one complete run (an interrupted run leaves its ``.running`` sibling behind)."""
+    atomic_write(tmp / "summary.json", lambda f: json.dump(dict(settings=settings, summary=summary), f))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    tmp.rename(run_dir)
 
 
 def check(workdir: Path, args: argparse.Namespace) -> dict:
@@ -113,20 +124,22 @@ def check(workdir: Path, args: argparse.Namespace) -> dict:
             summary = finished(run_dir, settings)
             if summary is None:
                 print(f"{system.name} {point.name}: NVE with the {label}, {args.steps} steps of {system.dt}")
+                tmp = staging(run_dir)
                 nve = md.simulate(energy_fn, neighbor_fn, displacement, shift, R0, box, steps=args.steps,
-                                  ensemble="nve", seed=seed, trajectory_every=1000, out=str(run_dir),
+                                  ensemble="nve", seed=seed, trajectory_every=1000, out=str(tmp),
                                   symbols=symbols, **common)
                 summary = nve_summary(nve, len(atoms))
-                record(run_dir, settings, summary)
+                record(tmp, run_dir, settings, summary)
             result["nve"][label] = summary
         run_dir = out / f"{label}_nvt"
         summary = finished(run_dir, settings)
         if summary is None:
             print(f"{system.name} {point.name}: NVT with the {label} (seed {seed}), "
                   f"{args.nvt_equilibrate} + {args.nvt_steps} steps")
+            tmp = staging(run_dir)
             nvt = md.simulate(energy_fn, neighbor_fn, displacement, shift, R0, box,
                               steps=args.nvt_equilibrate + args.nvt_steps, ensemble="langevin", seed=seed,
-                              trajectory_every=args.rdf_every, out=str(run_dir), symbols=symbols, **common)
+                              trajectory_every=args.rdf_every, out=str(tmp), symbols=symbols, **common)
             frames = nvt.frames[args.nvt_equilibrate // args.rdf_every:]
             r, g = md.radial_distribution(frames, np.asarray(box), np.asarray(species), r_max, bins=args.bins)
             sampled = nvt.thermo["step"] > args.nvt_equilibrate
@@ -135,7 +148,7 @@ def check(workdir: Path, args: argparse.Namespace) -> dict:
                            pressure_mean=float(np.mean(nvt.thermo["pressure"][sampled])),
                            atom_steps_per_s=nvt.rate, seconds=nvt.seconds,
                            r=r.tolist(), g={f"{a}-{b}": v.tolist() for (a, b), v in g.items()})
-            record(run_dir, settings, summary)
+            record(tmp, run_dir, settings, summary)
         r = np.asarray(summary["r"])
         rdfs[label] = {tuple(int(i) for i in k.split("-")): np.asarray(v) for k, v in summary["g"].items()}
         result["nvt"][label] = {k: v for k, v in summary.items() if k not in ("r", "g")}
