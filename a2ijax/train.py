@@ -746,6 +746,17 @@ def _append_jsonl(path: Path, row: dict) -> None:
         f.flush()
 
 
+def setup(dataset: Dataset, config: ExperimentConfig
+          ) -> tuple[ExperimentConfig, PreparedData, Callable, Callable, bool]:
+    """What a run needs before its first step: the config completed from the data (core repulsion),
+    the prepared splits, and the potential's ``(init_fn, energy_fn, per_atom)``."""
+    data = prepare(dataset, config)
+    if not len(data.splits["valid"]):
+        raise ValueError(f"{dataset.path}: no validation frames")
+    config = with_core_repulsion(config, data.statistics)
+    return (config, data, *potential_builder(config, fixed_species(dataset, config)))
+
+
 def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume: bool = False,
                        stop_after: int | None = None, progress: bool = True, dataset: Dataset | None = None
                        ) -> TrainResult:
@@ -767,11 +778,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume:
     train = config.train
     if dataset is None:
         dataset = read_dataset(config.data.path, config.data.symbols or None)
-    data = prepare(dataset, config)
-    if not len(data.splits["valid"]):
-        raise ValueError(f"{dataset.path}: no validation frames")
-    config = with_core_repulsion(config, data.statistics)
-    init_fn, energy_fn, per_atom = potential_builder(config, fixed_species(dataset, config))
+    config, data, init_fn, energy_fn, per_atom = setup(dataset, config)
     meta = dict(config=config.to_dict(), symbols=list(dataset.symbols), statistics=data.statistics,
                 capacity=data.capacity, buckets=data.buckets.tolist(), data_path=str(dataset.path),
                 units=str(dataset.info[0].get("units", "")), system=str(dataset.info[0].get("system", "")),

@@ -31,15 +31,7 @@ import numpy as np
 from a2ijax import bench
 from a2ijax.config import BaselineConfig, load_config
 from a2ijax.data import atomic_write, read_dataset
-from a2ijax.train import (
-    fixed_species,
-    init_state,
-    make_train_step,
-    potential_builder,
-    prepare,
-    train_and_evaluate,
-    with_core_repulsion,
-)
+from a2ijax.train import init_state, make_train_step, setup, train_and_evaluate
 
 POTENTIALS = ("a2i", "nequip", "graph_network", "behler_parrinello")
 
@@ -51,10 +43,8 @@ def configured(system: str, potential: str):
 
 def step_seconds(config, probe: int) -> float:
     """Median time of one compiled training step of ``config`` (after one compiling step)."""
-    dataset = read_dataset(config.data.path, config.data.symbols or None)
-    data = prepare(dataset, config)
-    config = with_core_repulsion(config, data.statistics)
-    init_fn, energy_fn, per_atom = potential_builder(config, fixed_species(dataset, config))
+    config, data, init_fn, energy_fn, per_atom = setup(read_dataset(config.data.path, config.data.symbols or None),
+                                                       config)
     state = init_state(config, init_fn, data)
     step = make_train_step(config, energy_fn, data.statistics, per_atom)
     bucket = data.frames["train"][0]
