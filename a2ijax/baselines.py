@@ -32,7 +32,6 @@ from jax_md import energy, partition
 
 Array = jax.Array
 
-BASELINES = ("nequip", "graph_network", "behler_parrinello")
 #: What each baseline is, with the settings that differ from jax-md's defaults (recorded in results).
 DESCRIPTIONS = {
     "nequip": "jax_md.energy.nequip_neighbor_list, nequip.default_config() with r_max = cutoff, n_elements = "
@@ -43,6 +42,7 @@ DESCRIPTIONS = {
                          "format = Dense: the Sparse angular terms pair every edge with every edge), default "
                          "symmetry functions and mlp_sizes (30, 30)",
 }
+BASELINES = tuple(DESCRIPTIONS)
 
 
 def one_hot_species(species: Array | None, n_atoms: int, n_species: int) -> Array:

@@ -283,11 +283,16 @@ def batches_in_order(frames: list[Frames], batch_size: int) -> Iterator[tuple[in
 # Potential, loss, optimiser
 
 
+def _training_space(cutoff: float) -> tuple[Callable, Array]:
+    """A ``periodic_general`` displacement whose cell comes with every call as ``box=``, and a
+    placeholder cell wide enough for the builders' box checks."""
+    box = jnp.eye(3) * 4.0 * cutoff
+    return space.periodic_general(box, fractional_coordinates=False)[0], box
+
+
 def a2i_builder(config: A2IConfig) -> tuple[Callable, Callable]:
-    """``(init_fn, energy_fn)`` of the A2I potential for training: a ``periodic_general`` displacement
-    whose cell comes with every call as ``box=``."""
-    displacement, _ = space.periodic_general(jnp.eye(3) * 4.0 * config.cutoff, fractional_coordinates=False)
-    _, init_fn, energy_fn = a2i_neighbor_list(displacement, jnp.eye(3) * 4.0 * config.cutoff, config)
+    """``(init_fn, energy_fn)`` of the A2I potential for training (the cell comes with every call as ``box=``)."""
+    _, init_fn, energy_fn = a2i_neighbor_list(*_training_space(config.cutoff), config)
     return init_fn, energy_fn
 
 
@@ -317,10 +322,8 @@ def potential_builder(config: ExperimentConfig, species: np.ndarray | None = Non
     if not name:
         return (*a2i_builder(config.model), True)
     model = config.model
-    box = jnp.eye(3) * 4.0 * model.cutoff
-    displacement, _ = space.periodic_general(box, fractional_coordinates=False)
     _, net_init, net_energy = baseline_neighbor_list(
-        name, displacement, box, cutoff=model.cutoff, species=species, n_species=model.n_species,
+        name, *_training_space(model.cutoff), cutoff=model.cutoff, species=species, n_species=model.n_species,
         avg_neighbors=model.avg_neighbors, key=jax.random.PRNGKey(config.train.seed))
 
     def init_fn(key, R, neighbor, species=None, box=None):
