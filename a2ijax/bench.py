@@ -83,17 +83,20 @@ def count(params: Any) -> int:
 
 
 def build(name: str, displacement: Callable, side: float, R: jax.Array, skin: float, key: jax.Array,
-          capacity_multiplier: float = 1.25, atom_chunk: int | None = None) -> Built:
-    """The potential ``name`` (one of :data:`POTENTIALS`) in a cubic box of side ``side``
-    (``atom_chunk`` overrides the A2I variant's, e.g. 0 for one unchunked program)."""
+          capacity_multiplier: float = 1.25, overrides: dict | None = None) -> Built:
+    """The potential ``name`` (one of :data:`POTENTIALS`) in a cubic box of side ``side``;
+    ``overrides`` replace fields of an A2I variant's config (e.g. ``atom_chunk=0``, ``dtype="bfloat16"``)."""
+    if overrides and name not in A2I_VARIANTS:
+        raise ValueError(f"config overrides {overrides} apply to the A2I variants only, not to {name!r}")
     nl = dict(dr_threshold=skin, capacity_multiplier=capacity_multiplier)
     if name == "lj":
-        neighbor_fn, energy_fn = energy.lennard_jones_neighbor_list(displacement, side, r_cutoff=CUTOFF, **nl)
+        _, energy_fn = energy.lennard_jones_neighbor_list(displacement, side, r_cutoff=CUTOFF, **nl)
+        # jax-md's LJ list carries its cutoff as an array in the list's static fields, which breaks
+        # jit's cache comparison when the same shapes come back; the same list with a float cutoff:
+        neighbor_fn = partition.neighbor_list(displacement, side, CUTOFF, format=partition.OrderedSparse, **nl)
         return Built(neighbor_fn, lambda params, R, neighbor: energy_fn(R, neighbor=neighbor), None, 0)
     if name in A2I_VARIANTS:
-        config = A2I_VARIANTS[name]
-        if atom_chunk is not None:
-            config = dataclasses.replace(config, atom_chunk=atom_chunk)
+        config = dataclasses.replace(A2I_VARIANTS[name], **(overrides or {}))
         neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(displacement, side, config, **nl)
         params = init_fn(key, R, neighbor=neighbor_fn.allocate(R))
         return Built(neighbor_fn, lambda params, R, neighbor: energy_fn(params, R, neighbor=neighbor), params,
@@ -158,24 +161,36 @@ def _host_peak_mib() -> float | None:
         return None
 
 
-def measure(name: str, n: int, *, skin: float = 0.3, chunk: int = 50, chunks: int = 3, repeats: int = 5,
-            seed: int = 0) -> dict:
-    """Energy+forces latency, MD throughput, compile times and memory of ``name`` at ``n`` atoms."""
+def measure(name: str, n: int, *, skin: float = 0.3, capacity_multiplier: float = 1.25,
+            overrides: dict | None = None, donate: bool = True, sync_every_step: bool = False, chunk: int = 50,
+            chunks: int = 3, repeats: int = 5, seed: int = 0) -> dict:
+    """Energy+forces latency, MD throughput, compile times and memory of ``name`` at ``n`` atoms.
+
+    The defaults are the bench's; the other settings exist to measure what each costs
+    (``experiments/speed_ablation.py``): ``overrides`` of the A2I config, no buffer donation, or one
+    compiled step per call with a host read of the overflow flag after every step instead of a
+    ``chunk``-step scan.
+    """
     R, side = liquid(n, seed)
     displacement, shift = space.periodic(side)
-    pot = build(name, displacement, side, R, skin, jax.random.PRNGKey(seed))
+    nl = dict(skin=skin, capacity_multiplier=capacity_multiplier, overrides=overrides)
+    pot = build(name, displacement, side, R, key=jax.random.PRNGKey(seed), **nl)
     nbrs = pot.neighbor_fn.allocate(R)
     row = dict(potential=name, n=n, parameters=pot.parameters, neighbors=int(nbrs.idx.shape[-1]),
-               neighbor_format=str(nbrs.format.name))
+               neighbor_format=str(nbrs.format.name), skin=skin, capacity_multiplier=capacity_multiplier,
+               overrides=overrides or {}, donate=donate, sync_every_step=sync_every_step)
 
     compiled, row["force_compile_s"] = _compile(_energy_and_forces(pot.energy), pot.params, R, nbrs)
     row["force_s"] = _median_seconds(lambda: compiled(pot.params, R, nbrs), repeats)
     row["force_us_per_atom"] = 1e6 * row["force_s"] / n
     # XLA counts a loop body once: a chunked A2I is costed as the same model compiled unchunked.
-    chunked = name in A2I_VARIANTS and A2I_VARIANTS[name].atom_chunk > 0
-    row["force_flop_per_atom"] = (unchunked_flops(name, n, skin, seed) if chunked else _flops(compiled)) / n
+    config = A2I_VARIANTS.get(name)
+    chunked = config is not None and dataclasses.replace(config, **(overrides or {})).atom_chunk > 0
+    row["force_flop_per_atom"] = (flops(name, n, seed=seed, **nl) if chunked else _flops(compiled)) / n
 
-    def md_chunk(params, state, neighbor):
+    length = 1 if sync_every_step else chunk
+
+    def md_steps(params, state, neighbor):
         _, apply = simulate.nve(lambda R, neighbor: pot.energy(params, R, neighbor), shift, DT)
 
         def step(carry, _):
@@ -183,26 +198,34 @@ def measure(name: str, n: int, *, skin: float = 0.3, chunk: int = 50, chunks: in
             state = apply(state, neighbor=neighbor)
             return (state, neighbor.update(state.position)), None
 
-        (state, neighbor), _ = jax.lax.scan(step, (state, neighbor), None, length=chunk)
+        (state, neighbor), _ = jax.lax.scan(step, (state, neighbor), None, length=length)
         return state, neighbor
 
     init, _ = simulate.nve(lambda R, neighbor: pot.energy(pot.params, R, neighbor), shift, DT)
     state = init(jax.random.PRNGKey(seed + 1), R, kT=KT, neighbor=nbrs)
-    md, row["md_compile_s"] = _compile(md_chunk, pot.params, state, nbrs, donate=(1, 2))
+    md, row["md_compile_s"] = _compile(md_steps, pot.params, state, nbrs, donate=(1, 2) if donate else ())
     planned = _planned_bytes(md)
     row["md_planned_mib"] = None if planned is None else planned / 2**20
-    state, nbrs = jax.block_until_ready(md(pot.params, state, nbrs))  # warm-up chunk
+
+    def md_chunk(state, nbrs):
+        for _ in range(chunk // length):
+            state, nbrs = md(pot.params, state, nbrs)
+            if sync_every_step and bool(nbrs.did_buffer_overflow):
+                raise RuntimeError(f"{name} at N={n}: the neighbour list overflowed")
+        return state, nbrs
+
+    state, nbrs = jax.block_until_ready(md_chunk(state, nbrs))  # warm-up chunk
     if bool(nbrs.did_buffer_overflow):
         raise RuntimeError(f"{name} at N={n}: the neighbour list overflowed during the warm-up chunk")
     t0 = time.perf_counter()
     for _ in range(chunks):
-        state, nbrs = md(pot.params, state, nbrs)
+        state, nbrs = md_chunk(state, nbrs)
     jax.block_until_ready(state)
     seconds = time.perf_counter() - t0
     if bool(nbrs.did_buffer_overflow) or not bool(jnp.all(jnp.isfinite(state.position))):
         raise RuntimeError(f"{name} at N={n}: overflow or non-finite positions while timing")
     row["md_chunk_s"] = seconds / chunks
-    row["atom_steps_per_s"] = n * chunk * chunks / seconds
+    row["atom_steps_per_s"] = n * (chunk // length) * length * chunks / seconds
     row["us_per_atom_step"] = 1e6 / row["atom_steps_per_s"]
     row["time_per_day"] = row["atom_steps_per_s"] / n * DT * 86400
     peak = _device_peak()
@@ -211,13 +234,17 @@ def measure(name: str, n: int, *, skin: float = 0.3, chunk: int = 50, chunks: in
     return row
 
 
-def unchunked_flops(name: str, n: int, skin: float, seed: int = 0) -> float:
-    """XLA's FLOP count of one energy+forces call of the A2I variant ``name`` without atom chunking
-    (compiled, never run)."""
+def flops(name: str, n: int, *, skin: float = 0.3, capacity_multiplier: float = 1.25, overrides: dict | None = None,
+          seed: int = 0, forces: bool = True) -> float:
+    """XLA's FLOP count of one energy+forces call (``forces=False``: energy only) of the potential
+    ``name`` at ``n`` atoms, an A2I variant without atom chunking (compiled, never run)."""
     R, side = liquid(n, seed)
     displacement, _ = space.periodic(side)
-    pot = build(name, displacement, side, R, skin, jax.random.PRNGKey(seed), atom_chunk=0)
-    compiled, _ = _compile(_energy_and_forces(pot.energy), pot.params, R, pot.neighbor_fn.allocate(R))
+    if name in A2I_VARIANTS:
+        overrides = {**(overrides or {}), "atom_chunk": 0}
+    pot = build(name, displacement, side, R, skin, jax.random.PRNGKey(seed), capacity_multiplier, overrides)
+    fn = _energy_and_forces(pot.energy) if forces else pot.energy
+    compiled, _ = _compile(fn, pot.params, R, pot.neighbor_fn.allocate(R))
     return _flops(compiled)
 
 

@@ -8,10 +8,12 @@
 #   bash experiments/gpu_bench.sh                # there (carry .whl): install into /tmp/site, run
 #
 # Results go to $OUT/bench (the device tool's output folder) or ./bench_gpu: bench.json (rows,
-# backend, device, dtype, versions, the command), bench.md, bench.png; each row is written as soon
-# as it is measured, and the run stops itself before the 8 minutes are up.
+# backend, device, dtype, versions, the command), bench.md, bench.png, and the speed ablation in
+# $OUT/ablation; each row is written as soon as it is measured, and the run stops itself before the
+# 8 minutes are up (BUDGET_S + ABLATION_S = 430 s of timing, plus installation and start-up).
 # A dry run on a CPU machine (same steps, small sizes, this project's Python):
-#   PYTHON=.venv/bin/python SIZES="256" POTENTIALS="lj a2i-small" BUDGET_S=300 bash experiments/gpu_bench.sh
+#   PYTHON=.venv/bin/python SIZES="256" POTENTIALS="lj a2i-small" BUDGET_S=300 ABLATION_N=128 \
+#       ABLATION_S=600 bash experiments/gpu_bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +31,9 @@ fi
 PYTHON=${PYTHON:-python3}
 SIZES=${SIZES:-256 1000 4000 16000 64000}
 POTENTIALS=${POTENTIALS:-lj a2i-small a2i a2i-large nequip graph_network behler_parrinello}
-BUDGET_S=${BUDGET_S:-420}
+BUDGET_S=${BUDGET_S:-310}
+ABLATION_N=${ABLATION_N:-16000}
+ABLATION_S=${ABLATION_S:-120}
 OUTDIR=${OUT:-bench_gpu}/bench
 
 if ! "$PYTHON" -c "import jax_md" 2>/dev/null; then
@@ -52,3 +56,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 timeout --signal=INT "$BUDGET_S" "$PYTHON" -m a2ijax.cli bench --sizes $SIZES --potentials $POTENTIALS \
     --chunk 50 --chunks 3 --repeats 5 --max-chunk-s 20 --out "$OUTDIR" || echo "bench ended with status $?"
 cat "$OUTDIR/bench.md" 2>/dev/null || echo "no rows were measured"
+
+# What each speed setting is worth on this device (bfloat16, atom chunks, list trimming, donation,
+# host sync), each against the default in the same process; rows are on disk as they come.
+timeout --signal=INT "$ABLATION_S" "$PYTHON" experiments/speed_ablation.py --n "$ABLATION_N" --chunk 20 \
+    --out "${OUT:-bench_gpu}/ablation" || echo "ablation ended with status $?"
+cat "${OUT:-bench_gpu}/ablation/ablation.md" 2>/dev/null || echo "no ablation rows were measured"

@@ -5,7 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from jax_md import space
+from jax_md import energy, space
 
 from a2ijax import bench
 
@@ -38,3 +38,26 @@ def test_bench_writes_consistent_rows_and_ratios(tmp_path):
 def test_bench_rejects_unknown_potential(tmp_path):
     with pytest.raises(ValueError, match="unknown potential 'mace'.*nequip"):
         bench.run(["lj", "mace"], [128], out=tmp_path)
+
+
+def test_bench_per_step_sync_counts_the_same_steps(tmp_path):
+    """One compiled step per call with a host read per step (the ablation's contrast to the scan)
+    times the same number of steps, and the LJ list is built with the cutoff of the LJ energy: the
+    bench's list and jax-md's own give the same energy."""
+    row = bench.measure("lj", 128, sync_every_step=True, donate=False, chunk=4, chunks=2, repeats=1)
+    np.testing.assert_allclose(row["atom_steps_per_s"] * row["md_chunk_s"], 128 * 4, rtol=1e-6)
+    assert row["sync_every_step"] and not row["donate"]
+    R, side = bench.liquid(128)
+    displacement = space.periodic(side)[0]
+    pot = bench.build("lj", displacement, side, R, 0.3, jax.random.PRNGKey(0))
+    own_neighbor_fn, own_energy = energy.lennard_jones_neighbor_list(displacement, side, r_cutoff=bench.CUTOFF)
+    e_bench = pot.energy(None, R, pot.neighbor_fn.allocate(R))
+    e_own = own_energy(R, neighbor=own_neighbor_fn.allocate(R))
+    assert abs(float(e_own)) > 1.0
+    np.testing.assert_allclose(e_bench, e_own, rtol=1e-6)
+
+
+def test_bench_config_overrides_only_for_a2i():
+    R, side = bench.liquid(128)
+    with pytest.raises(ValueError, match="apply to the A2I variants only.*'lj'"):
+        bench.build("lj", space.periodic(side)[0], side, R, 0.3, jax.random.PRNGKey(0), overrides=dict(atom_chunk=0))

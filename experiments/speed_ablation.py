@@ -1,0 +1,226 @@
+"""What each speed setting of A2I MD is worth: predicted and measured, one setting at a time.
+
+    python experiments/speed_ablation.py --n 1000 --out runs/speed_ablation
+
+Every variant is the default A2I (``a2ijax.bench``'s ``a2i``: the LJ liquid, skin 0.3, capacity
+multiplier 1.25, atom chunks of 32 rematerialised in the backward pass, float32, a compiled scan of
+``--chunk`` NVE steps with state and list donated) with one setting changed, measured with
+``a2ijax.bench.measure`` in this one process, the default first and again last (the spread of the
+two is the run's noise). For each variant the script states its prediction before measuring it:
+
+* neighbour capacity and skin (trimming the list): the ratio of XLA's FLOP counts of the two
+  energy+forces programs (attention costs K^2, the rest K);
+* ``atom_chunk`` 0 (one program, no rematerialisation): E+F FLOPs / (E+F FLOPs + energy FLOPs),
+  the forward pass no longer computed twice; a larger chunk: 1 (same FLOPs);
+* bfloat16 compute (f32 parameters, f32 accumulation in XLA's dots): this device's float32 over
+  bfloat16 matmul time for a square 1024 product;
+* no donation: 1 + the time to copy the state and the list once per chunk at 10 GB/s;
+* one step per call and a host read of the overflow flag after every step: 1 + the measured
+  round trip of a trivial compiled call per step over the step time (also for jax-md's LJ, whose
+  steps are short enough for it to matter);
+* a fused query/key/value/angle projection (the model's) against five separate ones: timed apart
+  on the model's token shapes (forward and backward), predicted 1 (same FLOPs).
+
+Each variant's forces are compared with the default's on the same configuration (same parameters):
+a setting that changes the result beyond float rounding is reported, not hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax_md import space
+
+from a2ijax import bench
+from a2ijax.data import atomic_write
+
+#: (label, bench.measure settings) of the A2I variants; "default" is measured first and last.
+VARIANTS = (  # the settings that matter on accelerators first: a time-limited GPU run measures those
+    ("bfloat16 compute", dict(overrides=dict(dtype="bfloat16"))),
+    ("atom_chunk 0 (no remat)", dict(overrides=dict(atom_chunk=0))),
+    ("atom_chunk 128", dict(overrides=dict(atom_chunk=128))),
+    ("capacity multiplier 1.05", dict(capacity_multiplier=1.05)),
+    ("skin 0.1", dict(skin=0.1)),
+    ("skin 0.1, capacity 1.05", dict(skin=0.1, capacity_multiplier=1.05)),
+    ("no donation", dict(donate=False)),
+    ("host sync every step", dict(sync_every_step=True)),
+)
+
+
+def _median(call, repeats: int = 20) -> float:
+    jax.block_until_ready(call())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def round_trip_s() -> float:
+    """Dispatch + result read of a trivial compiled call (what a per-step host sync adds)."""
+    f = jax.jit(lambda x: x + 1)
+    x = jnp.zeros(3)
+    return _median(lambda: bool(f(x)[0] > 0), 200)
+
+
+def matmul_time_ratio(size: int = 1024) -> float:
+    """float32 over bfloat16 time of a square product on this device."""
+    times = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
+        times[dtype] = _median(lambda a=a: jax.jit(lambda a: a @ a)(a), 10)
+    return times[jnp.bfloat16] / times[jnp.float32]
+
+
+def fused_projection(tokens: int, width: int, heads: int, n_angular: int) -> dict:
+    """Forward+backward of the model's one ``[D, 3D + 2H(L+1)]`` projection against five separate
+    ones (q, k, v, angle-a, angle-b) on ``tokens`` rows; seconds of each and their ratio."""
+    key = jax.random.PRNGKey(0)
+    x = jax.random.normal(key, (tokens, width))
+    sizes = (width, width, width, heads * n_angular, heads * n_angular)
+    ws = [jax.random.normal(jax.random.fold_in(key, i), (width, s)) / np.sqrt(width) for i, s in enumerate(sizes)]
+    fused_w = jnp.concatenate(ws, axis=1)
+
+    def loss_fused(x, w):
+        return jnp.sum(jnp.tanh(x @ w))
+
+    def loss_split(x, ws):
+        return sum(jnp.sum(jnp.tanh(x @ w)) for w in ws)
+
+    fused = jax.jit(jax.grad(loss_fused, argnums=(0, 1)))
+    split = jax.jit(jax.grad(loss_split, argnums=(0, 1)))
+    t_fused = _median(lambda: fused(x, fused_w))
+    t_split = _median(lambda: split(x, ws))
+    return dict(tokens=tokens, fused_s=t_fused, split_s=t_split, fused_over_split=t_fused / t_split)
+
+
+def forces(n: int, settings: dict, seed: int = 0) -> np.ndarray:
+    """Forces of the default A2I with ``settings`` on the bench liquid (same parameters for all)."""
+    R, side = bench.liquid(n, seed)
+    displacement, _ = space.periodic(side)
+    pot = bench.build("a2i", displacement, side, R, settings.get("skin", 0.3), jax.random.PRNGKey(seed),
+                      settings.get("capacity_multiplier", 1.25), settings.get("overrides"))
+    nbrs = pot.neighbor_fn.allocate(R)
+    if bool(nbrs.did_buffer_overflow):
+        raise RuntimeError(f"neighbour list overflow with {settings}")
+    return np.asarray(-jax.grad(pot.energy, argnums=1)(pot.params, R, nbrs), np.float64)
+
+
+def predict(label: str, settings: dict, n: int, base_flops: float, energy_flops: float, bf16_ratio: float,
+            trip_s: float, base: dict) -> float:
+    """The predicted time of the variant over the default's, from counts measured before the run."""
+    if "overrides" in settings and "dtype" in settings["overrides"]:
+        return bf16_ratio
+    if settings.get("overrides", {}).get("atom_chunk") == 0:
+        return base_flops / (base_flops + energy_flops)
+    if "overrides" in settings:
+        return 1.0
+    if "skin" in settings or "capacity_multiplier" in settings:
+        return bench.flops("a2i", n, skin=settings.get("skin", 0.3),
+                           capacity_multiplier=settings.get("capacity_multiplier", 1.25)) / base_flops
+    if settings.get("donate") is False:
+        copied = n * (3 * 3 + base["neighbors"]) * 4  # positions, momenta, forces, list (float32/int32)
+        return 1 + copied / 10e9 / base["md_chunk_s"]
+    if settings.get("sync_every_step"):
+        return 1 + trip_s / (base["md_chunk_s"] / base["chunk"])
+    raise ValueError(f"no prediction for {label}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1000, help="atoms")
+    parser.add_argument("--chunk", type=int, default=10, help="MD steps per compiled chunk")
+    parser.add_argument("--chunks", type=int, default=2, help="chunks timed after a warm-up chunk")
+    parser.add_argument("--repeats", type=int, default=3, help="timed energy+forces calls")
+    parser.add_argument("--out", type=Path, default=Path("runs/speed_ablation"))
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    n, timing = args.n, dict(chunk=args.chunk, chunks=args.chunks, repeats=args.repeats)
+    result = dict(environment=bench.environment(["python", *sys.argv]), n=n, rows=[])
+    trip = round_trip_s()
+    bf16 = matmul_time_ratio()
+    base_flops = bench.flops("a2i", n)
+    energy_flops = bench.flops("a2i", n, forces=False)
+    config = bench.A2I_VARIANTS["a2i"]
+    result.update(round_trip_s=trip, bf16_over_f32_matmul=bf16, ef_flops=base_flops, energy_flops=energy_flops)
+    f_default = forces(n, {})
+
+    def save():
+        atomic_write(args.out / "ablation.json", lambda f: json.dump(result, f, indent=1))
+        atomic_write(args.out / "ablation.md", lambda f: f.write(table(result) + "\n"))
+
+    def record(label: str, potential: str, settings: dict, prediction: float | None, reference: dict | None):
+        try:
+            row = bench.measure(potential, n, **settings, **timing)
+        except RuntimeError as error:  # a trimmed list that overflows is a result, not a crash
+            if "overflow" not in str(error):
+                raise
+            result["rows"].append(dict(label=label, potential=potential, failed=str(error)))
+            print(f"{label:>32}: {error}", flush=True)
+            save()
+            return None
+        row.update(label=label, chunk=args.chunk, predicted=prediction)
+        if reference is not None:
+            row["measured"] = row["us_per_atom_step"] / reference["us_per_atom_step"]
+        if potential == "a2i":
+            f = forces(n, settings)
+            row["force_change"] = float(np.sqrt(np.mean((f - f_default) ** 2)) / np.sqrt(np.mean(f_default**2)))
+        result["rows"].append(row)
+        print(f"{label:>32}: {row['us_per_atom_step']:.4g} us/atom-step, predicted {prediction}, "
+              f"measured {row.get('measured')}", flush=True)
+        save()
+        return row
+
+    base = record("default", "a2i", {}, 1.0, None)
+    for label, settings in VARIANTS:
+        record(label, "a2i", settings, predict(label, settings, n, base_flops, energy_flops, bf16, trip, base), base)
+    record("default, again", "a2i", {}, 1.0, base)
+    lj = record("jax-md LJ", "lj", {}, None, None)
+    record("jax-md LJ, host sync every step", "lj", dict(sync_every_step=True),
+           1 + trip / (lj["md_chunk_s"] / args.chunk), lj)
+    n_angular = config.angular_order + 1
+    result["fused_projection"] = fused_projection(config.atom_chunk * base["neighbors"], config.width, config.heads,
+                                                  n_angular)
+    save()
+    print(table(result))
+    return result
+
+
+def table(result: dict) -> str:
+    env = result["environment"]
+    lines = [f"{env['backend']} ({env['device']}), {env['dtype']}, jax {env['jax']}; N = {result['n']}; "
+             f"`{env['command']}`", "",
+             "| variant | K | us/atom-step | predicted / default | measured / default | E+F MFLOP/atom | "
+             "planned MiB | force change (RMS rel.) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        if "failed" in r:
+            lines.append(f"| {r['potential']}: {r['label']} | | {r['failed']} | | | | | |")
+            continue
+        pred = "" if r.get("predicted") is None else f"{r['predicted']:.3f}"
+        meas = "" if r.get("measured") is None else f"{r['measured']:.3f}"
+        change = "" if r.get("force_change") is None else f"{r['force_change']:.1e}"
+        planned = "" if r["md_planned_mib"] is None else f"{r['md_planned_mib']:.0f}"
+        lines.append(f"| {r['potential']}: {r['label']} | {r['neighbors']} | {r['us_per_atom_step']:.4g} | {pred} | "
+                     f"{meas} | {r['force_flop_per_atom'] / 1e6:.3g} | {planned} | {change} |")
+    fp = result.get("fused_projection")
+    if fp:
+        lines.append(f"\nfused projection ({fp['tokens']} tokens, forward+backward): {1e3 * fp['fused_s']:.3g} ms "
+                     f"fused vs {1e3 * fp['split_s']:.3g} ms as five products: ratio {fp['fused_over_split']:.3f} "
+                     "(predicted 1.000, same FLOPs)")
+    lines.append(f"\nround trip of a trivial compiled call: {1e6 * result['round_trip_s']:.0f} us; bfloat16 / float32 "
+                 f"time of a 1024^3 matmul: {result['bf16_over_f32_matmul']:.3f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
