@@ -173,8 +173,8 @@ def measure(name: str, n: int, *, skin: float = 0.3, capacity_multiplier: float 
     """
     R, side = liquid(n, seed)
     displacement, shift = space.periodic(side)
-    nl = dict(skin=skin, capacity_multiplier=capacity_multiplier, overrides=overrides)
-    pot = build(name, displacement, side, R, key=jax.random.PRNGKey(seed), **nl)
+    settings = dict(skin=skin, capacity_multiplier=capacity_multiplier, overrides=overrides)
+    pot = build(name, displacement, side, R, key=jax.random.PRNGKey(seed), **settings)
     nbrs = pot.neighbor_fn.allocate(R)
     row = dict(potential=name, n=n, parameters=pot.parameters, neighbors=int(nbrs.idx.shape[-1]),
                neighbor_format=str(nbrs.format.name), skin=skin, capacity_multiplier=capacity_multiplier,
@@ -186,7 +186,7 @@ def measure(name: str, n: int, *, skin: float = 0.3, capacity_multiplier: float 
     # XLA counts a loop body once: a chunked A2I is costed as the same model compiled unchunked.
     config = A2I_VARIANTS.get(name)
     chunked = config is not None and dataclasses.replace(config, **(overrides or {})).atom_chunk > 0
-    row["force_flop_per_atom"] = (flops(name, n, seed=seed, **nl) if chunked else _flops(compiled)) / n
+    row["force_flop_per_atom"] = (flops(name, n, seed=seed, **settings) if chunked else _flops(compiled)) / n
 
     length = 1 if sync_every_step else chunk
 

@@ -9,8 +9,10 @@ jax-md potentials. The budget is turned into a step count first: ``--probe`` com
 are timed (median) and ``steps = 0.85 * budget / step time`` (the rest pays for compilation and the
 validation passes: four, of 10 frames each, for every potential); the learning-rate schedule then
 spans those steps. Then ``train_and_evaluate``
-in ``<out>/<system>_<potential>`` and the test report. MD speed comes from ``a2ijax.bench`` (NVE with
-a neighbour list on the LJ liquid at N = 256, weights do not change the cost). Results go to
+in ``<out>/<system>_<potential>`` and the test report. Speed, two ways (weights do not change the
+cost): energy+forces per atom on a batch of the system's own test frames with the trainer's
+neighbour lists (its cutoff, density and species), and MD from ``a2ijax.bench`` (NVE with a
+neighbour list on the LJ liquid at N = 256, each potential's default size). Results go to
 ``<out>/accuracy.json`` and ``accuracy.md`` after every run; finished runs are read back, not redone.
 """
 
@@ -31,7 +33,7 @@ import numpy as np
 from a2ijax import bench
 from a2ijax.config import BaselineConfig, load_config
 from a2ijax.data import atomic_write, read_dataset
-from a2ijax.train import init_state, make_train_step, setup, train_and_evaluate
+from a2ijax.train import init_state, make_train_step, predict_fn, setup, train_and_evaluate
 
 POTENTIALS = ("a2i", "nequip", "graph_network", "behler_parrinello")
 
@@ -41,22 +43,48 @@ def configured(system: str, potential: str):
     return dataclasses.replace(config, baseline=BaselineConfig("" if potential == "a2i" else potential))
 
 
-def step_seconds(config, probe: int) -> float:
-    """Median time of one compiled training step of ``config`` (after one compiling step)."""
+def _median_seconds(call, repeats: int) -> float:
+    jax.block_until_ready(call())  # compiles
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _prepared(config, split: str):
+    """The run's setup, its initial state, and one batch of ``split`` frames."""
     config, data, init_fn, energy_fn, per_atom = setup(read_dataset(config.data.path, config.data.symbols or None),
                                                        config)
     state = init_state(config, init_fn, data)
-    step = make_train_step(config, energy_fn, data.statistics, per_atom)
-    bucket = data.frames["train"][0]
+    bucket = data.frames[split][0]
     batch = {k: jnp.asarray(v) for k, v in bucket.take(np.arange(config.train.batch_size) % len(bucket.frame),
                                                        config.train.batch_size).items()}
-    state, _ = jax.block_until_ready(step(state, batch))
-    times = []
-    for _ in range(probe):
-        t0 = time.perf_counter()
-        state, _ = jax.block_until_ready(step(state, batch))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return config, data, energy_fn, per_atom, state, batch
+
+
+def step_seconds(config, probe: int) -> float:
+    """Median time of one compiled training step of ``config`` (after one compiling step)."""
+    config, data, energy_fn, per_atom, state, batch = _prepared(config, "train")
+    step = make_train_step(config, energy_fn, data.statistics, per_atom)
+    box = [state]
+
+    def call():
+        box[0], metrics = step(box[0], batch)
+        return metrics
+
+    return _median_seconds(call, probe)
+
+
+def force_us_per_atom(config, repeats: int) -> float:
+    """Energy+forces of ``config``'s potential on a batch of the system's own test frames, with the
+    data's neighbour lists (compiled, median of ``repeats``), in microseconds per atom. The weights
+    do not change the cost, so the untrained initial ones serve."""
+    config, data, energy_fn, per_atom, state, batch = _prepared(config, "test")
+    predict = jax.jit(predict_fn(energy_fn, per_atom))
+    atoms = float(np.sum(np.asarray(batch["mask"])))
+    return 1e6 * _median_seconds(lambda: predict(state["params"], batch), repeats) / atoms
 
 
 def fit(config, steps: int):
@@ -68,16 +96,17 @@ def fit(config, steps: int):
 def table(result: dict) -> str:
     lines = [f"budget {result['budget_s']:.0f} s per run; `{result['command']}`", "",
              "| system | potential | params | steps | s/step | train min | worst / best E ratio | "
-             "worst / best F ratio | F RMSE | MD us/atom-step (LJ N=256) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "worst / best F ratio | F RMSE | E+F us/atom (own frames) | MD us/atom-step (LJ N=256) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["runs"]:
         e = [sp["energy_ratio"] for sp in r["report"]["state_points"].values()]
         f = [sp["force_ratio"] for sp in r["report"]["state_points"].values()]
         md = result["md"].get(r["potential"], {}).get("us_per_atom_step")
+        latency = result.get("latency", {}).get(f"{r['system']}/{r['potential']}")
         lines.append(f"| {r['system']} | {r['potential']} | {r['report']['parameters']:,} | {r['steps']} | "
                      f"{r['step_s']:.3g} | {r['seconds'] / 60:.1f} | {100 * max(e):.1f}% / {100 * min(e):.1f}% | "
                      f"{100 * max(f):.1f}% / {100 * min(f):.1f}% | {r['report']['force_rmse']:.4g} | "
-                     f"{'' if md is None else f'{md:.4g}'} |")
+                     f"{'' if latency is None else f'{latency:.4g}'} | {'' if md is None else f'{md:.4g}'} |")
     return "\n".join(lines)
 
 
@@ -91,10 +120,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "accuracy.json"
-    result = dict(command=" ".join(["python", *sys.argv]), budget_s=args.budget_s, runs=[], md={})
+    result = dict(command=" ".join(["python", *sys.argv]), budget_s=args.budget_s, runs=[], md={}, latency={})
     if path.exists():
-        result["runs"] = [r for r in json.loads(path.read_text())["runs"] if r["budget_s"] == args.budget_s]
-        result["md"] = json.loads(path.read_text()).get("md", {})
+        saved = json.loads(path.read_text())
+        result["runs"] = [r for r in saved["runs"] if r["budget_s"] == args.budget_s]
+        result["md"], result["latency"] = saved.get("md", {}), saved.get("latency", {})
     done = {(r["system"], r["potential"]) for r in result["runs"]}
 
     def save():
@@ -115,6 +145,12 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{system} {potential}: {steps} steps in {result['runs'][-1]['seconds']:.0f} s, "
                   f"F RMSE {run.report['force_rmse']:.4g}", flush=True)
             save()
+    for system in args.systems:
+        for potential in args.potentials:
+            if f"{system}/{potential}" not in result["latency"]:
+                result["latency"][f"{system}/{potential}"] = force_us_per_atom(configured(system, potential),
+                                                                               args.probe)
+                save()
     for potential in args.potentials:
         if potential not in result["md"]:
             result["md"][potential] = bench.measure(potential, 256, chunk=10, chunks=2, repeats=3)
