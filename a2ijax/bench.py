@@ -128,7 +128,7 @@ def _flops(compiled: Any) -> float:
     return float(cost.get("flops", float("nan")))
 
 
-def _median_seconds(call: Callable[[], Any], repeats: int) -> float:
+def median_seconds(call: Callable[[], Any], repeats: int) -> float:
     """Median wall time of ``call()`` over ``repeats`` calls after one warm-up call."""
     jax.block_until_ready(call())
     times = []
@@ -181,7 +181,7 @@ def measure(name: str, n: int, *, skin: float = 0.3, capacity_multiplier: float 
                overrides=overrides or {}, donate=donate, sync_every_step=sync_every_step)
 
     compiled, row["force_compile_s"] = _compile(_energy_and_forces(pot.energy), pot.params, R, nbrs)
-    row["force_s"] = _median_seconds(lambda: compiled(pot.params, R, nbrs), repeats)
+    row["force_s"] = median_seconds(lambda: compiled(pot.params, R, nbrs), repeats)
     row["force_us_per_atom"] = 1e6 * row["force_s"] / n
     # XLA counts a loop body once: a chunked A2I is costed as the same model compiled unchunked.
     config = A2I_VARIANTS.get(name)
@@ -252,7 +252,7 @@ def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
     """This device's measured float matmul rate (FLOP/s): the median of ``repeats`` square products."""
     a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.result_type(float))
     dot = jax.jit(lambda a: a @ a)
-    return 2 * size**3 / _median_seconds(lambda: dot(a), repeats)
+    return 2 * size**3 / median_seconds(lambda: dot(a), repeats)
 
 
 def environment(argv: Sequence[str]) -> dict:

@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--thermo-every", type=int, default=10, help="steps between thermo rows")
     p.add_argument("--trajectory-every", type=int, default=100, help="steps between trajectory frames")
     p.add_argument("--skin", type=float, default=0.1, help="neighbour-list skin as a fraction of the cutoff")
+    p.add_argument("--capacity-multiplier", type=float, default=1.25,
+                   help="neighbour slots per atom over the densest atom's count; lower is faster (attention "
+                   "costs K^2: 1.05 gave 0.78x the step time, BUILD_NOTES), an overflow reruns the chunk")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="md", help="directory for thermo.csv and trajectory.extxyz")
     p = commands.add_parser("bench", help="MD speed, latency, compile time and memory against jax-md's potentials")
@@ -228,7 +231,7 @@ def md_command(args: argparse.Namespace) -> Simulation:
     mass = system.mass if system is not None else jnp.asarray(atoms.get_masses())
     return run_md(checkpoint, atoms, steps=args.steps, dt=dt, kT=kT, ensemble=args.ensemble, mass=mass,
                   thermo_every=args.thermo_every, trajectory_every=args.trajectory_every, skin=args.skin,
-                  seed=args.seed, out=args.out)
+                  capacity_multiplier=args.capacity_multiplier, seed=args.seed, out=args.out)
 
 
 def read_structure(path: str) -> ase.Atoms:
@@ -242,8 +245,9 @@ def read_structure(path: str) -> ase.Atoms:
 
 
 def run_md(checkpoint: Checkpoint, atoms: ase.Atoms, *, steps: int, dt: float, kT: float | None, ensemble: str,
-           mass: Any = 1.0, thermo_every: int = 10, trajectory_every: int = 100, skin: float = 0.1, seed: int = 0,
-           out: str | None = None, progress: bool = True) -> Simulation:
+           mass: Any = 1.0, thermo_every: int = 10, trajectory_every: int = 100, skin: float = 0.1,
+           capacity_multiplier: float = 1.25, seed: int = 0, out: str | None = None, progress: bool = True
+           ) -> Simulation:
     """Checks the structure against the checkpoint, runs :func:`a2ijax.md.simulate`, prints a summary."""
     frame = structure_frame(atoms, checkpoint.symbols)  # unknown species: an error naming them
     if not atoms.pbc.all():
@@ -254,7 +258,8 @@ def run_md(checkpoint: Checkpoint, atoms: ase.Atoms, *, steps: int, dt: float, k
     dtype = jnp.result_type(float)
     box = jnp.asarray(atoms.cell[:].T, dtype)
     species = jnp.asarray(frame.species[0])
-    neighbor_fn, energy_fn, displacement, shift = checkpoint.potential(box, species, dr_threshold=skin * cutoff)
+    neighbor_fn, energy_fn, displacement, shift = checkpoint.potential(box, species, dr_threshold=skin * cutoff,
+                                                                  capacity_multiplier=capacity_multiplier)
     result = simulate(energy_fn, neighbor_fn, displacement, shift, jnp.asarray(atoms.get_positions(), dtype), box,
                       steps=steps, dt=dt, ensemble=ensemble, kT=kT, mass=mass, seed=seed, thermo_every=thermo_every,
                       trajectory_every=trajectory_every, out=out, symbols=atoms.get_chemical_symbols(),
@@ -263,6 +268,7 @@ def run_md(checkpoint: Checkpoint, atoms: ase.Atoms, *, steps: int, dt: float, k
     warn_if_closer_than_training(float(thermo["min_distance"].min()), checkpoint, "the MD trajectory")
     print(f"{ensemble} MD: {n} atoms, {steps} steps of {dt:g} in {result.seconds:.1f} s "
           f"({result.rate:.4g} atom-steps/s after compilation, {result.reallocations} reallocations)")
+    print(f"  neighbour slots per atom (K): {result.neighbor.idx.shape[-1]}")
     print(f"  temperature (kT) mean {thermo['temperature'].mean():.5g}, pressure mean {thermo['pressure'].mean():.5g}")
     print(f"  total energy per atom: start {thermo['total'][0] / n:.6g}, end {thermo['total'][-1] / n:.6g}, "
           f"drift {result.drift:.3g} per atom per time unit")

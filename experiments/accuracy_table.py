@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,16 +40,6 @@ POTENTIALS = ("a2i", "nequip", "graph_network", "behler_parrinello")
 def configured(system: str, potential: str):
     config = load_config(Path("experiments/configs") / f"{system}.toml")
     return dataclasses.replace(config, baseline=BaselineConfig("" if potential == "a2i" else potential))
-
-
-def _median_seconds(call, repeats: int) -> float:
-    jax.block_until_ready(call())  # compiles
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(call())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _prepared(config, split: str):
@@ -74,7 +63,7 @@ def step_seconds(config, probe: int) -> float:
         box[0], metrics = step(box[0], batch)
         return metrics
 
-    return _median_seconds(call, probe)
+    return bench.median_seconds(call, probe)
 
 
 def force_us_per_atom(config, repeats: int) -> float:
@@ -84,7 +73,7 @@ def force_us_per_atom(config, repeats: int) -> float:
     config, data, energy_fn, per_atom, state, batch = _prepared(config, "test")
     predict = jax.jit(predict_fn(energy_fn, per_atom))
     atoms = float(np.sum(np.asarray(batch["mask"])))
-    return 1e6 * _median_seconds(lambda: predict(state["params"], batch), repeats) / atoms
+    return 1e6 * bench.median_seconds(lambda: predict(state["params"], batch), repeats) / atoms
 
 
 def fit(config, steps: int):

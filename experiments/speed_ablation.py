@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -55,29 +53,20 @@ VARIANTS = (  # the settings that matter on accelerators first: a time-limited G
 )
 
 
-def _median(call, repeats: int = 20) -> float:
-    jax.block_until_ready(call())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(call())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def round_trip_s() -> float:
     """Dispatch + result read of a trivial compiled call (what a per-step host sync adds)."""
     f = jax.jit(lambda x: x + 1)
     x = jnp.zeros(3)
-    return _median(lambda: bool(f(x)[0] > 0), 200)
+    return bench.median_seconds(lambda: bool(f(x)[0] > 0), 200)
 
 
 def matmul_time_ratio(size: int = 1024) -> float:
     """float32 over bfloat16 time of a square product on this device."""
     times = {}
+    dot = jax.jit(lambda a: a @ a)
     for dtype in (jnp.float32, jnp.bfloat16):
         a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
-        times[dtype] = _median(lambda a=a: jax.jit(lambda a: a @ a)(a), 10)
+        times[dtype] = bench.median_seconds(lambda a=a: dot(a), 10)
     return times[jnp.bfloat16] / times[jnp.float32]
 
 
@@ -98,8 +87,8 @@ def fused_projection(tokens: int, width: int, heads: int, n_angular: int) -> dic
 
     fused = jax.jit(jax.grad(loss_fused, argnums=(0, 1)))
     split = jax.jit(jax.grad(loss_split, argnums=(0, 1)))
-    t_fused = _median(lambda: fused(x, fused_w))
-    t_split = _median(lambda: split(x, ws))
+    t_fused = bench.median_seconds(lambda: fused(x, fused_w), 20)
+    t_split = bench.median_seconds(lambda: split(x, ws), 20)
     return dict(tokens=tokens, fused_s=t_fused, split_s=t_split, fused_over_split=t_fused / t_split)
 
 

@@ -136,8 +136,19 @@ def test_md_command_names_bad_input(trained, tmp_path, capsys):
 def test_md_command_from_a_reference_state_point(trained, tmp_path, capsys):
     out = tmp_path / "md"
     assert cli.main(["md", str(trained[1]), "--state-point", "rho0.84_T0.85", "--equilibrate", "200",
-                     "--steps", "40", "--thermo-every", "10", "--trajectory-every", "20", "--out", str(out)]) == 0
-    assert "nve MD: 256 atoms, 40 steps" in capsys.readouterr().out
+                     "--steps", "40", "--thermo-every", "10", "--trajectory-every", "20", "--out", str(out),
+                     "--capacity-multiplier", "1.05"]) == 0
+    printed = capsys.readouterr().out
+    assert "nve MD: 256 atoms, 40 steps" in printed
+    # The trimmed list: K is 1.05x the densest atom's neighbour count (x 1.25 would be ~20% more slots),
+    # or more after a reallocation, which the summary counts.
+    slots = int(printed.split("neighbour slots per atom (K): ")[1].split()[0])
+    reallocations = int(printed.split(" reallocations)")[0].split()[-1])
+    frame = ase.io.read(out / "trajectory.extxyz", index=0)
+    reach = load_checkpoint(trained[1]).config.model.cutoff * 1.1  # cutoff + the default skin of 0.1 cutoff
+    d = frame.get_all_distances(mic=True)
+    densest = int(np.max(np.sum(d < reach, axis=1) - 1))
+    assert reallocations > 0 or slots < 1.15 * densest, (slots, densest)
     rows = np.loadtxt(out / "thermo.csv", delimiter=",", skiprows=1)
     np.testing.assert_array_equal(rows[:, 0], [10, 20, 30, 40])
     assert len(ase.io.read(out / "trajectory.extxyz", index=":")) == 2
