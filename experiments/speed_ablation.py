@@ -12,8 +12,8 @@ two is the run's noise). For each variant the script states its prediction befor
   energy+forces programs (attention costs K^2, the rest K);
 * ``atom_chunk`` 0 (one program, no rematerialisation): E+F FLOPs / (E+F FLOPs + energy FLOPs),
   the forward pass no longer computed twice; a larger chunk: 1 (same FLOPs);
-* bfloat16 compute (f32 parameters, f32 accumulation in XLA's dots): this device's float32 over
-  bfloat16 matmul time for a square 1024 product;
+* bfloat16 compute (``A2IConfig.dtype``: bf16 activations and matmul inputs, f32 parameters and
+  energies): this device's bfloat16 over float32 time of a square 1024 matmul;
 * no donation: 1 + the time to copy the state and the list once per chunk at 10 GB/s;
 * one step per call and a host read of the overflow flag after every step: 1 + the measured
   round trip of a trivial compiled call per step over the step time (also for jax-md's LJ, whose
@@ -61,7 +61,7 @@ def round_trip_s() -> float:
 
 
 def matmul_time_ratio(size: int = 1024) -> float:
-    """float32 over bfloat16 time of a square product on this device."""
+    """bfloat16 over float32 time of a square product on this device."""
     times = {}
     dot = jax.jit(lambda a: a @ a)
     for dtype in (jnp.float32, jnp.bfloat16):
