@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -42,10 +43,16 @@ def configured(system: str, potential: str):
     return dataclasses.replace(config, baseline=BaselineConfig("" if potential == "a2i" else potential))
 
 
-def _prepared(config, split: str):
+@functools.cache
+def dataset_of(system: str):
+    """The system's dataset, read once for all its potentials and uses."""
+    config = configured(system, "a2i")
+    return read_dataset(config.data.path, config.data.symbols or None)
+
+
+def _prepared(config, dataset, split: str):
     """The run's setup, its initial state, and one batch of ``split`` frames."""
-    config, data, init_fn, energy_fn, per_atom = setup(read_dataset(config.data.path, config.data.symbols or None),
-                                                       config)
+    config, data, init_fn, energy_fn, per_atom = setup(dataset, config)
     state = init_state(config, init_fn, data)
     bucket = data.frames[split][0]
     batch = {k: jnp.asarray(v) for k, v in bucket.take(np.arange(config.train.batch_size) % len(bucket.frame),
@@ -53,24 +60,24 @@ def _prepared(config, split: str):
     return config, data, energy_fn, per_atom, state, batch
 
 
-def step_seconds(config, probe: int) -> float:
+def step_seconds(config, dataset, probe: int) -> float:
     """Median time of one compiled training step of ``config`` (after one compiling step)."""
-    config, data, energy_fn, per_atom, state, batch = _prepared(config, "train")
+    config, data, energy_fn, per_atom, state, batch = _prepared(config, dataset, "train")
     step = make_train_step(config, energy_fn, data.statistics, per_atom)
-    box = [state]
+    carry = [state]  # each step consumes the state the previous one returned
 
     def call():
-        box[0], metrics = step(box[0], batch)
+        carry[0], metrics = step(carry[0], batch)
         return metrics
 
     return bench.median_seconds(call, probe)
 
 
-def force_us_per_atom(config, repeats: int) -> float:
+def force_us_per_atom(config, dataset, repeats: int) -> float:
     """Energy+forces of ``config``'s potential on a batch of the system's own test frames, with the
     data's neighbour lists (compiled, median of ``repeats``), in microseconds per atom. The weights
     do not change the cost, so the untrained initial ones serve."""
-    config, data, energy_fn, per_atom, state, batch = _prepared(config, "test")
+    config, data, energy_fn, per_atom, state, batch = _prepared(config, dataset, "test")
     predict = jax.jit(predict_fn(energy_fn, per_atom))
     atoms = float(np.sum(np.asarray(batch["mask"])))
     return 1e6 * bench.median_seconds(lambda: predict(state["params"], batch), repeats) / atoms
@@ -125,10 +132,11 @@ def main(argv: list[str] | None = None) -> dict:
             if (system, potential) in done:
                 continue
             config = configured(system, potential)
-            step_s = step_seconds(config, args.probe)
+            step_s = step_seconds(config, dataset_of(system), args.probe)
             steps = max(10, int(0.85 * args.budget_s / step_s))
             t0 = time.perf_counter()
-            run = train_and_evaluate(fit(config, steps), args.out / f"{system}_{potential}", progress=False)
+            run = train_and_evaluate(fit(config, steps), args.out / f"{system}_{potential}", progress=False,
+                                     dataset=dataset_of(system))
             result["runs"].append(dict(system=system, potential=potential, budget_s=args.budget_s, step_s=step_s,
                                        steps=steps, seconds=time.perf_counter() - t0, report=run.report))
             print(f"{system} {potential}: {steps} steps in {result['runs'][-1]['seconds']:.0f} s, "
@@ -137,8 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     for system in args.systems:
         for potential in args.potentials:
             if f"{system}/{potential}" not in result["latency"]:
-                result["latency"][f"{system}/{potential}"] = force_us_per_atom(configured(system, potential),
-                                                                               args.probe)
+                result["latency"][f"{system}/{potential}"] = force_us_per_atom(
+                    configured(system, potential), dataset_of(system), args.probe)
                 save()
     for potential in args.potentials:
         if potential not in result["md"]:

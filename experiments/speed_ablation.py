@@ -6,7 +6,8 @@ Every variant is the default A2I (``a2ijax.bench``'s ``a2i``: the LJ liquid, ski
 multiplier 1.25, atom chunks of 32 rematerialised in the backward pass, float32, a compiled scan of
 ``--chunk`` NVE steps with state and list donated) with one setting changed, measured with
 ``a2ijax.bench.measure`` in this one process, the default first and again last (the spread of the
-two is the run's noise). For each variant the script states its prediction before measuring it:
+two is the run's noise). Each variant's prediction comes from counts that do not depend on the
+timings (:func:`predict`):
 
 * neighbour capacity and skin (trimming the list): the ratio of XLA's FLOP counts of the two
   energy+forces programs (attention costs K^2, the rest K);
@@ -104,24 +105,27 @@ def forces(n: int, settings: dict, seed: int = 0) -> np.ndarray:
     return np.asarray(-jax.grad(pot.energy, argnums=1)(pot.params, R, nbrs), np.float64)
 
 
-def predict(label: str, settings: dict, n: int, base_flops: float, energy_flops: float, bf16_ratio: float,
-            trip_s: float, base: dict) -> float:
-    """The predicted time of the variant over the default's, from counts measured before the run."""
-    if "overrides" in settings and "dtype" in settings["overrides"]:
+def predict(settings: dict, row: dict, reference: dict, energy_flops: float, bf16_ratio: float,
+            trip_s: float) -> float:
+    """The predicted time of the variant (``row``) over ``reference``'s, from counts that do not
+    depend on the timings: XLA's FLOP counts of the two programs, the measured matmul and round-trip
+    times, the bytes a chunk would copy."""
+    overrides = settings.get("overrides", {})
+    n, ef_flops = reference["n"], reference["force_flop_per_atom"] * reference["n"]
+    if "dtype" in overrides:
         return bf16_ratio
-    if settings.get("overrides", {}).get("atom_chunk") == 0:
-        return base_flops / (base_flops + energy_flops)
-    if "overrides" in settings:
+    if overrides.get("atom_chunk") == 0:
+        return ef_flops / (ef_flops + energy_flops)
+    if overrides:
         return 1.0
     if "skin" in settings or "capacity_multiplier" in settings:
-        return bench.flops("a2i", n, skin=settings.get("skin", 0.3),
-                           capacity_multiplier=settings.get("capacity_multiplier", 1.25)) / base_flops
+        return row["force_flop_per_atom"] / reference["force_flop_per_atom"]
     if settings.get("donate") is False:
-        copied = n * (3 * 3 + base["neighbors"]) * 4  # positions, momenta, forces, list (float32/int32)
-        return 1 + copied / 10e9 / base["md_chunk_s"]
+        copied = n * (3 * 3 + reference["neighbors"]) * 4  # positions, momenta, forces, list (float32/int32)
+        return 1 + copied / 10e9 / reference["md_chunk_s"]
     if settings.get("sync_every_step"):
-        return 1 + trip_s / (base["md_chunk_s"] / base["chunk"])
-    raise ValueError(f"no prediction for {label}")
+        return 1 + trip_s / (reference["md_chunk_s"] / reference["chunk"])
+    return 1.0  # the reference's own settings
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -137,17 +141,16 @@ def main(argv: list[str] | None = None) -> dict:
     result = dict(environment=bench.environment(["python", *sys.argv]), n=n, rows=[])
     trip = round_trip_s()
     bf16 = matmul_time_ratio()
-    base_flops = bench.flops("a2i", n)
     energy_flops = bench.flops("a2i", n, forces=False)
     config = bench.A2I_VARIANTS["a2i"]
-    result.update(round_trip_s=trip, bf16_over_f32_matmul=bf16, ef_flops=base_flops, energy_flops=energy_flops)
+    result.update(round_trip_s=trip, bf16_over_f32_matmul=bf16, energy_flops=energy_flops)
     f_default = forces(n, {})
 
     def save():
         atomic_write(args.out / "ablation.json", lambda f: json.dump(result, f, indent=1))
         atomic_write(args.out / "ablation.md", lambda f: f.write(table(result) + "\n"))
 
-    def record(label: str, potential: str, settings: dict, prediction: float | None, reference: dict | None):
+    def record(label: str, potential: str, settings: dict, reference: dict | None):
         try:
             row = bench.measure(potential, n, **settings, **timing)
         except RuntimeError as error:  # a trimmed list that overflows is a result, not a crash
@@ -157,25 +160,25 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{label:>32}: {error}", flush=True)
             save()
             return None
-        row.update(label=label, chunk=args.chunk, predicted=prediction)
+        row.update(label=label, chunk=args.chunk)
         if reference is not None:
+            row["predicted"] = predict(settings, row, reference, energy_flops, bf16, trip)
             row["measured"] = row["us_per_atom_step"] / reference["us_per_atom_step"]
         if potential == "a2i":
             f = forces(n, settings)
             row["force_change"] = float(np.sqrt(np.mean((f - f_default) ** 2)) / np.sqrt(np.mean(f_default**2)))
         result["rows"].append(row)
-        print(f"{label:>32}: {row['us_per_atom_step']:.4g} us/atom-step, predicted {prediction}, "
+        print(f"{label:>32}: {row['us_per_atom_step']:.4g} us/atom-step, predicted {row.get('predicted')}, "
               f"measured {row.get('measured')}", flush=True)
         save()
         return row
 
-    base = record("default", "a2i", {}, 1.0, None)
+    base = record("default", "a2i", {}, None)
     for label, settings in VARIANTS:
-        record(label, "a2i", settings, predict(label, settings, n, base_flops, energy_flops, bf16, trip, base), base)
-    record("default, again", "a2i", {}, 1.0, base)
-    lj = record("jax-md LJ", "lj", {}, None, None)
-    record("jax-md LJ, host sync every step", "lj", dict(sync_every_step=True),
-           1 + trip / (lj["md_chunk_s"] / args.chunk), lj)
+        record(label, "a2i", settings, base)
+    record("default, again", "a2i", {}, base)
+    lj = record("jax-md LJ", "lj", {}, None)
+    record("jax-md LJ, host sync every step", "lj", dict(sync_every_step=True), lj)
     n_angular = config.angular_order + 1
     result["fused_projection"] = fused_projection(config.atom_chunk * base["neighbors"], config.width, config.heads,
                                                   n_angular)
