@@ -12,7 +12,7 @@ trainable arrays and ``energy_fn(params, R, neighbor, **kwargs)`` the total ener
   recurrences), the one-hot species as node features, fixed when the potential is built.
 * ``behler_parrinello``: ``jax_md.energy.behler_parrinello_neighbor_list`` with ``format=Dense`` (its
   default Sparse format pairs every edge with every edge in the angular terms: wrong and quadratic in
-  memory, see DESIGN.md), default symmetry functions at the cutoff, species fixed when built.
+  memory, see docs/design.md), default symmetry functions at the cutoff, species fixed when built.
 
 GraphNetwork and Behler-Parrinello are flax-nnx modules whose jax-md ``energy_fn`` carries its own
 weights; here their ``nnx.Param`` state is split out as a plain dict, so all three are
@@ -79,15 +79,16 @@ def baseline_neighbor_list(name: str, displacement_fn: Callable, box: Any, *, cu
                            **nl_kwargs) -> tuple[partition.NeighborFn, Callable, Callable]:
     """``(neighbor_fn, init_fn, energy_fn)`` of jax-md's potential ``name`` (one of :data:`BASELINES`).
 
-    ``species`` (``[N]`` ids) is fixed here for ``graph_network`` and ``behler_parrinello``; ``nequip``
-    takes ``species=`` at every call too. The nnx models draw their weights from ``key`` when built
+    ``species`` (``[N]`` ids) is fixed here for ``graph_network`` and ``behler_parrinello`` (a
+    ``species=`` at a call is an error, never silently ignored); ``nequip`` takes ``species=`` at
+    every call too. The nnx models draw their weights from ``key`` when built
     (``init_fn`` returns those); NequIP draws them from ``init_fn``'s key. ``energy_fn`` accepts a
     Dense list for every model (NequIP's is converted to Sparse inside).
     """
     key = jax.random.PRNGKey(0) if key is None else key
     dr_threshold = nl_kwargs.pop("dr_threshold", 0.0)
     if name == "nequip":
-        from jax_md._nn import nequip
+        from jax_md.nn import nequip
 
         cfg = nequip.default_config()
         cfg.r_max, cfg.n_elements, cfg.n_neighbors = float(cutoff), int(n_species), float(avg_neighbors)
@@ -123,7 +124,9 @@ def baseline_neighbor_list(name: str, displacement_fn: Callable, box: Any, *, cu
         return jax.tree_util.tree_map(jnp.copy, params)
 
     def energy_fn(params, R, neighbor, **kwargs):
-        kwargs.pop("species", None)  # fixed when built
+        if kwargs.pop("species", None) is not None:
+            raise ValueError(f"jax-md's {name} takes its species when it is built (baseline_neighbor_list("
+                             "species=...)), not at each call: a species= here would be ignored")
         return apply(params, R, neighbor, **kwargs)
 
     return neighbor_fn, init_fn, energy_fn

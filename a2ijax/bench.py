@@ -42,8 +42,9 @@ import numpy as np
 from jax_md import energy, partition, simulate, space
 
 from a2ijax.baselines import DESCRIPTIONS, baseline_neighbor_list
+from a2ijax.files import atomic_write
 from a2ijax.model import A2IConfig
-from a2ijax.potential import a2i_neighbor_list
+from a2ijax.potential import a2i_neighbor_list, default_atom_chunk
 from a2ijax.systems import lattice_positions
 
 DENSITY = 0.84
@@ -60,6 +61,10 @@ A2I_VARIANTS = {
 #: jax-md potentials and the settings that differ from jax-md's defaults.
 BASELINES = {"lj": "jax_md.energy.lennard_jones_neighbor_list(sigma=1, epsilon=1, r_cutoff=2.5)", **DESCRIPTIONS}
 POTENTIALS = tuple(BASELINES) + tuple(A2I_VARIANTS)
+
+
+class BlowUp(RuntimeError):
+    """A potential's MD overflowed its neighbour list or produced non-finite positions while timed."""
 
 
 @dataclasses.dataclass
@@ -83,11 +88,14 @@ def count(params: Any) -> int:
 
 
 def build(name: str, displacement: Callable, side: float, R: jax.Array, skin: float, key: jax.Array,
-          capacity_multiplier: float = 1.25, overrides: dict | None = None) -> Built:
+          capacity_multiplier: float = 1.25, overrides: dict | None = None, atom_chunk: int | None = None,
+          dtype: str | None = None) -> Built:
     """The potential ``name`` (one of :data:`POTENTIALS`) in a cubic box of side ``side``;
-    ``overrides`` replace fields of an A2I variant's config (e.g. ``atom_chunk=0``, ``dtype="bfloat16"``)."""
-    if overrides and name not in A2I_VARIANTS:
-        raise ValueError(f"config overrides {overrides} apply to the A2I variants only, not to {name!r}")
+    ``overrides`` replace fields of an A2I variant's config (e.g. ``width=64``); ``atom_chunk`` and
+    ``dtype`` are the A2I run settings (:func:`a2ijax.a2i_neighbor_list`)."""
+    if (overrides or atom_chunk is not None or dtype is not None) and name not in A2I_VARIANTS:
+        raise ValueError(f"config overrides {overrides}, atom_chunk and dtype apply to the A2I variants only, "
+                         f"not to {name!r}")
     nl = dict(dr_threshold=skin, capacity_multiplier=capacity_multiplier)
     if name == "lj":
         _, energy_fn = energy.lennard_jones_neighbor_list(displacement, side, r_cutoff=CUTOFF, **nl)
@@ -97,7 +105,8 @@ def build(name: str, displacement: Callable, side: float, R: jax.Array, skin: fl
         return Built(neighbor_fn, lambda params, R, neighbor: energy_fn(R, neighbor=neighbor), None, 0)
     if name in A2I_VARIANTS:
         config = dataclasses.replace(A2I_VARIANTS[name], **(overrides or {}))
-        neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(displacement, side, config, **nl)
+        neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(displacement, side, config, atom_chunk=atom_chunk,
+                                                             dtype=dtype, **nl)
         params = init_fn(key, R, neighbor=neighbor_fn.allocate(R))
         return Built(neighbor_fn, lambda params, R, neighbor: energy_fn(params, R, neighbor=neighbor), params,
                      count(params))
@@ -162,29 +171,33 @@ def _host_peak_mib() -> float | None:
 
 
 def measure(name: str, n: int, *, skin: float = 0.3, capacity_multiplier: float = 1.25,
-            overrides: dict | None = None, donate: bool = True, sync_every_step: bool = False, chunk: int = 50,
-            chunks: int = 3, repeats: int = 5, seed: int = 0) -> dict:
+            overrides: dict | None = None, atom_chunk: int | None = None, dtype: str | None = None,
+            donate: bool = True, sync_every_step: bool = False, chunk: int = 50, chunks: int = 3, repeats: int = 5,
+            seed: int = 0) -> dict:
     """Energy+forces latency, MD throughput, compile times and memory of ``name`` at ``n`` atoms.
 
     The defaults are the bench's; the other settings exist to measure what each costs
-    (``experiments/speed_ablation.py``): ``overrides`` of the A2I config, no buffer donation, or one
+    (``experiments/speed_ablation.py``): ``overrides`` of the A2I config, its run settings
+    ``atom_chunk`` and ``dtype``, no buffer donation, or one
     compiled step per call with a host read of the overflow flag after every step instead of a
     ``chunk``-step scan.
     """
     R, side = liquid(n, seed)
     displacement, shift = space.periodic(side)
-    settings = dict(skin=skin, capacity_multiplier=capacity_multiplier, overrides=overrides)
+    settings = dict(skin=skin, capacity_multiplier=capacity_multiplier, overrides=overrides, atom_chunk=atom_chunk,
+                    dtype=dtype)
     pot = build(name, displacement, side, R, key=jax.random.PRNGKey(seed), **settings)
     nbrs = pot.neighbor_fn.allocate(R)
     row = dict(potential=name, n=n, parameters=pot.parameters, neighbors=int(nbrs.idx.shape[-1]),
                neighbor_format=str(nbrs.format.name), skin=skin, capacity_multiplier=capacity_multiplier,
-               overrides=overrides or {}, donate=donate, sync_every_step=sync_every_step)
+               overrides=overrides or {}, atom_chunk=atom_chunk, dtype=dtype, donate=donate,
+               sync_every_step=sync_every_step)
 
     compiled, row["force_compile_s"] = _compile(_energy_and_forces(pot.energy), pot.params, R, nbrs)
     row["force_s"] = median_seconds(lambda: compiled(pot.params, R, nbrs), repeats)
     row["force_us_per_atom"] = 1e6 * row["force_s"] / n
     # XLA counts a loop body once: a chunked A2I is costed as the same model compiled unchunked.
-    chunked = name in A2I_VARIANTS and (overrides or {}).get("atom_chunk", A2I_VARIANTS[name].atom_chunk) > 0
+    chunked = name in A2I_VARIANTS and (default_atom_chunk() if atom_chunk is None else atom_chunk) > 0
     row["force_flop_per_atom"] = (flops(name, n, seed=seed, **settings) if chunked else _flops(compiled)) / n
 
     length = 1 if sync_every_step else chunk
@@ -210,19 +223,20 @@ def measure(name: str, n: int, *, skin: float = 0.3, capacity_multiplier: float 
         for _ in range(chunk // length):
             state, nbrs = md(pot.params, state, nbrs)
             if sync_every_step and bool(nbrs.did_buffer_overflow):
-                raise RuntimeError(f"{name} at N={n}: the neighbour list overflowed")
+                raise BlowUp(f"{name} at N={n}: the neighbour list overflowed")
         return state, nbrs
 
     state, nbrs = jax.block_until_ready(md_chunk(state, nbrs))  # warm-up chunk
     if bool(nbrs.did_buffer_overflow):
-        raise RuntimeError(f"{name} at N={n}: the neighbour list overflowed during the warm-up chunk")
+        raise BlowUp(f"{name} at N={n}: the neighbour list overflowed during the warm-up chunk")
     t0 = time.perf_counter()
     for _ in range(chunks):
         state, nbrs = md_chunk(state, nbrs)
     jax.block_until_ready(state)
     seconds = time.perf_counter() - t0
     if bool(nbrs.did_buffer_overflow) or not bool(jnp.all(jnp.isfinite(state.position))):
-        raise RuntimeError(f"{name} at N={n}: overflow or non-finite positions while timing")
+        raise BlowUp(f"{name} at N={n}: overflow or non-finite positions while timing (the untrained "
+                     "potential blew the liquid apart)")
     row["md_chunk_s"] = seconds / chunks
     row["atom_steps_per_s"] = n * chunk * chunks / seconds
     row["us_per_atom_step"] = 1e6 / row["atom_steps_per_s"]
@@ -234,14 +248,14 @@ def measure(name: str, n: int, *, skin: float = 0.3, capacity_multiplier: float 
 
 
 def flops(name: str, n: int, *, skin: float = 0.3, capacity_multiplier: float = 1.25, overrides: dict | None = None,
-          seed: int = 0, forces: bool = True) -> float:
+          atom_chunk: int | None = None, dtype: str | None = None, seed: int = 0, forces: bool = True) -> float:
     """XLA's FLOP count of one energy+forces call (``forces=False``: energy only) of the potential
     ``name`` at ``n`` atoms, an A2I variant without atom chunking (compiled, never run)."""
     R, side = liquid(n, seed)
     displacement, _ = space.periodic(side)
-    if name in A2I_VARIANTS:
-        overrides = {**(overrides or {}), "atom_chunk": 0}
-    pot = build(name, displacement, side, R, skin, jax.random.PRNGKey(seed), capacity_multiplier, overrides)
+    del atom_chunk  # XLA counts a loop body once: cost the same model as one program
+    pot = build(name, displacement, side, R, skin, jax.random.PRNGKey(seed), capacity_multiplier, overrides,
+                atom_chunk=0 if name in A2I_VARIANTS else None, dtype=dtype)
     fn = _energy_and_forces(pot.energy) if forces else pot.energy
     compiled, _ = _compile(fn, pot.params, R, pot.neighbor_fn.allocate(R))
     return _flops(compiled)
@@ -282,9 +296,15 @@ def run(potentials: Sequence[str], sizes: Sequence[int], *, out: str | Path, max
             try:
                 row = measure(name, n, **kw)
             except Exception as error:  # out of memory (XLA raises its own type) ends this potential's sizes
-                if "RESOURCE_EXHAUSTED" not in str(error) and not isinstance(error, MemoryError):
+                if "RESOURCE_EXHAUSTED" in str(error) or isinstance(error, MemoryError):
+                    reason = f"out of memory: {str(error)[:200]}"
+                elif isinstance(error, BlowUp):
+                    reason = str(error)
+                else:
                     raise
-                result["skipped"].append(dict(potential=name, n=n, reason=f"out of memory: {str(error)[:200]}"))
+                result["skipped"].append(dict(potential=name, n=n, reason=reason))
+                print(f"{name:>18} N={n:>6}: skipped, {reason}", flush=True)
+                write(result, out)
                 break
             row["force_fraction_of_matmul"] = (row["force_flop_per_atom"] * n / row["force_s"]
                                                / result["environment"]["matmul_flop_per_s"])
@@ -355,8 +375,6 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write(result: dict, out: Path) -> None:
-    from a2ijax.data import atomic_write
-
     for name, text in (("bench.json", json.dumps(result, indent=1)), ("bench.md", table(result) + "\n")):
         atomic_write(out / name, lambda f, text=text: f.write(text))
     if result["rows"]:

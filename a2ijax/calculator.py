@@ -13,7 +13,6 @@ run in float64 when ``jax_enable_x64`` is on (parameters are cast), else in floa
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,60 +23,29 @@ import numpy as np
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from jax_md import quantity
 
-from a2ijax.data import Dataset, pair_distances
+from a2ijax.batching import frame_box, neighbor_indices, pad_frames
+from a2ijax.checkpoint import Checkpoint, a2i_builder, load_checkpoint
+from a2ijax.dataset import structure_dataset
+from a2ijax.geometry import closest_distance
 from a2ijax.potential import fixed_neighbor_list
-from a2ijax.train import Checkpoint, a2i_builder, frame_box, load_checkpoint, neighbor_indices, pad_frames
-
-
-class ExtrapolationWarning(UserWarning):
-    """Atoms are closer than any pair in the training data: the model is extrapolating."""
-
-
-def structure_frame(atoms: ase.Atoms, symbols: tuple[str, ...]) -> Dataset:
-    """One unlabelled frame as a :class:`Dataset`, with species ids from the checkpoint's ``symbols``."""
-    ids = {s: i for i, s in enumerate(symbols)}
-    unknown = sorted(set(atoms.get_chemical_symbols()) - set(ids))
-    if unknown:
-        raise ValueError(f"the structure has chemical symbols {unknown} that the potential was not trained on "
-                         f"(it knows {list(symbols)})")
-    n = len(atoms)
-    return Dataset("structure", symbols, [atoms.get_positions()], [np.asarray([ids[s] for s in
-                                                                                  atoms.get_chemical_symbols()],
-                                                                                 np.int32)],
-                   [np.asarray(atoms.cell[:])], [np.asarray(atoms.pbc)], np.zeros(1), [np.zeros((n, 3))], None, None,
-                   [{}])
-
-
-def warn_if_closer_than_training(closest: float, checkpoint: Checkpoint, where: str) -> None:
-    """Warns (``ExtrapolationWarning``) if ``closest`` is below the closest pair of the training data."""
-    trained = checkpoint.meta["statistics"].get("min_distance", 0.0)
-    if closest < trained:
-        warnings.warn(f"{where} has atoms {closest:.4g} apart, closer than any pair in the training data "
-                      f"({trained:.4g}): the model is extrapolating", ExtrapolationWarning, stacklevel=3)
-
-
-def warn_if_extrapolating(frame: Dataset, checkpoint: Checkpoint, where: str = "the structure") -> float:
-    """Warns if two atoms of ``frame`` are closer than any pair in the training data; returns the distance."""
-    closest = float(pair_distances(frame.positions[0], frame.cells[0], frame.pbc[0]).min())
-    warn_if_closer_than_training(closest, checkpoint, where)
-    return closest
 
 
 class A2ICalculator(Calculator):
     """Energy, per-atom energies, forces and stress of a trained A2I potential.
 
     Args:
-      checkpoint: a :class:`a2ijax.train.Checkpoint`, or a path that :func:`load_checkpoint` reads.
+      checkpoint: a :class:`a2ijax.checkpoint.Checkpoint`, or a path that :func:`load_checkpoint` reads.
+      atom_chunk: atoms per rematerialised chunk (a run setting, see :func:`a2ijax.a2i_neighbor_list`).
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
-    def __init__(self, checkpoint: Checkpoint | str | Path, **kwargs):
+    def __init__(self, checkpoint: Checkpoint | str | Path, *, atom_chunk: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
         self.checkpoint.require_a2i("A2ICalculator")
         self.cutoff = self.checkpoint.config.model.cutoff
-        _, energy_fn = a2i_builder(self.checkpoint.config.model)
+        _, energy_fn = a2i_builder(self.checkpoint.config.model, atom_chunk=atom_chunk)
 
         def evaluate(params, R, species, idx, box, periodic: bool):
             neighbor = fixed_neighbor_list(idx, R)
@@ -96,12 +64,13 @@ class A2ICalculator(Calculator):
                   system_changes: Any = all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
-        frame = structure_frame(atoms, self.checkpoint.symbols)
+        frame = structure_dataset(atoms, self.checkpoint.symbols)
         periodic = bool(atoms.pbc.all())
         if "stress" in properties and not periodic:
             raise PropertyNotImplementedError("stress needs a fully periodic cell")
         neighbors = neighbor_indices(frame, self.cutoff)  # checks the box against the cutoff
-        warn_if_extrapolating(frame, self.checkpoint)
+        self.checkpoint.warn_if_closer_than_training(
+            closest_distance(frame.positions[0], frame.cells[0], frame.pbc[0], self.cutoff), "the structure")
         capacity = 8 * max(1, -(-neighbors[0].shape[1] // 8))
         padded = pad_frames(frame, np.zeros(1, int), neighbors, len(atoms), capacity, self.cutoff)
         dtype = jnp.result_type(float)

@@ -23,6 +23,7 @@ the key and the expected type. Paths are relative to the working directory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -34,6 +35,10 @@ from a2ijax.model import A2IConfig
 
 T = TypeVar("T")
 
+#: Settings of how a model is run, which older configs kept in ``[model]``: where they went.
+RUN_SETTINGS = {"atom_chunk": "the builders' atom_chunk= argument (a2ijax train/md/evaluate --atom-chunk)",
+                "dtype": "the builders' dtype= argument (the compute dtype)"}
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -42,10 +47,13 @@ class DataConfig:
     Attributes:
       path: labelled frames (extended XYZ from ``a2ijax generate``, or any ASE-readable file with
         energies and forces). Frames whose header has ``split=train|valid|test`` are split by it;
-        otherwise frames are split at random with ``split_fractions``.
+        a file without split headers is split by whole ``segment`` groups (single frames where
+        there is none) at random with ``split_fractions``; some frames with and some without is an
+        error (``a2ijax.dataset.split_indices``).
       symbols: chemical symbols in species-id order (id = index). Empty: from the file's header.
       max_train_frames: use at most this many training frames (0: all), a fixed random subset.
-      split_fractions: train/valid/test fractions for files without a ``split`` header.
+      split_fractions: train/valid/test fractions for files without ``split`` headers; training must
+        get a share.
     """
 
     path: str = ""
@@ -58,8 +66,10 @@ class DataConfig:
             raise ValueError("[data] path: give the labelled frames to fit (e.g. `a2ijax generate lj --out FILE`)")
         if self.max_train_frames < 0:
             raise ValueError(f"[data] max_train_frames must be >= 0, got {self.max_train_frames}")
-        if len(self.split_fractions) != 3 or min(self.split_fractions) < 0 or abs(sum(self.split_fractions) - 1) > 1e-9:
-            raise ValueError(f"[data] split_fractions must be three non-negative fractions summing to 1, "
+        if (len(self.split_fractions) != 3 or min(self.split_fractions) < 0 or self.split_fractions[0] <= 0
+                or abs(sum(self.split_fractions) - 1) > 1e-9):
+            raise ValueError(f"[data] split_fractions must be three non-negative fractions summing to 1, with a "
+                             f"positive training share, "
                              f"got {self.split_fractions}")
 
 
@@ -82,7 +92,7 @@ class TrainConfig:
       weight_decay: AdamW decoupled weight decay.
       clip_norm: clip the global gradient norm to this value (0: no clipping).
       energy_weight, energy_weight_final, force_weight, force_weight_final: loss weights, initial
-        and final (a negative final value means "same as initial").
+        and final; a final weight left out keeps the initial one for the whole run.
       ema_decay: decay of the exponential moving average of the parameters used for evaluation.
       size_buckets: frames are padded to at most this many distinct atom counts (one compilation each).
       rotation_augmentation: rotate each frame (positions, forces, cell) at random every step.
@@ -105,9 +115,9 @@ class TrainConfig:
     weight_decay: float = 1e-6
     clip_norm: float = 10.0
     energy_weight: float = 1.0
-    energy_weight_final: float = -1.0
+    energy_weight_final: float | None = None
     force_weight: float = 1.0
-    force_weight_final: float = -1.0
+    force_weight_final: float | None = None
     ema_decay: float = 0.99
     size_buckets: int = 4
     rotation_augmentation: str = "auto"
@@ -130,6 +140,15 @@ class TrainConfig:
             raise ValueError(f"[train] ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.energy_weight < 0 or self.force_weight < 0 or self.energy_weight + self.force_weight == 0:
             raise ValueError("[train] energy_weight and force_weight must be >= 0 and not both 0")
+        for name in ("energy_weight_final", "force_weight_final"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"[train] {name} must be >= 0 (or left out: the initial weight throughout), "
+                                 f"got {getattr(self, name)}")
+        for name in ("learning_rate", "final_lr_fraction", "weight_decay", "clip_norm"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"[train] {name} must be finite, got {getattr(self, name)}")
+        if self.final_lr_fraction < 0 or self.weight_decay < 0 or self.clip_norm < 0:
+            raise ValueError("[train] final_lr_fraction, weight_decay and clip_norm must be >= 0")
         if self.rotation_augmentation not in ("auto", "on", "off"):
             raise ValueError(f"[train] rotation_augmentation must be auto, on or off, "
                              f"got {self.rotation_augmentation!r}")
@@ -137,8 +156,8 @@ class TrainConfig:
     def loss_weights(self, step: Any) -> tuple[Any, Any]:
         """``(w_E, w_F)`` at ``step``: linear from the initial to the final weights over the run."""
         t = step / max(self.steps - 1, 1)
-        final_e = self.energy_weight if self.energy_weight_final < 0 else self.energy_weight_final
-        final_f = self.force_weight if self.force_weight_final < 0 else self.force_weight_final
+        final_e = self.energy_weight if self.energy_weight_final is None else self.energy_weight_final
+        final_f = self.force_weight if self.force_weight_final is None else self.force_weight_final
         return (self.energy_weight + t * (final_e - self.energy_weight),
                 self.force_weight + t * (final_f - self.force_weight))
 
@@ -204,6 +223,10 @@ def from_dict(cls: type[T], values: dict[str, Any], table: str = "") -> T:
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(known))
+    moved = [key for key in unknown if cls is A2IConfig and key in RUN_SETTINGS]
+    if moved:
+        raise ValueError(f"{where}{moved[0]} is how a model is run, not what it is, and no longer part of the "
+                         f"model config: use {RUN_SETTINGS[moved[0]]}")
     if unknown:
         raise ValueError(f"{where}unknown keys {unknown}; known keys are {known}")
     for key, value in values.items():

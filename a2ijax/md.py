@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax_md import partition, quantity
 
+from a2ijax.geometry import neighbor_pairs
 from a2ijax.potential import reallocate
 
 
@@ -145,15 +146,15 @@ class Simulation:
     """What :func:`simulate` returns.
 
     ``thermo`` holds one row per ``thermo_every`` steps (columns ``THERMO_COLUMNS``; temperature is
-    k_B T in energy units, pressure from the virial), ``frames`` the positions written to the
-    trajectory (one per ``trajectory_every`` steps), ``drift`` the linear-fit slope of the total
+    k_B T in energy units, pressure from the virial), ``positions`` ``[F, N, 3]`` the frames written
+    to the trajectory (one per ``trajectory_every`` steps), ``drift`` the linear-fit slope of the total
     energy per atom per unit time, ``rate`` the atom-steps per second after compilation.
     """
 
     state: Any
     neighbor: partition.NeighborList
     thermo: dict[str, np.ndarray]
-    frames: np.ndarray
+    positions: np.ndarray
     drift: float
     rate: float
     reallocations: int
@@ -192,34 +193,34 @@ def energy_drift(time: np.ndarray, total: np.ndarray, n_atoms: int) -> float:
     return float(np.polyfit(np.asarray(time, np.float64), np.asarray(total, np.float64) / n_atoms, 1)[0])
 
 
-def radial_distribution(frames: np.ndarray, box: np.ndarray, species: np.ndarray, r_max: float, bins: int = 100
+def radial_distribution(positions: np.ndarray, box: np.ndarray, species: np.ndarray, r_max: float, bins: int = 100
                         ) -> tuple[np.ndarray, dict[tuple[int, int], np.ndarray]]:
-    """Radial distribution functions ``g_ab(r)`` for every species pair, averaged over ``frames``.
+    """Radial distribution functions ``g_ab(r)`` for every species pair, averaged over frames.
 
     Args:
-      frames: ``[F, N, 3]`` positions in a periodic ``box`` (``[3, 3]``, lattice vectors as columns)
-        whose perpendicular widths exceed ``2 * r_max``.
+      positions: ``[F, N, 3]`` positions of ``F`` frames in a periodic ``box`` (``[3, 3]``, lattice
+        vectors as columns) whose perpendicular widths exceed ``2 * r_max``.
       species: ``[N]`` species ids.
     Returns:
       bin centres ``[bins]`` and ``{(a, b): g [bins]}`` for ``a <= b`` present in ``species``.
+    Pairs come from a linear-time cell list (:func:`a2ijax.geometry.neighbor_pairs`).
     """
-    from a2ijax.data import pair_distances
-
     cell = np.asarray(box, np.float64).T
     volume = abs(np.linalg.det(cell))
     edges = np.linspace(0.0, r_max, bins + 1)
     shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
+    species = np.asarray(species)
     kinds = np.unique(species)
     counts = {(a, b): np.zeros(bins) for a in kinds for b in kinds if a <= b}
-    for R in np.asarray(frames, np.float64):
-        r = pair_distances(R, cell, np.ones(3, bool))
+    for R in np.asarray(positions, np.float64):
+        i, j, d = neighbor_pairs(R, cell, True, r_max)
         for a, b in counts:
-            counts[a, b] += np.histogram(r[np.ix_(species == a, species == b)], edges)[0]
+            counts[a, b] += np.histogram(d[(species[i] == a) & (species[j] == b)], edges)[0]
     g = {}
     for (a, b), c in counts.items():
         n_a, n_b = np.sum(species == a), np.sum(species == b)
         pairs = n_a * (n_a - 1) if a == b else n_a * n_b
-        g[a, b] = c / (len(frames) * pairs / volume * shell)
+        g[a, b] = c / (len(positions) * pairs / volume * shell)
     return 0.5 * (edges[1:] + edges[:-1]), g
 
 
@@ -259,6 +260,17 @@ class _Output:
             os.fsync(f.fileno())
 
 
+def check_output_steps(steps: int, thermo_every: int, trajectory_every: int) -> None:
+    """Raises unless ``steps``, ``thermo_every`` and ``trajectory_every`` are positive integers and
+    ``steps`` and ``trajectory_every`` multiples of ``thermo_every`` (what :func:`simulate` needs)."""
+    for name, value in (("steps", steps), ("thermo_every", thermo_every), ("trajectory_every", trajectory_every)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if trajectory_every % thermo_every or steps % thermo_every:
+        raise ValueError(f"steps ({steps}) and trajectory_every ({trajectory_every}) must be multiples of "
+                         f"thermo_every ({thermo_every})")
+
+
 def simulate(energy_fn: Callable[..., jax.Array], neighbor_fn: partition.NeighborFn, displacement_fn: Callable,
              shift_fn: Callable, R: jax.Array, box: Any, *, steps: int, dt: float, ensemble: str = "nve",
              kT: float | None = None, mass: Any = 1.0, seed: int = 0, thermo_every: int = 10,
@@ -282,11 +294,14 @@ def simulate(energy_fn: Callable[..., jax.Array], neighbor_fn: partition.Neighbo
     """
     if ensemble not in ENSEMBLES:
         raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
+    check_output_steps(steps, thermo_every, trajectory_every)
+    for name, value in (("dt", dt), ("tau", tau), ("friction", friction)):
+        if not np.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if kT is not None and (not np.isfinite(kT) or kT < 0):
+        raise ValueError(f"kT must be >= 0, got {kT!r}")
     if ensemble != "nve" and kT is None:
         raise ValueError(f"the {ensemble} thermostat needs kT")
-    if trajectory_every % thermo_every or steps % thermo_every:
-        raise ValueError(f"steps ({steps}) and trajectory_every ({trajectory_every}) must be multiples of "
-                         f"thermo_every ({thermo_every})")
     from jax_md import simulate as integrators
 
     if ensemble == "nve":
@@ -303,7 +318,7 @@ def simulate(energy_fn: Callable[..., jax.Array], neighbor_fn: partition.Neighbo
         neighbor, reallocations = reallocate(neighbor_fn, R, neighbor), reallocations + 1
     state = init(jax.random.PRNGKey(seed), R, mass=mass, kT=0.0 if kT is None else kT, neighbor=neighbor)
     output = _Output(out, symbols or ["X"] * n, np.asarray(box))
-    frames, rows = [], []
+    positions, rows = [], []
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -318,7 +333,7 @@ def simulate(energy_fn: Callable[..., jax.Array], neighbor_fn: partition.Neighbo
         records["time"] = records["step"] * dt
         rows.append(records)
         R = np.asarray(state.position, np.float64)
-        frames.append(R)
+        positions.append(R)
         output.write(records, R, done, done * dt)
         now = time.perf_counter()
         if t_first is None:
@@ -342,5 +357,5 @@ def simulate(energy_fn: Callable[..., jax.Array], neighbor_fn: partition.Neighbo
     if t_first is not None and steps > t_first[1]:
         rate = n * (steps - t_first[1]) / (t0 + seconds - t_first[0])
     drift = energy_drift(thermo["time"], thermo["total"], n) if thermo else float("nan")
-    return Simulation(md.state, md.neighbor, thermo, np.asarray(frames), drift, rate,
+    return Simulation(md.state, md.neighbor, thermo, np.asarray(positions), drift, rate,
                       reallocations + md.reallocations, seconds)

@@ -68,16 +68,14 @@ class A2IConfig:
       featurization: ``"invariant"`` or ``"coordinates"`` (see the module docstring).
       avg_neighbors: typical number of neighbours inside the cutoff; divides the pooled sum so that
         activations stay of order one. A constant, not learned; changing it changes the model.
-      atom_chunk: evaluate at most this many atoms at once, rematerialising each chunk in the
-        backward pass, so that peak memory is bounded by the chunk rather than by ``N``. Results
-        do not depend on it (up to float rounding). 0 evaluates all atoms at once. On a CPU small
-        chunks are also the fastest (their ``[chunk, H, K, K]`` attention stays in cache: 1.4x at
-        N = 1,000, see BUILD_NOTES.md); on a GPU use thousands, or 0, to fill the device.
       core_radii: radii ``r_ab`` of the core repulsion, the ``n_species x n_species`` symmetric matrix
         flattened row by row; empty: no core repulsion. See :func:`core_repulsion`.
       core_energy: energy scale ``E_0`` of the core repulsion (energy unit of the data).
-      dtype: compute dtype (``None``: promote from the inputs and parameters), e.g. ``"bfloat16"``.
       param_dtype: dtype of the parameters, e.g. ``"float32"`` or ``"float64"``.
+
+    How a model is run (the compute dtype, atom chunking) is not part of what it is: those are
+    arguments of :class:`A2ITransformer`, :func:`per_atom_energies` and the builders in
+    ``a2ijax.potential``, so a model trained on one device runs on another with its own settings.
     """
 
     cutoff: float = 2.5
@@ -92,10 +90,8 @@ class A2IConfig:
     envelope_exponent: int = 6
     featurization: str = "invariant"
     avg_neighbors: float = 32.0
-    atom_chunk: int = 32
     core_radii: tuple[float, ...] = ()
     core_energy: float = 0.0
-    dtype: str | None = None
     param_dtype: str = "float32"
 
     def __post_init__(self):
@@ -107,7 +103,7 @@ class A2IConfig:
         for name in ("n_species", "width", "heads", "layers", "mlp_ratio", "n_radial"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
-        for name in ("angular_order", "atom_chunk"):
+        for name in ("angular_order",):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 0, f"{name} must be an int >= 0, got {value!r}")
         need(self.width % self.heads == 0,
@@ -127,23 +123,18 @@ class A2IConfig:
                  f"core_radii must be a symmetric matrix, got {self.core_radii!r}")
         need(float(self.core_energy) >= 0, f"core_energy must be >= 0, got {self.core_energy!r}")
         need(float(self.avg_neighbors) > 0, f"avg_neighbors must be positive, got {self.avg_neighbors!r}")
-        for name in ("dtype", "param_dtype"):
-            value = getattr(self, name)
-            if value is None and name == "dtype":
-                continue
-            try:
-                ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
-            except TypeError:
-                ok = False
-            need(ok, f"{name} must name a floating dtype, got {value!r}")
+        need(is_float_dtype(self.param_dtype), f"param_dtype must name a floating dtype, got {self.param_dtype!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @property
-    def layer_dtypes(self) -> dict[str, Any]:
-        """``dtype`` and ``param_dtype`` keyword arguments for every Flax layer of the model."""
-        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+def is_float_dtype(name: Any) -> bool:
+    """Whether ``name`` names a floating-point dtype (``"float32"``, ``"bfloat16"``, ...)."""
+    try:
+        return bool(jnp.issubdtype(jnp.dtype(name), jnp.floating))
+    except TypeError:
+        return False
 
 
 def envelope(x: Array, kind: str = "polynomial", p: int = 6) -> Array:
@@ -205,6 +196,7 @@ class SelfAttention(nn.Module):
     """Multi-head attention among the tokens of each atom, envelope-weighted keys, a sink logit."""
 
     config: A2IConfig
+    dtype: Any = None  # compute dtype; None: promote from inputs and parameters
 
     @nn.compact
     def __call__(self, x: Array, c: Array, angular: list[Array] | None) -> Array:
@@ -212,7 +204,7 @@ class SelfAttention(nn.Module):
         n, k, d = x.shape
         h, dh = cfg.heads, cfg.width // cfg.heads
         n_ang = (cfg.angular_order + 1) if angular is not None else 0
-        dense = cfg.layer_dtypes
+        dense = dict(dtype=self.dtype, param_dtype=cfg.param_dtype)
         # One fused projection for queries, keys, values and the angular bias coefficients.
         proj = nn.Dense(3 * d + 2 * h * n_ang, name="qkv", **dense)(x)  # [n, K, 3D + 2H(L+1)]
         q, kk, v = (proj[..., i * d:(i + 1) * d].reshape(n, k, h, dh) for i in range(3))
@@ -244,12 +236,14 @@ class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(LN(x))``, then ``x + MLP(LN(x))``."""
 
     config: A2IConfig
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array, c: Array, angular: list[Array] | None) -> Array:
         cfg = self.config
-        dense = cfg.layer_dtypes
-        x = x + SelfAttention(cfg, name="attention")(nn.LayerNorm(name="norm_attention", **dense)(x), c, angular)
+        dense = dict(dtype=self.dtype, param_dtype=cfg.param_dtype)
+        attention = SelfAttention(cfg, self.dtype, name="attention")
+        x = x + attention(nn.LayerNorm(name="norm_attention", **dense)(x), c, angular)
         y = nn.LayerNorm(name="norm_mlp", **dense)(x)
         y = nn.Dense(cfg.mlp_ratio * cfg.width, name="mlp_in", **dense)(y)
         y = nn.Dense(cfg.width, name="mlp_out", **dense)(nn.silu(y))
@@ -264,15 +258,17 @@ class A2ITransformer(nn.Module):
       species_center: ``[n]`` species ids of the atoms.
       species_neighbor: ``[n, K]`` species ids of the neighbours.
       pair_mask: ``[n, K]`` True where the slot holds a real neighbour.
-    Returns ``[n]`` per-atom energies.
+    Returns ``[n]`` per-atom energies. ``dtype`` is the compute dtype (None: promote from the inputs
+    and parameters; ``"bfloat16"`` halves matmul traffic), a run setting that parameters do not depend on.
     """
 
     config: A2IConfig
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, dR: Array, species_center: Array, species_neighbor: Array, pair_mask: Array) -> Array:
         cfg = self.config
-        dense = cfg.layer_dtypes
+        dense = dict(dtype=self.dtype, param_dtype=cfg.param_dtype)
         n, k, dim = dR.shape
         rc = jnp.asarray(cfg.cutoff, dR.dtype)
         # Empty slots become a vector at 2 r_c: outside the envelope, finite gradients.
@@ -298,7 +294,7 @@ class A2ITransformer(nn.Module):
         tokens = nn.Dense(cfg.width, name="embed_geometry", **dense)(geometry) + neighbor + center[:, None, :]
 
         for layer in range(cfg.layers):
-            tokens = Block(cfg, name=f"block_{layer}")(tokens, c, angular)  # [n, K, D]
+            tokens = Block(cfg, self.dtype, name=f"block_{layer}")(tokens, c, angular)  # [n, K, D]
         tokens = nn.LayerNorm(name="norm_out", **dense)(tokens)
         pooled = jnp.einsum("nk,nkd->nd", c.astype(tokens.dtype), tokens) / cfg.avg_neighbors  # [n, D]
         y = nn.Dense(cfg.width, name="readout_hidden", **dense)(pooled + center.astype(pooled.dtype))
@@ -322,18 +318,20 @@ def per_atom_energies(
     species_center: Array,
     species_neighbor: Array,
     pair_mask: Array,
+    atom_chunk: int = 0,
 ) -> Array:
-    """``model.apply`` over all atoms, in rematerialised chunks of ``config.atom_chunk`` atoms.
+    """``model.apply`` over all atoms, in rematerialised chunks of ``atom_chunk`` atoms (0: all at once).
 
     Chunking bounds peak memory by the chunk: the backward pass recomputes each chunk's forward
-    pass instead of storing its ``[n, H, K, K]`` attention weights. Atoms are padded up to a whole
-    number of equal chunks with empty neighbour slots, and the padding is cut off again.
+    pass instead of storing its ``[n, H, K, K]`` attention weights. On a CPU small chunks are also
+    the fastest (the attention stays in cache; docs/design.md); on accelerators use thousands.
+    Atoms are padded up to a whole number of equal chunks with empty neighbour slots, and the
+    padding is cut off again.
     """
     n = dR.shape[0]
-    chunk = model.config.atom_chunk
-    if chunk == 0 or n <= chunk:
+    if atom_chunk == 0 or n <= atom_chunk:
         return model.apply(params, dR, species_center, species_neighbor, pair_mask)
-    n_chunks = -(-n // chunk)
+    n_chunks = -(-n // atom_chunk)
     size = -(-n // n_chunks)
     pad = n_chunks * size - n
 

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax_md import partition
 
-from a2ijax.model import A2IConfig, A2ITransformer, per_atom_energies
+from a2ijax.geometry import lattice_matrix, perpendicular_widths
+from a2ijax.model import A2IConfig, A2ITransformer, is_float_dtype, per_atom_energies
 
 Array = jax.Array
 DisplacementFn = Callable[..., Array]
@@ -45,51 +46,59 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def lattice_matrix(box: Any, dim: int) -> np.ndarray:
-    """The ``[dim, dim]`` matrix whose columns are the lattice vectors of a jax-md ``box``."""
-    box = np.asarray(box, dtype=np.float64)
-    if box.ndim == 0:
-        return box * np.eye(dim)
-    if box.ndim == 1:
-        if box.shape[0] != dim:
-            raise ValueError(f"box has {box.shape[0]} side lengths, positions have dimension {dim}")
-        return np.diag(box)
-    if box.shape != (dim, dim):
-        raise ValueError(f"box matrix has shape {box.shape}, expected ({dim}, {dim})")
-    return box
-
-
-def perpendicular_widths(lattice: np.ndarray) -> np.ndarray:
-    """Distances between opposite faces of the cell whose columns are the lattice vectors ``[dim, dim]``.
-
-    Width ``k`` is measured across the faces spanned by the other lattice vectors: ``1 / |row k of T^-1|``.
-    """
-    return 1.0 / np.linalg.norm(np.linalg.inv(lattice), axis=1)
-
-
 def check_box(displacement_fn: DisplacementFn, box: Any, cutoff: float, fractional_coordinates: bool = False) -> None:
-    """Raises if a periodic direction of ``box`` is too narrow for minimum-image displacements.
+    """Raises if a periodic direction of ``box`` is too narrow for minimum-image displacements, or if
+    ``displacement_fn`` and ``fractional_coordinates`` disagree about the coordinates.
 
-    A direction counts as periodic when ``displacement_fn`` maps its lattice vector to zero, so
-    ``space.free`` boxes are never rejected. Minimum-image displacements see a single image of each
-    neighbour only if every perpendicular width of the box exceeds ``2 * cutoff``.
+    A direction is periodic when ``displacement_fn`` maps one lattice vector to zero: the lattice
+    column in real coordinates, or the unit vector in fractional ones (``space.periodic_general``'s
+    default), so the check holds whichever convention the displacement uses; ``space.free`` boxes are
+    never rejected. Minimum-image displacements see a single image of each neighbour only if every
+    perpendicular width of the box exceeds ``2 * cutoff``.
     """
     dim = int(np.shape(box)[0]) if np.ndim(box) else 3  # a scalar side: a cube in three dimensions
     lattice = lattice_matrix(box, dim)
-    if np.linalg.det(lattice) == 0 or not np.all(np.isfinite(lattice)):
+    if not np.all(np.isfinite(lattice)) or np.linalg.det(lattice) == 0:
         raise ValueError(f"box {lattice.tolist()} is singular or not finite")
     widths = perpendicular_widths(lattice)
     origin = jnp.zeros((dim,))
-    for axis in range(dim):
-        probe = np.eye(dim)[axis] if fractional_coordinates else lattice[:, axis]
+
+    def maps_to_zero(probe: np.ndarray) -> bool:
         image = np.asarray(displacement_fn(jnp.asarray(probe, origin.dtype), origin))
-        periodic = np.linalg.norm(image) < 1e-6 * np.linalg.norm(lattice[:, axis])
-        if periodic and widths[axis] <= 2.0 * cutoff:
+        return bool(np.linalg.norm(image) < 1e-6 * max(np.linalg.norm(probe), 1.0))
+
+    for axis in range(dim):
+        real, fractional = maps_to_zero(lattice[:, axis]), maps_to_zero(np.eye(dim)[axis])
+        if fractional and not real and not fractional_coordinates:
+            raise ValueError("displacement_fn takes fractional coordinates (space.periodic_general's default) but "
+                             "fractional_coordinates=False: pass fractional_coordinates=True to the builder, or "
+                             "build the space with fractional_coordinates=False")
+        if real and not fractional and fractional_coordinates:
+            raise ValueError("fractional_coordinates=True but displacement_fn takes real coordinates: build the "
+                             "space with space.periodic_general(box) (fractional by default) or drop the option")
+        if (real or fractional) and widths[axis] <= 2.0 * cutoff:
             raise ValueError(
                 f"box too small for the cutoff: the periodic box is {widths[axis]:.6g} wide along "
                 f"lattice vector {axis}, but minimum-image displacements need more than "
                 f"2 x cutoff = {2.0 * cutoff:.6g}. Use a larger box (replicate the cell) or a "
                 "smaller cutoff.")
+
+
+def default_atom_chunk(backend: str | None = None) -> int:
+    """Atoms per rematerialised chunk when none is given: 32 on a CPU (the ``[chunk, H, K, K]``
+    attention stays in cache: fastest there, docs/design.md), 4,096 on accelerators (enough to fill
+    the device, memory still linear in N)."""
+    return 32 if (backend or jax.default_backend()) == "cpu" else 4096
+
+
+def run_settings(atom_chunk: int | None, dtype: Any) -> tuple[int, Any]:
+    """Checked ``(atom_chunk, dtype)`` of a builder: ``atom_chunk`` None takes the backend's default."""
+    chunk = default_atom_chunk() if atom_chunk is None else atom_chunk
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 0:
+        raise ValueError(f"atom_chunk must be an int >= 0 (0: all atoms at once), got {atom_chunk!r}")
+    if dtype is not None and not is_float_dtype(dtype):
+        raise ValueError(f"dtype must name a floating compute dtype (or None), got {dtype!r}")
+    return int(chunk), dtype
 
 
 def _check_inputs(config: A2IConfig, R: Array, species: Array | None, mask: Array | None) -> None:
@@ -140,11 +149,12 @@ def _model_inputs(R: Array, idx: Array, displacement_fn: DisplacementFn, species
     return dR, species[:n], species[j], pair_mask
 
 
-def _a2i_energy(model: A2ITransformer, params: Any, R: Array, idx: Array,
+def _a2i_energy(model: A2ITransformer, atom_chunk: int, params: Any, R: Array, idx: Array,
                 displacement_fn: DisplacementFn, species: Array | None, mask: Array | None,
                 per_atom: bool, **kwargs) -> Array:
     """Total (or per-atom) energy from a Dense neighbour index ``idx [N, K]``."""
-    energies = per_atom_energies(model, params, *_model_inputs(R, idx, displacement_fn, species, mask, **kwargs))
+    inputs = _model_inputs(R, idx, displacement_fn, species, mask, **kwargs)
+    energies = per_atom_energies(model, params, *inputs, atom_chunk=atom_chunk)
     if mask is not None:
         energies = jnp.where(mask, energies, 0.0)
     return energies if per_atom else jnp.sum(energies)
@@ -162,6 +172,9 @@ def a2i_neighbor_list(
     box: Any,
     config: A2IConfig,
     species: Array | None = None,
+    *,
+    atom_chunk: int | None = None,
+    dtype: Any = None,
     **nl_kwargs,
 ) -> tuple[partition.NeighborFn, Callable[..., Any], Callable[..., Array]]:
     """A2I potential on a jax-md Dense neighbour list.
@@ -172,6 +185,9 @@ def a2i_neighbor_list(
         ``2 * config.cutoff`` along every periodic direction.
       config: the model's hyperparameters.
       species: ``[N]`` integer species ids; may instead be passed to each call as ``species=``.
+      atom_chunk: atoms per rematerialised chunk (bounds memory by the chunk; results do not depend
+        on it beyond float rounding); 0: all at once; None: :func:`default_atom_chunk` of the backend.
+      dtype: compute dtype, e.g. ``"bfloat16"``; None: that of the positions and parameters.
       **nl_kwargs: passed to ``jax_md.partition.neighbor_list`` (``dr_threshold``,
         ``capacity_multiplier``, ``fractional_coordinates``, ...). The format is always Dense.
         A skin (``dr_threshold``) saves rebuilds but adds tokens: attention cost grows as ``K**2``.
@@ -185,11 +201,12 @@ def a2i_neighbor_list(
     if "format" in nl_kwargs and nl_kwargs["format"] is not partition.Dense:
         raise ValueError("a2i_neighbor_list needs format=partition.Dense")
     nl_kwargs.pop("format", None)
+    atom_chunk, dtype = run_settings(atom_chunk, dtype)
     species = None if species is None else jnp.asarray(species)
     fractional = nl_kwargs.get("fractional_coordinates", False)
     check_box(displacement_fn, box, config.cutoff, fractional)
     neighbor_fn = partition.neighbor_list(displacement_fn, box, config.cutoff, format=partition.Dense, **nl_kwargs)
-    model = A2ITransformer(config)
+    model = A2ITransformer(config, dtype=dtype)
 
     def _neighbors(neighbor: Any) -> partition.NeighborList:
         if neighbor is None:
@@ -214,7 +231,8 @@ def a2i_neighbor_list(
         neighbor = _neighbors(neighbor)
         if neighbor.idx.shape[0] != R.shape[0]:
             raise ValueError(f"neighbour list is for {neighbor.idx.shape[0]} atoms, R has {R.shape[0]}")
-        energy = _a2i_energy(model, params, R, neighbor.idx, displacement_fn, species, mask, per_atom, **kwargs)
+        energy = _a2i_energy(model, atom_chunk, params, R, neighbor.idx, displacement_fn, species, mask, per_atom,
+                             **kwargs)
         # An overflowed list has lost neighbours: poison energy and forces rather than truncate.
         return energy * jnp.where(neighbor.did_buffer_overflow, jnp.nan, 1.0).astype(energy.dtype)
 
@@ -235,16 +253,19 @@ def a2i_pair(
     species: Array | None = None,
     *,
     fractional_coordinates: bool = False,
+    atom_chunk: int | None = None,
+    dtype: Any = None,
 ) -> tuple[Callable[..., Any], Callable[..., Array]]:
     """All-pairs A2I potential for small systems: every other atom is a token (no neighbour list).
 
-    Same model and signatures as :func:`a2i_neighbor_list`, returning ``(init_fn, energy_fn)``;
+    Same model, run settings and signatures as :func:`a2i_neighbor_list`, returning ``(init_fn, energy_fn)``;
     ``neighbor=`` is accepted and ignored so that one MD driver can call either. Cost and memory
     grow as ``N**3``: meant for clusters and for checking the neighbour-list path.
     """
+    atom_chunk, dtype = run_settings(atom_chunk, dtype)
     species = None if species is None else jnp.asarray(species)
     check_box(displacement_fn, box, config.cutoff, fractional_coordinates)
-    model = A2ITransformer(config)
+    model = A2ITransformer(config, dtype=dtype)
 
     def init_fn(key: Array, R: Array, neighbor: Any = None, **kwargs) -> Any:
         s = kwargs.pop("species", species)
@@ -255,7 +276,7 @@ def a2i_pair(
                   mask: Array | None = None, per_atom: bool = False, **kwargs) -> Array:
         del neighbor
         _check_inputs(config, R, species, mask)
-        return _a2i_energy(model, params, R, all_pairs_index(R.shape[0]), displacement_fn, species, mask,
+        return _a2i_energy(model, atom_chunk, params, R, all_pairs_index(R.shape[0]), displacement_fn, species, mask,
                            per_atom, **kwargs)
 
     return init_fn, energy_fn
@@ -282,6 +303,8 @@ def fixed_neighbor_list(idx: Array, R: Array) -> partition.NeighborList:
 
     For frames whose neighbours were found once on the host (training and evaluation batches): the
     list never updates and never overflows, so its capacity must have been checked beforehand.
+    It names every field of jax-md's ``NeighborList``, which is why pyproject.toml pins the jax-md
+    version the tests ran with (``tests/test_invariants.py`` checks the fields).
     """
     return partition.NeighborList(idx=idx, reference_position=R, error=partition.PartitionError(
         jnp.zeros((), jnp.uint8)), cell_list_capacity=None, max_occupancy=idx.shape[-1], format=partition.Dense,

@@ -7,7 +7,7 @@
    compare its radial distribution function with the reference MD's.
 5. Print one summary table; write the dataset, checkpoints, report and plots under ``out``.
 
-It takes about 8 minutes on a 2-core CPU. The accuracy targets of the paper need the longer runs
+It takes about 6 minutes on a 2-core CPU. The accuracy targets of the paper need the longer runs
 in ``experiments/`` (about 25 minutes per system); the quickstart shows the machinery end to end.
 """
 
@@ -21,12 +21,15 @@ from pathlib import Path
 import ase
 import numpy as np
 
+from a2ijax.checkpoint import load_checkpoint
 from a2ijax.config import DataConfig, ExperimentConfig, TrainConfig
-from a2ijax.data import SamplingConfig, generate, read_dataset, write_dataset
+from a2ijax.dataset import read_dataset, write_dataset
 from a2ijax.md import radial_distribution, rdf_difference
+from a2ijax.md_run import run_md
 from a2ijax.model import A2IConfig
+from a2ijax.sampling import SamplingConfig, generate
 from a2ijax.systems import get_system
-from a2ijax.train import load_checkpoint, train_and_evaluate
+from a2ijax.train import train_and_evaluate
 
 STATE_POINT = "rho0.84_T0.85"
 MODEL = A2IConfig(cutoff=2.5, width=32, heads=2, layers=1, avg_neighbors=50.0)
@@ -57,11 +60,19 @@ def rdf_plot(path: Path, r: np.ndarray, curves: dict[str, np.ndarray], title: st
 
 
 def quickstart(out: str | Path = "quickstart", md_steps: int = 2000, train: TrainConfig = TRAIN,
-               sampling: SamplingConfig = SAMPLING, progress: bool = True) -> dict[str, float]:
-    """Runs the five stages; returns (and writes to ``out/summary.json``) the summary figures."""
-    from a2ijax.cli import run_md  # the same path as `a2ijax md`
+               sampling: SamplingConfig = SAMPLING, progress: bool = True, overwrite: bool = False) -> dict[str, float]:
+    """Runs the five stages; returns (and writes to ``out/summary.json``) the summary figures.
 
+    An earlier quickstart's training run in ``out/run`` is an error unless ``overwrite`` (it may be
+    a run someone wants to keep): nothing is deleted without being asked.
+    """
     out = Path(out)
+    workdir = out / "run"
+    if (workdir / "checkpoints").exists() and not overwrite:
+        raise ValueError(f"{workdir} already holds a training run: pass --overwrite (overwrite=True) to replace it, "
+                         "or choose another --out")
+    if md_steps < 100 or md_steps % 100:
+        raise ValueError(f"md_steps must be a positive multiple of 100, got {md_steps}")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     system = get_system("lj")
@@ -73,8 +84,7 @@ def quickstart(out: str | Path = "quickstart", md_steps: int = 2000, train: Trai
     print(f"[2/4] training a {MODEL.width}-wide, {MODEL.layers}-block A2I model for {train.steps} steps ...",
           flush=True)
     config = ExperimentConfig(DataConfig(path=str(data_path)), MODEL, train)
-    workdir = out / "run"
-    if (workdir / "checkpoints").exists():  # a fresh run each time
+    if (workdir / "checkpoints").exists():  # overwrite was asked for above
         shutil.rmtree(workdir)
     result = train_and_evaluate(config, workdir, progress=progress)
     report = result.report
@@ -94,7 +104,7 @@ def quickstart(out: str | Path = "quickstart", md_steps: int = 2000, train: Trai
     print("[4/4] radial distribution functions: learned-potential NVE vs reference MD ...", flush=True)
     box = dataset.cells[0].T
     species = dataset.species[0]
-    r, g_model = radial_distribution(sim.frames[len(sim.frames) // 4:], box, species, r_max=2.5, bins=50)
+    r, g_model = radial_distribution(sim.positions[len(sim.positions) // 4:], box, species, r_max=2.5, bins=50)
     _, g_ref = radial_distribution(np.stack(dataset.positions), box, species, r_max=2.5, bins=50)
     difference = rdf_difference(r, g_model, g_ref)[0, 0]
     rdf_plot(out / "rdf.png", r, {"A2I NVE": g_model[0, 0], "reference NVT": g_ref[0, 0]},

@@ -32,8 +32,10 @@ import numpy as np
 
 from a2ijax import bench
 from a2ijax.config import BaselineConfig, load_config
-from a2ijax.data import atomic_write, read_dataset
-from a2ijax.train import init_state, make_train_step, predict_fn, setup, train_and_evaluate
+from a2ijax.dataset import read_dataset
+from a2ijax.files import atomic_write
+from a2ijax.loss import predict_fn
+from a2ijax.train import init_state, prepare_run, step_seconds, train_and_evaluate
 
 POTENTIALS = ("a2i", "nequip", "graph_network", "behler_parrinello")
 
@@ -50,37 +52,18 @@ def dataset_of(system: str):
     return read_dataset(config.data.path, config.data.symbols or None)
 
 
-def _prepared(config, dataset, split: str):
-    """The run's setup, its initial state, and one batch of ``split`` frames."""
-    config, data, init_fn, energy_fn, per_atom = setup(dataset, config)
-    state = init_state(config, init_fn, data)
-    bucket = data.frames[split][0]
-    batch = {k: jnp.asarray(v) for k, v in bucket.take(np.arange(config.train.batch_size) % len(bucket.frame),
-                                                       config.train.batch_size).items()}
-    return config, data, energy_fn, per_atom, state, batch
-
-
-def step_seconds(config, dataset, probe: int) -> float:
-    """Median time of one compiled training step of ``config`` (after one compiling step)."""
-    config, data, energy_fn, per_atom, state, batch = _prepared(config, dataset, "train")
-    step = make_train_step(config, energy_fn, data.statistics, per_atom)
-    carry = [state]  # each step consumes the state the previous one returned
-
-    def call():
-        carry[0], metrics = step(carry[0], batch)
-        return metrics
-
-    return bench.median_seconds(call, probe)
-
-
 def force_us_per_atom(config, dataset, repeats: int) -> float:
     """Energy+forces of ``config``'s potential on a batch of the system's own test frames, with the
     data's neighbour lists (compiled, median of ``repeats``), in microseconds per atom. The weights
     do not change the cost, so the untrained initial ones serve."""
-    config, data, energy_fn, per_atom, state, batch = _prepared(config, dataset, "test")
-    predict = jax.jit(predict_fn(energy_fn, per_atom))
+    run = prepare_run(dataset, config)
+    bucket = run.data.buckets["test"][0]
+    size = run.config.train.batch_size
+    batch = {k: jnp.asarray(v) for k, v in bucket.batch(np.arange(size) % len(bucket), size).items()}
+    predict = jax.jit(predict_fn(run.energy_fn, run.per_atom))
+    params = init_state(run).params
     atoms = float(np.sum(np.asarray(batch["mask"])))
-    return 1e6 * bench.median_seconds(lambda: predict(state["params"], batch), repeats) / atoms
+    return 1e6 * bench.median_seconds(lambda: predict(params, batch), repeats) / atoms
 
 
 def fit(config, steps: int):
@@ -132,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
             if (system, potential) in done:
                 continue
             config = configured(system, potential)
-            step_s = step_seconds(config, dataset_of(system), args.probe)
+            step_s = step_seconds(dataset_of(system), config, args.probe)
             steps = max(10, int(0.85 * args.budget_s / step_s))
             t0 = time.perf_counter()
             run = train_and_evaluate(fit(config, steps), args.out / f"{system}_{potential}", progress=False,

@@ -35,18 +35,19 @@ import numpy as np
 from jax_md import space
 
 from a2ijax import md
-from a2ijax.data import SamplingConfig, atomic_write, sample_state_point
+from a2ijax.checkpoint import load_checkpoint
+from a2ijax.files import atomic_write
+from a2ijax.sampling import SamplingConfig, sample_state_point
 from a2ijax.systems import get_system
-from a2ijax.train import load_checkpoint
 
 #: The state point checked per system when ``--state-point`` is not given (mid-range of each dataset).
 DEFAULT_POINTS = {"lj": "rho0.84_T0.85", "sw": "crystal_900K", "ka": "rho1.2_T1.0"}
 
 
-def reference_potential(system, box, species, skin: float, **nl_kwargs):
+def reference_potential(system, box, species, skin_fraction: float, **nl_kwargs):
     """The reference potential in the same shape as ``Checkpoint.potential``."""
     displacement, shift = space.periodic_general(box, fractional_coordinates=False)
-    neighbor_fn, energy_fn = system.neighbor_list(displacement, box, species, dr_threshold=skin * system.cutoff,
+    neighbor_fn, energy_fn = system.neighbor_list(displacement, box, species, dr_threshold=skin_fraction * system.cutoff,
                                                   **nl_kwargs)
     return neighbor_fn, energy_fn, displacement, shift
 
@@ -89,7 +90,8 @@ def check(workdir: Path, args: argparse.Namespace) -> dict:
     system = get_system(checkpoint.meta["system"])
     point = system.state_point(args.state_point.get(system.name, DEFAULT_POINTS[system.name]))
     out = args.out / system.name
-    sampling = SamplingConfig(frames_per_point=1, stride=50, equilibration=args.equilibrate, seed=args.seed)
+    sampling = SamplingConfig(frames_per_point=3, segment_frames=1, stride=50, equilibration=args.equilibrate,
+                              seed=args.seed)
     atoms = sample_state_point(system, point, sampling, seed=args.seed)[-1]
     dtype = jnp.result_type(float)
     box = jnp.asarray(atoms.cell[:].T, dtype)
@@ -97,9 +99,10 @@ def check(workdir: Path, args: argparse.Namespace) -> dict:
     species = jnp.asarray(system.species(len(atoms)))
     symbols = atoms.get_chemical_symbols()
     nl = dict(capacity_multiplier=args.capacity_multiplier)
-    potentials = {"model": checkpoint.potential(box, species, dr_threshold=args.skin * checkpoint.config.model.cutoff,
+    cutoff = checkpoint.config.model.cutoff
+    potentials = {"model": checkpoint.potential(box, species, dr_threshold=args.skin_fraction * cutoff,
                                                 **nl),
-                  "reference": reference_potential(system, box, species, args.skin, **nl)}
+                  "reference": reference_potential(system, box, species, args.skin_fraction, **nl)}
     common = dict(dt=system.dt, kT=point.kT, mass=system.mass, thermo_every=args.thermo_every,
                   progress=not args.quiet)
     leaves = jax.tree_util.tree_leaves(checkpoint.params)
@@ -117,7 +120,8 @@ def check(workdir: Path, args: argparse.Namespace) -> dict:
         neighbor_fn, energy_fn, displacement, shift = potentials[label.split("_")[0]]
         settings = dict(seed=seed, steps=args.steps, nvt_equilibrate=args.nvt_equilibrate, nvt_steps=args.nvt_steps,
                         rdf_every=args.rdf_every, thermo_every=args.thermo_every, equilibrate=args.equilibrate,
-                        capacity_multiplier=args.capacity_multiplier, skin=args.skin, state_point=point.name,
+                        capacity_multiplier=args.capacity_multiplier, skin_fraction=args.skin_fraction,
+                        state_point=point.name,
                         model=fingerprint if label == "model" else None)
         if label != "reference_seed2":
             run_dir = out / f"{label}_nve"
@@ -140,7 +144,7 @@ def check(workdir: Path, args: argparse.Namespace) -> dict:
             nvt = md.simulate(energy_fn, neighbor_fn, displacement, shift, R0, box,
                               steps=args.nvt_equilibrate + args.nvt_steps, ensemble="langevin", seed=seed,
                               trajectory_every=args.rdf_every, out=str(tmp), symbols=symbols, **common)
-            frames = nvt.frames[args.nvt_equilibrate // args.rdf_every:]
+            frames = nvt.positions[args.nvt_equilibrate // args.rdf_every:]
             r, g = md.radial_distribution(frames, np.asarray(box), np.asarray(species), r_max, bins=args.bins)
             sampled = nvt.thermo["step"] > args.nvt_equilibrate
             summary = dict(frames=len(frames), temperature_mean=float(np.mean(nvt.thermo["temperature"][sampled])),
@@ -208,7 +212,8 @@ def main() -> None:
     parser.add_argument("--equilibrate", type=int, default=5000, help="reference steps that prepare the start")
     parser.add_argument("--bins", type=int, default=100)
     parser.add_argument("--r-max", type=float, default=np.inf, help="RDF range (at most half the box)")
-    parser.add_argument("--skin", type=float, default=0.1, help="neighbour-list skin as a fraction of the cutoff")
+    parser.add_argument("--skin-fraction", type=float, default=0.1,
+                        help="neighbour-list skin as a fraction of each potential's cutoff")
     parser.add_argument("--capacity-multiplier", type=float, default=1.25,
                         help="neighbour slots per counted neighbour (an overflow reallocates and reruns the chunk)")
     parser.add_argument("--thermo-every", type=int, default=50, help="steps between thermo records")

@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from a2ijax.train import load_checkpoint
+from a2ijax.checkpoint import load_checkpoint
 
 
 def rows(workdir: Path) -> list[str]:

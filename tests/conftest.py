@@ -6,6 +6,10 @@ neighbour list or an unknown species inside jit, and tests assert finiteness exp
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import os
 from pathlib import Path
 
 import jax
@@ -15,7 +19,8 @@ import pytest
 
 from a2ijax import A2IConfig
 from a2ijax.config import DataConfig, ExperimentConfig, TrainConfig
-from a2ijax.data import label, write_dataset
+from a2ijax.dataset import write_dataset
+from a2ijax.sampling import label
 from a2ijax.systems import get_system, lattice_positions
 from a2ijax.train import train_and_evaluate
 
@@ -23,10 +28,32 @@ CUTOFF = 2.0
 N_SPECIES = 3
 
 
+@contextlib.contextmanager
+def shared_directory(tmp_path_factory, name: str):
+    """``(directory, ready)`` shared by the pytest-xdist workers of one run, under a file lock: the
+    first worker to get here builds what goes in it and marks it ``ready`` (a ``done`` file), the
+    others wait for the lock and reuse it. Without xdist, a directory of this session."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' base temp directories are siblings
+    directory = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            directory.mkdir(exist_ok=True)
+            yield directory, (directory / "done").exists()
+            (directory / "done").touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """A persistent XLA cache for the session: the training tests compile the same steps again."""
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax-cache")))
+    """A persistent XLA cache for the run, shared by the xdist workers: the training tests compile
+    the same steps again."""
+    with shared_directory(tmp_path_factory, "jax-cache") as (directory, _):
+        pass
+    jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     yield
     jax.config.update("jax_compilation_cache_dir", None)
@@ -108,12 +135,15 @@ def lj_frames(n_atoms: int, n_frames: int, seed: int) -> list:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """20 frames of 125 atoms and 8 of 120 (two size buckets), with splits and two state points."""
-    frames = lj_frames(125, 20, seed=0) + lj_frames(120, 8, seed=100)
-    splits = ["train"] * 14 + ["valid"] * 3 + ["test"] * 3 + ["train"] * 6 + ["valid", "test"]
-    for i, (atoms, split) in enumerate(zip(frames, splits, strict=True)):
-        atoms.info.update(split=split, state_point="n125" if i < 20 else "n120", system="lj", units="LJ reduced")
-    path = tmp_path_factory.mktemp("data") / "tiny.xyz"
-    write_dataset(path, frames)
+    with shared_directory(tmp_path_factory, "tiny-data") as (directory, ready):
+        path = directory / "tiny.xyz"
+        if not ready:
+            frames = lj_frames(125, 20, seed=0) + lj_frames(120, 8, seed=100)
+            splits = ["train"] * 14 + ["valid"] * 3 + ["test"] * 3 + ["train"] * 6 + ["valid", "test"]
+            for i, (atoms, split) in enumerate(zip(frames, splits, strict=True)):
+                atoms.info.update(split=split, state_point="n125" if i < 20 else "n120", system="lj",
+                                  units="LJ reduced")
+            write_dataset(path, frames)
     return path
 
 
@@ -123,8 +153,17 @@ def tiny_config(path: Path, **train) -> ExperimentConfig:
     return ExperimentConfig(DataConfig(path=str(path)), MODEL, TrainConfig(**values))
 
 
+# Atoms per chunk when the tests train: one program compiles faster than chunks (whose results are
+# the same, tests/test_invariants.py); the quickstart in CI trains with the default chunks.
+TRAIN_ATOM_CHUNK = 0
+
+
 @pytest.fixture(scope="session")
-def trained(tiny_data, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    result = train_and_evaluate(tiny_config(tiny_data), workdir, progress=False)
-    return result, workdir
+def trained(tiny_data, tmp_path_factory) -> tuple[dict, Path]:
+    """``(report, workdir)`` of the tiny model trained on ``tiny_data`` (24 steps), built once per
+    test run and shared by the xdist workers."""
+    with shared_directory(tmp_path_factory, "trained") as (directory, ready):
+        workdir = directory / "run"
+        if not ready:
+            train_and_evaluate(tiny_config(tiny_data), workdir, progress=False, atom_chunk=TRAIN_ATOM_CHUNK)
+    return json.loads((workdir / "report.json").read_text()), workdir

@@ -60,4 +60,20 @@ def test_bench_per_step_sync_counts_the_same_steps(tmp_path):
 def test_bench_config_overrides_only_for_a2i():
     R, side = bench.liquid(128)
     with pytest.raises(ValueError, match="apply to the A2I variants only.*'lj'"):
-        bench.build("lj", space.periodic(side)[0], side, R, 0.3, jax.random.PRNGKey(0), overrides=dict(atom_chunk=0))
+        bench.build("lj", space.periodic(side)[0], side, R, 0.3, jax.random.PRNGKey(0), atom_chunk=0)
+
+
+def test_a_potential_that_blows_up_gets_a_row_and_the_bench_goes_on(tmp_path, monkeypatch):
+    measure = bench.measure
+
+    def blowing_up(name, n, **kw):
+        if name == "graph_network":
+            raise bench.BlowUp(f"{name} at N={n}: overflow or non-finite positions while timing")
+        return measure(name, n, **kw)
+
+    monkeypatch.setattr(bench, "measure", blowing_up)
+    result = bench.run(["graph_network", "lj"], [64, 128], out=tmp_path, chunk=2, chunks=1, repeats=1, argv=["t"])
+    assert [(r["potential"], r["n"]) for r in result["rows"]] == [("lj", 64), ("lj", 128)]
+    (skipped,) = result["skipped"]
+    assert skipped["potential"] == "graph_network" and skipped["n"] == 64 and "non-finite" in skipped["reason"]
+    assert "skipped: graph_network N 64" in (tmp_path / "bench.md").read_text()

@@ -9,8 +9,8 @@ from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGSLineSearch
 from conftest import lj_frames
 
-from a2ijax.calculator import A2ICalculator, ExtrapolationWarning
-from a2ijax.train import load_checkpoint
+from a2ijax.calculator import A2ICalculator
+from a2ijax.checkpoint import ExtrapolationWarning, load_checkpoint
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_forces_and_stress_match_ase_finite_differences(calculator, x64):
     np.testing.assert_allclose(atoms.get_potential_energies().sum(), atoms.get_potential_energy(), rtol=1e-12)
 
 
-@pytest.mark.filterwarnings("ignore::a2ijax.calculator.ExtrapolationWarning")  # a barely trained model
+@pytest.mark.filterwarnings("ignore::a2ijax.checkpoint.ExtrapolationWarning")  # a barely trained model
 def test_ase_dynamics_and_optimizer_run_on_the_calculator(calculator, x64):
     atoms = _atoms(seed=6)
     atoms.calc = calculator

@@ -89,6 +89,35 @@ def test_box_check_uses_perpendicular_width_of_triclinic_cells(x64):
         a2i_neighbor_list(displacement, T, small_config(), fractional_coordinates=True)
 
 
+def test_box_check_holds_for_fractional_displacements(x64):
+    """space.periodic_general is fractional by default: probing it with a real lattice vector that is
+    not a whole number of cells saw no periodic direction, and the width check was skipped. Both
+    conventions are now recognised, and a builder told the wrong one says so."""
+    T = jnp.array([[5.5, 4.9, 0.0], [0.0, 2.5, 0.0], [0.0, 0.0, 5.5]])  # 2.5 wide across two pairs of faces
+    displacement, _ = space.periodic_general(T)
+    for build in (a2i_neighbor_list, a2i_pair):
+        with pytest.raises(ValueError, match="box too small"):
+            build(displacement, T, small_config(), fractional_coordinates=True)
+        with pytest.raises(ValueError, match="box too small|displacement_fn takes fractional coordinates"):
+            build(displacement, T, small_config())
+    wide = T * 3
+    displacement, _ = space.periodic_general(wide)
+    with pytest.raises(ValueError, match="displacement_fn takes fractional coordinates"):
+        a2i_neighbor_list(displacement, wide, small_config())
+    real, _ = space.periodic_general(wide, fractional_coordinates=False)
+    with pytest.raises(ValueError, match="fractional_coordinates=True but displacement_fn takes real"):
+        a2i_pair(real, wide, small_config(), fractional_coordinates=True)
+
+
+def test_run_settings_are_checked(x64):
+    displacement, _ = space.periodic(4.6)
+    for chunk in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="atom_chunk must be an int >= 0"):
+            a2i_neighbor_list(displacement, 4.6, small_config(), atom_chunk=chunk)
+    with pytest.raises(ValueError, match="dtype must name a floating compute dtype"):
+        a2i_pair(displacement, 4.6, small_config(), dtype="int8")
+
+
 def test_free_space_accepts_any_box(x64):
     displacement, _ = space.free()
     a2i_pair(displacement, 1.0, small_config())  # no periodic direction: nothing to check

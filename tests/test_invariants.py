@@ -1,6 +1,6 @@
-"""The invariants of DESIGN.md, each checked so that it fails when the property is broken.
+"""The invariants of docs/design.md, each checked so that it fails when the property is broken.
 
-Numbers refer to DESIGN.md's list. Both featurisations where the property applies; periodic and
+Numbers refer to the list in docs/design.md. Both featurisations where the property applies; periodic and
 free boundaries; three species; float64 wherever derivatives are compared.
 """
 
@@ -27,10 +27,11 @@ def jitted(energy_fn):
     return jax.jit(energy_fn, static_argnames="per_atom")
 
 
-def periodic_model(featurization, R, side, species, seed=0, **cfg):
+def periodic_model(featurization, R, side, species, seed=0, atom_chunk=None, **cfg):
     """``(displacement, neighbor_fn, nbrs, params, jitted energy_fn)`` for a periodic box."""
     displacement, shift = space.periodic(side)
-    neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(displacement, side, small_config(featurization, **cfg), species)
+    neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(displacement, side, small_config(featurization, **cfg), species,
+                                                        atom_chunk=atom_chunk)
     nbrs = neighbor_fn.allocate(R)
     return displacement, neighbor_fn, nbrs, init_fn(jax.random.PRNGKey(seed), R, nbrs), jitted(energy_fn)
 
@@ -297,13 +298,14 @@ def test_core_repulsion_uses_the_radius_of_each_species_pair(x64, pair):
 def test_two_distant_copies_have_twice_the_energy(free_cluster):
     R, species = free_cluster
     displacement, _ = space.free()
-    config = small_config("invariant", atom_chunk=0)  # one chunk: no chunk boundary hides a coupling
-    init_fn, energy_fn = pair_model(displacement, 1000.0, config, species)
+    config = small_config("invariant")
+    init_fn, energy_fn = pair_model(displacement, 1000.0, config, species, atom_chunk=0)  # no chunk boundary
     params = init_fn(jax.random.PRNGKey(10), R)
     E = energy_fn(params, R, per_atom=True)
     R2 = jnp.concatenate([R, R + jnp.array([50.0, 0.0, 0.0])], 0)
     s2 = jnp.concatenate([species, species])
-    neighbor_fn, _, nl_energy = a2i_neighbor_list(displacement, 1000.0, config, s2, disable_cell_list=True)
+    neighbor_fn, _, nl_energy = a2i_neighbor_list(displacement, 1000.0, config, s2, atom_chunk=0,
+                                                  disable_cell_list=True)
     E2 = jitted(nl_energy)(params, R2, neighbor_fn.allocate(R2), per_atom=True)
     np.testing.assert_allclose(E2, jnp.concatenate([E, E]), rtol=1e-12, atol=1e-12)
 
@@ -317,7 +319,7 @@ def test_periodic_supercell_is_extensive(periodic_liquid, featurization):
     R2 = jnp.concatenate([R, R + jnp.array([side, 0.0, 0.0])], 0)
     s2 = jnp.concatenate([species, species])
     displacement2, _ = space.periodic(box2)
-    neighbor_fn2, _, energy_fn2 = a2i_neighbor_list(displacement2, box2, small_config(featurization, atom_chunk=0), s2)
+    neighbor_fn2, _, energy_fn2 = a2i_neighbor_list(displacement2, box2, small_config(featurization), s2, atom_chunk=0)
     np.testing.assert_allclose(jitted(energy_fn2)(params, R2, neighbor_fn2.allocate(R2)), 2 * E, rtol=1e-11)
 
 

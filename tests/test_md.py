@@ -16,8 +16,9 @@ from a2ijax.md import allocate_replicas, energy_observables, make_chunk, run
 
 def md_setup(R, box, species, periodic: bool, featurization: str = "invariant", **nl_kwargs):
     displacement, shift = space.periodic(box) if periodic else space.free()
+    # One block: the driver is under test here, and a shallower model compiles faster.
     neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(
-        displacement, box, small_config(featurization), species, dr_threshold=0.3, **nl_kwargs)
+        displacement, box, small_config(featurization, layers=1), species, dr_threshold=0.3, **nl_kwargs)
     nbrs = neighbor_fn.allocate(R)
     params = init_fn(jax.random.PRNGKey(0), R, nbrs)
     return shift, neighbor_fn, nbrs, (lambda R, **kw: energy_fn(params, R, **kw))
@@ -83,7 +84,7 @@ def test_no_recompilation_after_first_md_or_training_step(periodic_liquid):
     assert chunk._cache_size() == 1
 
     displacement, _ = space.periodic(side)
-    neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(displacement, side, small_config(), species)
+    neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(displacement, side, small_config(layers=1), species)
     nbrs = neighbor_fn.allocate(R)
     params = init_fn(jax.random.PRNGKey(4), R, nbrs)
     optimizer = optax.adam(1e-3)

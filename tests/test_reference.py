@@ -15,14 +15,8 @@ import pytest
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from a2ijax.cli import main
-from a2ijax.data import (
-    SamplingConfig,
-    check_cutoff,
-    generate,
-    read_dataset,
-    statistics,
-    write_dataset,
-)
+from a2ijax.dataset import check_cutoff, read_dataset, statistics, write_dataset
+from a2ijax.sampling import SamplingConfig, generate
 from a2ijax.systems import SW_PARAMETERS, get_system
 
 TINY = SamplingConfig(frames_per_point=4, stride=20, equilibration=200, segment_frames=1, seed=3)
@@ -253,3 +247,36 @@ def test_stillinger_weber_forces_finite_where_float32_rounds_onto_the_cutoff():
     # The pair at the cutoff adds nothing: the same energy with atom 1 moved far away.
     far = R.at[1].set(jnp.asarray([15.0, 15.0, 15.0], jnp.float32))
     np.testing.assert_allclose(float(energy_fn(far, neighbor_fn.allocate(far))), float(energy), rtol=1e-6)
+
+
+def test_frames_without_a_valid_split_header_are_named(tmp_path):
+    """Some frames with a split and some without would have fallen back to random frame-by-frame
+    splits, putting correlated neighbouring frames in train and test."""
+    from a2ijax.dataset import split_indices
+
+    images = [frame() for _ in range(8)]
+    for k, atoms in enumerate(images):
+        atoms.info["split"] = ["train", "valid", "test"][k % 3]
+    images[2].info["split"] = "tset"
+    del images[5].info["split"]
+    path = tmp_path / "mixed.extxyz"
+    write_dataset(path, images)
+    with pytest.raises(ValueError, match=r"2 of 8 frames have no valid split header .*frames 2 \('tset'\), 5 \(None\)"):
+        split_indices(read_dataset(path), (0.8, 0.1, 0.1), seed=0)
+
+
+def test_files_without_split_headers_split_whole_segments(tmp_path):
+    from a2ijax.dataset import split_indices
+
+    images = [frame() for _ in range(30)]
+    for k, atoms in enumerate(images):
+        atoms.info["segment"] = f"s{k // 5}"  # 6 segments of 5 consecutive frames
+    path = tmp_path / "segments.extxyz"
+    write_dataset(path, images)
+    splits = split_indices(read_dataset(path), (0.5, 0.25, 0.25), seed=1)
+    segment_split = {}
+    for name, indices in splits.items():
+        assert len(indices)
+        for i in indices:
+            assert segment_split.setdefault(i // 5, name) == name  # a segment never straddles two splits
+    assert sorted(np.concatenate(list(splits.values())).tolist()) == list(range(30))

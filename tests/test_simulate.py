@@ -9,8 +9,8 @@ import pytest
 from conftest import lj_frames
 
 from a2ijax import cli
+from a2ijax.checkpoint import load_checkpoint
 from a2ijax.md import THERMO_COLUMNS, energy_drift, radial_distribution, simulate
-from a2ijax.train import load_checkpoint
 
 
 @pytest.fixture

@@ -9,33 +9,25 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
-from conftest import MODEL, lj_frames, tiny_config
+from conftest import MODEL, TRAIN_ATOM_CHUNK, lj_frames, tiny_config
 
 from a2ijax import cli
+from a2ijax.batching import fit_energy_shift, prepare
+from a2ijax.checkpoint import CheckpointError, a2i_builder, load_checkpoint, restore, step_directory
 from a2ijax.config import load_config
-from a2ijax.data import Dataset, pair_distances, read_dataset, write_dataset
-from a2ijax.train import (
-    CheckpointError,
-    TrainingDivergedError,
-    a2i_builder,
-    fit_energy_shift,
-    init_state,
-    load_checkpoint,
-    make_train_step,
-    predict_fn,
-    prepare,
-    rotate_batch,
-    train_and_evaluate,
-)
+from a2ijax.dataset import Dataset, read_dataset, write_dataset
+from a2ijax.geometry import closest_distance, minimum_image
+from a2ijax.loss import predict_fn, rotate_batch
+from a2ijax.train import TrainingDivergedError, init_state, make_train_step, prepare_run, train_and_evaluate
 
 
 def test_training_lowers_validation_errors_and_writes_the_report(trained):
-    result, workdir = trained
+    report, workdir = trained
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [8, 16, 24]
     first_valid_force = rows[0]["valid_force_rmse"]
-    report = result.report
     # The EMA model after 24 steps must beat the EMA model after 8 steps on held-out frames.
     assert rows[-1]["valid_loss"] < rows[0]["valid_loss"]
     assert rows[-1]["valid_force_rmse"] < first_valid_force
@@ -59,7 +51,7 @@ def test_checkpoint_alone_rebuilds_the_potential(trained, tiny_data):
     # The fitted per-species shift is stored, and the parameters give finite, non-trivial forces.
     data = prepare(read_dataset(tiny_data), checkpoint.config, statistics=checkpoint.meta["statistics"])
     _, energy_fn = a2i_builder(checkpoint.config.model)
-    batch = {k: jnp.asarray(v) for k, v in data.frames["test"][0].take(np.arange(1), 1).items()}
+    batch = {k: jnp.asarray(v) for k, v in data.buckets["test"][0].batch(np.arange(1), 1).items()}
     energy, forces, per_atom = jax.jit(predict_fn(energy_fn))(checkpoint.params, batch)
     assert np.isfinite(np.asarray(forces)).all() and float(jnp.abs(forces).max()) > 1e-2
     assert float(energy[0]) == pytest.approx(float(per_atom[0].sum()), rel=1e-5)
@@ -72,7 +64,8 @@ def test_core_repulsion_sits_below_every_training_pair(trained, tiny_data):
     checkpoint = load_checkpoint(workdir)
     dataset = read_dataset(tiny_data)
     train = checkpoint.meta["splits"]["train"]
-    closest = min(float(pair_distances(dataset.positions[i], dataset.cells[i], dataset.pbc[i]).min()) for i in train)
+    cutoff = checkpoint.config.model.cutoff
+    closest = min(closest_distance(dataset.positions[i], dataset.cells[i], dataset.pbc[i], cutoff) for i in train)
     model = checkpoint.config.model
     assert model.core_radii == (pytest.approx(closest, rel=1e-12),)
     assert model.core_energy == pytest.approx(np.sqrt(checkpoint.meta["statistics"]["force_var"]) * closest)
@@ -91,57 +84,72 @@ def test_core_repulsion_sits_below_every_training_pair(trained, tiny_data):
         assert with_wall == without
     frame = train[0]
     R = dataset.positions[frame].copy()
-    d = pair_distances(R, dataset.cells[frame], dataset.pbc[frame])
+    d = np.linalg.norm(minimum_image(R[None, :] - R[:, None], dataset.cells[frame], True), axis=-1)
+    np.fill_diagonal(d, np.inf)  # 125 atoms: all pairs are fine here
     i, j = np.unravel_index(np.argmin(d), d.shape)
-    frac = (R[j] - R[i]) @ np.linalg.inv(dataset.cells[frame])
-    v = (frac - np.round(frac)) @ dataset.cells[frame]  # minimum image
+    v = minimum_image(R[j] - R[i], dataset.cells[frame], True)
     R[j] = R[i] + v * 0.9 * closest / d[i, j]
     with_wall, without = energies(frame, R)
     assert with_wall - without > 0.1 * model.core_energy
 
 
-def test_resume_continues_exactly(tiny_data, tmp_path):
-    config = tiny_config(tiny_data, steps=10, eval_every=5, checkpoint_every=100)
-    whole = train_and_evaluate(config, tmp_path / "whole", progress=False)
-    first = train_and_evaluate(config, tmp_path / "parts", stop_after=3, progress=False)
-    assert first.report is None and int(first.state["step"]) == 3
-    resumed = train_and_evaluate(config, tmp_path / "parts", resume=True, progress=False)
-    for a, b in zip(jax.tree_util.tree_leaves(whole.state), jax.tree_util.tree_leaves(resumed.state), strict=True):
+def final_state(workdir):
+    """The train state of a run's last periodic checkpoint, as stored (arrays by name)."""
+    step_dir = step_directory(workdir / "checkpoints" / "periodic")
+    return int(step_dir.name), restore(step_dir, "state", ocp.args.StandardRestore())
+
+
+def test_resume_continues_exactly(trained, tiny_data, tmp_path):
+    """Stopped after 3 steps (inside the first epoch) and resumed, the run ends bit for bit where the
+    uninterrupted run of the shared fixture ended (the same config: 24 steps, 2.4 epochs)."""
+    report, workdir = trained
+    config = tiny_config(tiny_data)
+    first = train_and_evaluate(config, tmp_path / "parts", stop_after=3, progress=False, atom_chunk=TRAIN_ATOM_CHUNK)
+    assert first.report is None and int(first.state.step) == 3
+    resumed = train_and_evaluate(config, tmp_path / "parts", resume=True, progress=False, atom_chunk=TRAIN_ATOM_CHUNK)
+    (step, whole), (resumed_step, parts) = final_state(workdir), final_state(tmp_path / "parts")
+    assert step == resumed_step == 24
+    leaves = jax.tree_util.tree_leaves(whole)
+    assert len(leaves) > 20 and len(leaves) == len(jax.tree_util.tree_leaves(resumed.state))
+    for a, b in zip(leaves, jax.tree_util.tree_leaves(parts), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert resumed.report["force_rmse"] == whole.report["force_rmse"]
+    assert resumed.report["force_rmse"] == report["force_rmse"]
     steps = [json.loads(r)["step"] for r in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [5, 10]
+    assert steps == [8, 16, 24]
 
 
 def test_one_compilation_per_size_bucket(tiny_data):
-    config = tiny_config(tiny_data)
-    data = prepare(read_dataset(tiny_data), config)
-    assert len(data.frames["train"]) == 2 and data.buckets.tolist() == [120, 125]
-    init_fn, energy_fn = a2i_builder(config.model)
-    state = init_state(config, init_fn, data)
-    step = make_train_step(config, energy_fn, data.statistics)
+    run = prepare_run(read_dataset(tiny_data), tiny_config(tiny_data))
+    data = run.data
+    assert len(data.buckets["train"]) == 2 and data.bucket_sizes.tolist() == [120, 125]
+    state = init_state(run)
+    step = make_train_step(run)
     for _ in range(2):
-        for bucket in data.frames["train"]:
-            state, _ = step(state, {k: jnp.asarray(v) for k, v in bucket.take(np.arange(1), 2).items()})
+        for bucket in data.buckets["train"]:
+            state, _ = step(state, {k: jnp.asarray(v) for k, v in bucket.batch(np.arange(1), 2).items()})
     assert step._cache_size() == 2
 
 
 def test_neighbor_capacity_covers_every_frame(tiny_data):
     data = prepare(read_dataset(tiny_data), tiny_config(tiny_data))
     dataset = data.dataset
-    from a2ijax.data import neighbor_matrix
 
-    most = max(neighbor_matrix(R, c, p, MODEL.cutoff).sum(1).max()
-               for R, c, p in zip(dataset.positions, dataset.cells, dataset.pbc, strict=True))
+    def all_pairs(frame):  # [n, n] within the cutoff: small frames, the independent check
+        R = dataset.positions[frame]
+        d = np.linalg.norm(minimum_image(R[None, :] - R[:, None], dataset.cells[frame], True), axis=-1)
+        np.fill_diagonal(d, np.inf)
+        return d < MODEL.cutoff
+
+    most = max(all_pairs(f).sum(1).max() for f in range(len(dataset)))
     assert data.capacity == most
-    for frames in data.frames.values():
-        for bucket in frames:
-            for row in range(len(bucket.frame)):
-                n = bucket.n_atoms[row]
-                real = bucket.idx[row, :n][bucket.idx[row, :n] < bucket.R.shape[1]]
-                counts = neighbor_matrix(dataset.positions[bucket.frame[row]], dataset.cells[bucket.frame[row]],
-                                         dataset.pbc[bucket.frame[row]], MODEL.cutoff).sum()
-                assert real.size == counts and real.max() < n
+    for buckets in data.buckets.values():
+        for bucket in buckets:
+            for row in range(len(bucket)):
+                n, frame = bucket.n_atoms[row], bucket.frame_index[row]
+                idx = bucket.idx[row, :n]
+                within = all_pairs(frame)
+                for i in range(n):
+                    np.testing.assert_array_equal(idx[i][idx[i] < bucket.R.shape[1]], np.flatnonzero(within[i]))
 
 
 def test_energy_shift_is_the_least_squares_fit():
@@ -158,10 +166,10 @@ def test_energy_shift_is_the_least_squares_fit():
 def test_rotation_augmentation_rotates_forces_and_keeps_energies(tiny_data, x64):
     config = tiny_config(tiny_data)
     config = dataclasses.replace(config, model=dataclasses.replace(MODEL, param_dtype="float64"))
-    data = prepare(read_dataset(tiny_data), config)
-    init_fn, energy_fn = a2i_builder(config.model)
-    params = init_state(config, init_fn, data)["params"]
-    batch = {k: jnp.asarray(v) for k, v in data.frames["train"][1].take(np.arange(2), 2).items()}
+    run = prepare_run(read_dataset(tiny_data), config)
+    energy_fn = run.energy_fn
+    params = init_state(run).params
+    batch = {k: jnp.asarray(v) for k, v in run.data.buckets["train"][1].batch(np.arange(2), 2).items()}
     batch = {k: v.astype(jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in batch.items()}
     rotated = rotate_batch(batch, jax.random.PRNGKey(3))
     predict = jax.jit(predict_fn(energy_fn))
@@ -210,7 +218,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
     train = np.flatnonzero([info["split"] == "train" for info in dataset.info])
     dataset.energy[train] = np.nan  # every training batch is poisoned
     with pytest.raises(TrainingDivergedError, match=r"not finite at step 0 .*batch of frames \[\d+, \d+\]"):
-        train_and_evaluate(tiny_config(tiny_data), tmp_path, dataset=dataset, progress=False)
+        train_and_evaluate(tiny_config(tiny_data), tmp_path, dataset=dataset, progress=False,
+                           atom_chunk=TRAIN_ATOM_CHUNK)
     assert load_checkpoint(tmp_path / "checkpoints" / "periodic").step == 0
 
 

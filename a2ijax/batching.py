@@ -1,0 +1,229 @@
+"""From a dataset to padded batches: splits, host-side neighbour indices, size buckets, statistics.
+
+Words used throughout: a *frame* is one labelled structure of a dataset, named by its index in the
+file; a *bucket* holds the frames of one split padded to the same atom count ``N`` and neighbour
+capacity ``K`` (one compilation each); a *batch* is ``batch_size`` rows of one bucket as arrays.
+
+1. Splits come from :func:`a2ijax.dataset.split_indices` (whole segments, never neighbouring frames).
+2. Every frame's neighbours within the cutoff are found once on the host (a linear-time cell list,
+   :mod:`a2ijax.geometry`); the capacity ``K`` is the largest count over the whole dataset, so no
+   training step can overflow.
+3. Frames are padded to at most ``size_buckets`` atom counts with masks.
+4. The training statistics: the per-species energy shift (least squares), the variances that
+   normalise the loss, the closest approach of each species pair (the core repulsion's radii).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from a2ijax.config import ExperimentConfig
+from a2ijax.dataset import Dataset, check_cutoff, fluctuations, split_indices
+from a2ijax.geometry import closest_pairs, neighbor_index
+
+
+@dataclasses.dataclass
+class Bucket:
+    """Frames padded to one atom count ``N`` and one neighbour capacity ``K`` (host arrays).
+
+    R ``[B, N, 3]``, species ``[B, N]``, mask ``[B, N]`` (True: a real atom), idx ``[B, N, K]`` (empty
+    slots and padded atoms hold ``N``), box ``[B, 3, 3]`` (lattice vectors as columns, jax-md's
+    convention), energy ``[B]``, forces ``[B, N, 3]``, n_atoms ``[B]``, frame_index ``[B]`` (the
+    frames' indices in the dataset).
+    """
+
+    R: np.ndarray
+    species: np.ndarray
+    mask: np.ndarray
+    idx: np.ndarray
+    box: np.ndarray
+    energy: np.ndarray
+    forces: np.ndarray
+    n_atoms: np.ndarray
+    frame_index: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.frame_index)
+
+    def rows(self, rows: np.ndarray) -> Bucket:
+        """The bucket restricted to ``rows``."""
+        return Bucket(**{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)})
+
+    def batch(self, rows: np.ndarray, size: int) -> dict[str, np.ndarray]:
+        """A batch of ``size`` rows from ``rows``, filled up with empty rows of ``weight`` 0."""
+        rows = np.asarray(rows, int)
+        pad = size - len(rows)
+        batch = {}
+        for field in dataclasses.fields(self):
+            a = getattr(self, field.name)[rows]
+            if pad:
+                filler = np.repeat(a[:1], pad, 0) if field.name in ("box", "idx") else np.zeros((pad,) + a.shape[1:],
+                                                                                                  a.dtype)
+                a = np.concatenate([a, filler])
+            batch[field.name] = a
+        batch["mask"][len(rows):] = False
+        batch["weight"] = (np.arange(size) < len(rows)).astype(np.float32)
+        return batch
+
+
+def frame_box(dataset: Dataset, index: int, cutoff: float) -> np.ndarray:
+    """The jax-md box (lattice vectors as columns) of a frame; free frames get a cube wide enough
+    that minimum-image displacements equal plain differences."""
+    pbc = dataset.pbc[index]
+    if pbc.all():
+        return dataset.cells[index].T.copy()
+    if pbc.any():
+        raise ValueError(f"{dataset.path}, frame {index}: partly periodic frames (pbc={pbc.tolist()}) are not "
+                         "supported; use fully periodic or fully free frames")
+    R = dataset.positions[index]
+    return np.eye(3) * (2.0 * (np.ptp(R, axis=0).max() + cutoff) + 1.0)
+
+
+def neighbor_indices(dataset: Dataset, cutoff: float) -> list[np.ndarray]:
+    """For every frame, the ``[n, K_frame]`` neighbours within ``cutoff`` of each atom, in index order,
+    padded with ``n`` (one image per neighbour: minimum image, the boxes having been checked)."""
+    check_cutoff(dataset, cutoff)
+    return [neighbor_index(R, cell, pbc, cutoff)
+            for R, cell, pbc in zip(dataset.positions, dataset.cells, dataset.pbc, strict=True)]
+
+
+def bucket_sizes(sizes: np.ndarray, n_buckets: int) -> np.ndarray:
+    """At most ``n_buckets`` padded sizes, each an actual frame size, covering every frame."""
+    distinct = np.unique(sizes)
+    if len(distinct) <= n_buckets:
+        return distinct
+    return np.unique(np.quantile(distinct, np.linspace(0, 1, n_buckets + 1)[1:], method="higher"))
+
+
+def pad_frames(dataset: Dataset, frames: np.ndarray, neighbors: list[np.ndarray], size: int, capacity: int,
+               cutoff: float) -> Bucket:
+    """The frames ``frames`` (indices) of ``dataset`` padded to ``size`` atoms and ``capacity`` slots."""
+    f = len(frames)
+    out = Bucket(R=np.zeros((f, size, 3), np.float32), species=np.zeros((f, size), np.int32),
+                 mask=np.zeros((f, size), bool), idx=np.full((f, size, capacity), size, np.int32),
+                 box=np.zeros((f, 3, 3), np.float32), energy=np.zeros((f,), np.float32),
+                 forces=np.zeros((f, size, 3), np.float32), n_atoms=np.zeros((f,), np.int32),
+                 frame_index=np.asarray(frames, np.int64))
+    for row, index in enumerate(frames):
+        n = len(dataset.positions[index])
+        out.R[row, :n] = dataset.positions[index]
+        out.species[row, :n] = dataset.species[index]
+        out.mask[row, :n] = True
+        idx = neighbors[index]
+        out.idx[row, :n, :idx.shape[1]] = np.where(idx == n, size, idx)
+        out.box[row] = frame_box(dataset, index, cutoff)
+        out.energy[row] = dataset.energy[index]
+        out.forces[row, :n] = dataset.forces[index]
+        out.n_atoms[row] = n
+    return out
+
+
+@dataclasses.dataclass
+class PreparedData:
+    """A dataset split, neighbour-searched and padded into buckets, with the training statistics."""
+
+    dataset: Dataset
+    splits: dict[str, np.ndarray]  # split -> frame indices
+    bucket_sizes: np.ndarray  # padded atom counts
+    capacity: int  # neighbour slots K
+    buckets: dict[str, list[Bucket]]  # split -> one Bucket per non-empty size
+    statistics: dict[str, Any]
+
+
+def fit_energy_shift(dataset: Dataset, frames: np.ndarray, n_species: int) -> np.ndarray:
+    """Per-species energy shift: least squares of frame energies on species counts."""
+    counts = np.stack([np.bincount(dataset.species[i], minlength=n_species) for i in frames]).astype(np.float64)
+    shift, *_ = np.linalg.lstsq(counts, dataset.energy[frames], rcond=None)
+    return shift
+
+
+def training_statistics(dataset: Dataset, train: np.ndarray, n_species: int, cutoff: float) -> dict[str, Any]:
+    """Energy shift, per-atom energy variance after the shift, force variance and closest pair distance
+    within ``cutoff`` (below it the model extrapolates) of the training frames, and, per state point of
+    the whole dataset, the total-energy fluctuation and the force std."""
+    shift = fit_energy_shift(dataset, train, n_species)
+    residual = np.asarray([(dataset.energy[i] - shift[dataset.species[i]].sum()) / len(dataset.species[i])
+                           for i in train])
+    forces = np.concatenate([dataset.forces[i].ravel() for i in train])
+    pair_closest = np.full((n_species, n_species), np.inf)
+    for i in train:
+        pair_closest = np.minimum(pair_closest, closest_pairs(dataset.positions[i], dataset.species[i],
+                                                              dataset.cells[i], dataset.pbc[i], cutoff, n_species))
+    closest = float(pair_closest.min())
+    return dict(energy_shift=shift.tolist(), energy_var=float(max(np.var(residual), 1e-12)),
+                force_var=float(max(np.mean(forces**2), 1e-12)), min_distance=closest,
+                pair_min_distance=np.where(np.isfinite(pair_closest), pair_closest, closest).tolist(),
+                fluctuations=fluctuations(dataset))
+
+
+def with_core_repulsion(config: ExperimentConfig, statistics: dict[str, Any]) -> ExperimentConfig:
+    """``config`` with the model's core repulsion set from the training data (``[train] core_repulsion``):
+    radii = the closest approach of each species pair (pairs that never meet: the closest of any), so
+    no training pair feels the wall; energy scale = force RMS x smallest radius. A config that already
+    names ``core_radii`` keeps them."""
+    model = config.model
+    if not config.train.core_repulsion or model.core_radii or config.baseline.name:
+        return config
+    radii = np.asarray(statistics["pair_min_distance"], np.float64)
+    if not np.all(np.isfinite(radii)):
+        raise ValueError("no two training atoms are within the cutoff: the core repulsion has no radius; set "
+                         "[train] core_repulsion = false or give [model] core_radii")
+    core_energy = math.sqrt(statistics["force_var"]) * float(radii.min())
+    model = dataclasses.replace(model, core_radii=tuple(float(r) for r in radii.ravel()), core_energy=core_energy)
+    return dataclasses.replace(config, model=model)
+
+
+def prepare(dataset: Dataset, config: ExperimentConfig, statistics: dict[str, Any] | None = None,
+            splits: dict[str, np.ndarray] | None = None) -> PreparedData:
+    """Splits, neighbour search over every frame, capacity, buckets and statistics."""
+    model, train = config.model, config.train
+    n_species = model.n_species
+    for index, species in enumerate(dataset.species):
+        if species.size and species.max() >= n_species:
+            raise ValueError(f"{dataset.path}, frame {index}: species {dataset.symbols[species.max()]!r} has id "
+                             f"{species.max()}, but the model knows n_species = {n_species} species; raise "
+                             "[model] n_species or give [data] symbols")
+    if splits is None:
+        splits = split_indices(dataset, config.data.split_fractions, train.seed)
+        if config.data.max_train_frames and len(splits["train"]) > config.data.max_train_frames:
+            rng = np.random.default_rng(train.seed)
+            splits["train"] = np.sort(rng.choice(splits["train"], config.data.max_train_frames, replace=False))
+    neighbors = neighbor_indices(dataset, model.cutoff)
+    capacity = max(1, max(idx.shape[1] for idx in neighbors))
+    sizes = np.asarray([len(R) for R in dataset.positions])
+    padded_sizes = bucket_sizes(sizes, train.size_buckets)
+    buckets = {}
+    for name, indices in splits.items():
+        buckets[name] = []
+        bucket_of = np.searchsorted(padded_sizes, sizes[indices])
+        for b, size in enumerate(padded_sizes):
+            members = indices[bucket_of == b]
+            if len(members):
+                buckets[name].append(pad_frames(dataset, members, neighbors, int(size), capacity, model.cutoff))
+    if statistics is None:
+        if not len(splits["train"]):
+            raise ValueError(f"{dataset.path}: no training frames")
+        statistics = training_statistics(dataset, splits["train"], n_species, model.cutoff)
+    return PreparedData(dataset, splits, padded_sizes, capacity, buckets, statistics)
+
+
+def epoch_batches(buckets: list[Bucket], batch_size: int, seed: int, epoch: int) -> list[tuple[int, np.ndarray]]:
+    """The batches of one epoch as ``(bucket number, rows)``, shuffled by ``(seed, epoch)`` alone."""
+    rng = np.random.default_rng([seed, epoch])
+    batches = []
+    for b, bucket in enumerate(buckets):
+        rows = rng.permutation(len(bucket))
+        batches += [(b, rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def batches_in_order(buckets: list[Bucket], batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Every row of every bucket once, in order, as ``(bucket number, rows)``."""
+    for b, bucket in enumerate(buckets):
+        for i in range(0, len(bucket), batch_size):
+            yield b, np.arange(i, min(i + batch_size, len(bucket)))

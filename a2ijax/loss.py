@@ -1,0 +1,79 @@
+"""The training loss: predictions over padded batches, squared errors, normalisation, augmentation.
+
+The loss is ``w_E MSE(E/N) / var_E + w_F MSE(F) / var_F`` over the real frames and atoms of a batch
+(padding rows carry weight 0, padded atoms mask 0), with ``var_E`` and ``var_F`` the training set's
+per-atom energy variance (after the per-species shift) and force variance, so the weights are
+dimensionless. Predictions go through the potential's builder shape only
+(``energy_fn(params, R, neighbor=..., species=..., mask=..., box=..., per_atom=True)``), the same code MD runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from a2ijax.potential import fixed_neighbor_list
+
+Array = jax.Array
+
+
+def predict_fn(energy_fn: Callable, per_atom: bool = True) -> Callable:
+    """``predict(params, batch) -> (E [B], F [B, N, 3], E_i [B, N] or None)`` over a padded batch
+    (``per_atom=False``: for potentials without per-atom energies, ``E_i`` is None)."""
+
+    def one(params, R, species, mask, idx, box):
+        neighbor = fixed_neighbor_list(idx, R)
+
+        def total(R):
+            if not per_atom:
+                return energy_fn(params, R, neighbor=neighbor, species=species, mask=mask, box=box), None
+            energies = energy_fn(params, R, neighbor=neighbor, species=species, mask=mask, box=box, per_atom=True)
+            return jnp.sum(energies), energies
+
+        (energy, energies), grad = jax.value_and_grad(total, has_aux=True)(R)
+        return energy, -grad, energies
+
+    def predict(params, batch):
+        return jax.vmap(one, (None, 0, 0, 0, 0, 0))(params, batch["R"], batch["species"], batch["mask"],
+                                                    batch["idx"], batch["box"])
+
+    return predict
+
+
+def random_rotations(key: Array, n: int) -> Array:
+    """``[n, 3, 3]`` rotation matrices, uniform over SO(3) (QR of Gaussian matrices, signs fixed)."""
+    q, r = jnp.linalg.qr(jax.random.normal(key, (n, 3, 3)))
+    q = q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[:, None, :]
+    return q * jnp.linalg.det(q)[:, None, None]  # det -1 -> +1 by flipping every axis (3 is odd)
+
+
+def rotate_batch(batch: dict[str, Array], key: Array) -> dict[str, Array]:
+    """Rotates positions, forces and cells of every frame: energies are unchanged."""
+    q = random_rotations(key, batch["R"].shape[0])
+    out = dict(batch)
+    out["R"] = jnp.einsum("bij,bnj->bni", q, batch["R"])
+    out["forces"] = jnp.einsum("bij,bnj->bni", q, batch["forces"])
+    out["box"] = jnp.einsum("bij,bjk->bik", q, batch["box"])
+    return out
+
+
+def batch_errors(predict: Callable, params: Any, batch: dict[str, Array]) -> dict[str, Array]:
+    """Weighted squared errors of one batch: energy per atom and force components, summed."""
+    energy, forces, _ = predict(params, batch)
+    w = batch["weight"]
+    n = jnp.maximum(batch["n_atoms"], 1).astype(energy.dtype)
+    e_err = (energy - batch["energy"]) / n
+    f_err = (forces - batch["forces"]) * batch["mask"][..., None]
+    return dict(energy_se=jnp.sum(w * e_err**2), force_se=jnp.sum(w[:, None, None] * f_err**2),
+                frames=jnp.sum(w), components=3.0 * jnp.sum(w * batch["n_atoms"]))
+
+
+def normalised_loss(errors: dict[str, Array], statistics: dict[str, Any], weights: tuple[Any, Any]) -> Array:
+    """The loss from summed squared ``errors`` (:func:`batch_errors`), the training ``statistics``
+    (``energy_var``, ``force_var``) and the weights ``(w_E, w_F)``."""
+    e_mse = errors["energy_se"] / jnp.maximum(errors["frames"], 1.0)
+    f_mse = errors["force_se"] / jnp.maximum(errors["components"], 1.0)
+    return weights[0] * e_mse / statistics["energy_var"] + weights[1] * f_mse / statistics["force_var"]

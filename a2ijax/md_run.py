@@ -1,0 +1,109 @@
+"""MD with a trained checkpoint (``a2ijax md``): from a structure file or a reference state point.
+
+The structure is checked against the checkpoint (species it knows, a periodic cell wide enough for
+the cutoff), a warning says when atoms are closer than any pair in the training data (the model
+extrapolates there), and :func:`a2ijax.md.simulate` runs with ``thermo.csv`` and
+``trajectory.extxyz`` written as it goes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ase
+import ase.io
+import jax.numpy as jnp
+
+from a2ijax.checkpoint import Checkpoint, load_checkpoint
+from a2ijax.dataset import check_cutoff, structure_dataset
+from a2ijax.geometry import closest_distance
+from a2ijax.md import Simulation, check_output_steps, simulate
+from a2ijax.sampling import SamplingConfig, sample_state_point
+from a2ijax.systems import SYSTEMS, get_system
+
+
+def read_structure(path: str) -> ase.Atoms:
+    """The last frame of an ASE-readable file; errors name the file."""
+    try:
+        return ase.io.read(path, index=-1)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # ASE raises many types for unreadable files
+        raise ValueError(f"{path}: cannot read a structure: {error}") from error
+
+
+def run_md(checkpoint: Checkpoint, atoms: ase.Atoms, *, steps: int, dt: float, kT: float | None, ensemble: str,
+           mass: Any = 1.0, thermo_every: int = 10, trajectory_every: int = 100, skin: float | None = None,
+           capacity_multiplier: float = 1.25, atom_chunk: int | None = None, seed: int = 0, out: str | None = None,
+           progress: bool = True) -> Simulation:
+    """Checks ``atoms`` against the checkpoint, runs :func:`a2ijax.md.simulate`, prints a summary.
+
+    ``skin`` is the neighbour-list skin as a length (default: a tenth of the model's cutoff);
+    ``capacity_multiplier`` the neighbour slots over the densest atom's count (an overflow reruns the
+    chunk at a larger capacity); ``atom_chunk`` a run setting of the potential.
+    """
+    cutoff = checkpoint.config.model.cutoff
+    skin = 0.1 * cutoff if skin is None else skin
+    if not skin >= 0:
+        raise ValueError(f"skin must be a length >= 0, got {skin!r}")
+    if not capacity_multiplier > 0:
+        raise ValueError(f"capacity_multiplier must be positive, got {capacity_multiplier!r}")
+    frame = structure_dataset(atoms, checkpoint.symbols)  # unknown species: an error naming them
+    if not atoms.pbc.all():
+        raise ValueError(f"MD needs a fully periodic cell, the structure has pbc={atoms.pbc.tolist()}")
+    check_cutoff(frame, cutoff)
+    checkpoint.warn_if_closer_than_training(
+        closest_distance(frame.positions[0], frame.cells[0], frame.pbc[0], cutoff), "the structure")
+    dtype = jnp.result_type(float)
+    box = jnp.asarray(atoms.cell[:].T, dtype)
+    species = jnp.asarray(frame.species[0])
+    neighbor_fn, energy_fn, displacement, shift = checkpoint.potential(
+        box, species, atom_chunk=atom_chunk, dr_threshold=skin, capacity_multiplier=capacity_multiplier)
+    result = simulate(energy_fn, neighbor_fn, displacement, shift, jnp.asarray(atoms.get_positions(), dtype), box,
+                      steps=steps, dt=dt, ensemble=ensemble, kT=kT, mass=mass, seed=seed, thermo_every=thermo_every,
+                      trajectory_every=trajectory_every, out=out, symbols=atoms.get_chemical_symbols(),
+                      progress=progress)
+    n, thermo = len(atoms), result.thermo
+    checkpoint.warn_if_closer_than_training(float(thermo["min_distance"].min()), "the MD trajectory")
+    print(f"{ensemble} MD: {n} atoms, {steps} steps of {dt:g} in {result.seconds:.1f} s "
+          f"({result.rate:.4g} atom-steps/s after compilation, {result.reallocations} reallocations)")
+    print(f"  neighbour slots per atom (K): {result.neighbor.idx.shape[-1]}")
+    print(f"  temperature (kT) mean {thermo['temperature'].mean():.5g}, pressure mean {thermo['pressure'].mean():.5g}")
+    print(f"  total energy per atom: start {thermo['total'][0] / n:.6g}, end {thermo['total'][-1] / n:.6g}, "
+          f"drift {result.drift:.3g} per atom per time unit")
+    if out is not None:
+        print(f"  wrote {out}/thermo.csv and {out}/trajectory.extxyz ({len(result.positions)} frames)")
+    return result
+
+
+def md_from_checkpoint(checkpoint_path: str, *, structure: str | None = None, state_point: str | None = None,
+                       equilibrate: int = 5000, steps: int, dt: float | None = None, kT: float | None = None,
+                       seed: int = 0, **kwargs) -> Simulation:
+    """``a2ijax md``: MD with the checkpoint at ``checkpoint_path`` from a ``structure`` file, or from
+    a ``state_point`` of the checkpoint's reference system equilibrated with the reference potential
+    for ``equilibrate`` steps (a lattice start would melt and heat up under the model). ``dt`` and
+    ``kT`` default to the reference system's; other keywords go to :func:`run_md`."""
+    if (structure is None) == (state_point is None):
+        raise ValueError("give exactly one of a structure file and a state point")
+    if equilibrate < 0:
+        raise ValueError(f"equilibrate must be >= 0, got {equilibrate}")
+    check_output_steps(steps, kwargs.get("thermo_every", 10), kwargs.get("trajectory_every", 100))  # before any MD
+    checkpoint = load_checkpoint(checkpoint_path)
+    system_name = checkpoint.meta.get("system", "")
+    system = get_system(system_name) if system_name in SYSTEMS else None
+    if structure is not None:
+        atoms = read_structure(structure)
+    else:
+        if system is None:
+            raise ValueError(f"the checkpoint's data has no reference system ({system_name!r}): use a structure")
+        point = system.state_point(state_point)
+        sampling = SamplingConfig(frames_per_point=3, segment_frames=1, stride=50, equilibration=equilibrate,
+                                  seed=seed)
+        atoms = sample_state_point(system, point, sampling, seed=seed)[-1]
+        atoms.calc = None
+        kT = point.kT if kT is None else kT
+    dt = dt if dt is not None else (system.dt if system is not None else None)
+    if dt is None:
+        raise ValueError("give dt: the checkpoint's data has no reference system to take it from")
+    mass = system.mass if system is not None else jnp.asarray(atoms.get_masses())
+    return run_md(checkpoint, atoms, steps=steps, dt=dt, kT=kT, mass=mass, seed=seed, **kwargs)

@@ -1,0 +1,68 @@
+"""Checkpoints: old ones load unchanged, run settings are not part of the model, TOML names the move."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from a2ijax.checkpoint import load_checkpoint
+from a2ijax.config import from_dict, load_config
+from a2ijax.dataset import read_dataset
+from a2ijax.model import A2IConfig
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_a_checkpoint_from_before_the_run_settings_moved_loads_and_gives_its_numbers():
+    """tests/data/legacy_checkpoint was written by a2ijax with ``[model] atom_chunk = 32``, ``dtype``
+    and ``energy_weight_final = -1`` in its config; the energies and forces it gave then
+    (legacy_expected.json, float32) come back, with any atom chunk."""
+    checkpoint = load_checkpoint(DATA / "legacy_checkpoint")
+    assert "atom_chunk" not in checkpoint.meta["config"]["model"]
+    assert checkpoint.config.train.energy_weight_final is None
+    assert checkpoint.config.model.core_radii  # the stored core repulsion survives the upgrade
+    dataset = read_dataset(DATA / "legacy_frames.xyz")
+    expected = json.loads((DATA / "legacy_expected.json").read_text())["frames"]
+    for row in expected:
+        frame = row["frame"]
+        R = jnp.asarray(dataset.positions[frame], jnp.float32)
+        forces = np.asarray(row["forces"])
+        assert np.abs(forces).max() > 1.0  # non-trivial forces
+        for atom_chunk in (32, 0, 7) if frame == expected[0]["frame"] else (32,):
+            neighbor_fn, energy_fn, _, _ = checkpoint.potential(dataset.cells[frame].T, atom_chunk=atom_chunk)
+            nbrs = neighbor_fn.allocate(R)
+            energy, grad = jax.jit(jax.value_and_grad(energy_fn))(R, nbrs)
+            if atom_chunk == 32:  # the setting it ran with then: the same program, the same bits
+                assert float(energy) == row["energy"]
+                np.testing.assert_array_equal(-np.asarray(grad), forces)
+            else:  # another summation order in float32
+                assert float(energy) == pytest.approx(row["energy"], rel=1e-6)
+                np.testing.assert_allclose(-np.asarray(grad), forces, rtol=0, atol=1e-4 * np.abs(forces).max())
+
+
+def test_run_settings_are_not_model_settings(tmp_path):
+    assert "atom_chunk" not in A2IConfig().to_dict() and "dtype" not in A2IConfig().to_dict()
+    with pytest.raises(ValueError, match=r"\[model\] atom_chunk is how a model is run, not what it is.*--atom-chunk"):
+        from_dict(A2IConfig, {"atom_chunk": 32}, "model")
+    path = tmp_path / "old.toml"
+    path.write_text('[data]\npath = "x.xyz"\n[model]\ndtype = "bfloat16"\n')
+    with pytest.raises(ValueError, match=r"old.toml: \[model\] dtype is how a model is run.*dtype="):
+        load_config(path)
+    path.write_text('[data]\npath = "x.xyz"\n[train]\nenergy_weight_final = -1.0\n')
+    with pytest.raises(ValueError, match=r"energy_weight_final must be >= 0 \(or left out"):
+        load_config(path)
+
+
+def test_checkpoint_errors_are_named(tmp_path):
+    from a2ijax.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        load_checkpoint(tmp_path / "empty")
