@@ -47,8 +47,8 @@ DEFAULT_POINTS = {"lj": "rho0.84_T0.85", "sw": "crystal_900K", "ka": "rho1.2_T1.
 def reference_potential(system, box, species, skin_fraction: float, **nl_kwargs):
     """The reference potential in the same shape as ``Checkpoint.potential``."""
     displacement, shift = space.periodic_general(box, fractional_coordinates=False)
-    neighbor_fn, energy_fn = system.neighbor_list(displacement, box, species, dr_threshold=skin_fraction * system.cutoff,
-                                                  **nl_kwargs)
+    neighbor_fn, energy_fn = system.neighbor_list(displacement, box, species,
+                                                  dr_threshold=skin_fraction * system.cutoff, **nl_kwargs)
     return neighbor_fn, energy_fn, displacement, shift
 
 
