@@ -7,7 +7,7 @@
    compare its radial distribution function with the reference MD's.
 5. Print one summary table; write the dataset, checkpoints, report and plots under ``out``.
 
-It takes about 6 minutes on a 2-core CPU. The accuracy targets of the paper need the longer runs
+It takes 6-11 minutes on a 2-core CPU. The accuracy targets of the paper need the longer runs
 in ``experiments/`` (about 25 minutes per system); the quickstart shows the machinery end to end.
 """
 
