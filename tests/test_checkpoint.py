@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from a2ijax.checkpoint import load_checkpoint
-from a2ijax.config import from_dict, load_config
+from a2ijax.config import from_dict
 from a2ijax.dataset import read_dataset
 from a2ijax.model import A2IConfig
 
@@ -45,17 +45,11 @@ def test_a_checkpoint_from_before_the_run_settings_moved_loads_and_gives_its_num
                 np.testing.assert_allclose(-np.asarray(grad), forces, rtol=0, atol=1e-4 * np.abs(forces).max())
 
 
-def test_run_settings_are_not_model_settings(tmp_path):
+def test_run_settings_are_not_model_settings():
+    """(The TOML side: tests/test_train.py, test_config_file_errors_name_the_key.)"""
     assert "atom_chunk" not in A2IConfig().to_dict() and "dtype" not in A2IConfig().to_dict()
     with pytest.raises(ValueError, match=r"\[model\] atom_chunk is how a model is run, not what it is.*--atom-chunk"):
         from_dict(A2IConfig, {"atom_chunk": 32}, "model")
-    path = tmp_path / "old.toml"
-    path.write_text('[data]\npath = "x.xyz"\n[model]\ndtype = "bfloat16"\n')
-    with pytest.raises(ValueError, match=r"old.toml: \[model\] dtype is how a model is run.*dtype="):
-        load_config(path)
-    path.write_text('[data]\npath = "x.xyz"\n[train]\nenergy_weight_final = -1.0\n')
-    with pytest.raises(ValueError, match=r"energy_weight_final must be >= 0 \(or left out"):
-        load_config(path)
 
 
 def test_checkpoint_errors_are_named(tmp_path):

@@ -191,16 +191,17 @@ def test_evaluate_command_prints_the_report(trained, tiny_data, capsys, tmp_path
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_config_file_errors_name_the_key(tmp_path):
+@pytest.mark.parametrize("text,match", [
+    ('[train]\nstesp = 10', r"bad.toml: \[train\] unknown keys \['stesp'\]"),
+    ('[train]\nbatch_size = 2.5', r"\[train\] batch_size must be int, got 2.5 \(float\)"),
+    ('[optimizer]\nlr = 1', r"unknown tables \['optimizer'\]"),
+    ('[model]\ndtype = "bfloat16"', r"bad.toml: \[model\] dtype is how a model is run.*dtype="),  # a run setting now
+    ('[train]\nenergy_weight_final = -1.0', r"energy_weight_final must be >= 0 \(or left out"),  # no sentinel
+])
+def test_config_file_errors_name_the_key(tmp_path, text, match):
     path = tmp_path / "bad.toml"
-    path.write_text('[data]\npath = "x.xyz"\n[train]\nstesp = 10\n')
-    with pytest.raises(ValueError, match=r"bad.toml: \[train\] unknown keys \['stesp'\]"):
-        load_config(path)
-    path.write_text('[data]\npath = "x.xyz"\n[train]\nbatch_size = 2.5\n')
-    with pytest.raises(ValueError, match=r"\[train\] batch_size must be int, got 2.5 \(float\)"):
-        load_config(path)
-    path.write_text('[data]\npath = "x.xyz"\n[optimizer]\nlr = 1\n')
-    with pytest.raises(ValueError, match=r"unknown tables \['optimizer'\]"):
+    path.write_text(f'[data]\npath = "x.xyz"\n{text}\n')
+    with pytest.raises(ValueError, match=match):
         load_config(path)
 
 
