@@ -24,7 +24,7 @@ import numpy as np
 
 from a2ijax.config import ExperimentConfig
 from a2ijax.dataset import Dataset, check_cutoff, fluctuations, split_indices
-from a2ijax.geometry import closest_pairs, neighbor_index
+from a2ijax.geometry import dense_index, neighbor_pairs
 
 
 @dataclasses.dataclass
@@ -84,11 +84,12 @@ def frame_box(dataset: Dataset, index: int, cutoff: float) -> np.ndarray:
     return np.eye(3) * (2.0 * (np.ptp(R, axis=0).max() + cutoff) + 1.0)
 
 
-def neighbor_indices(dataset: Dataset, cutoff: float) -> list[np.ndarray]:
-    """For every frame, the ``[n, K_frame]`` neighbours within ``cutoff`` of each atom, in index order,
-    padded with ``n`` (one image per neighbour: minimum image, the boxes having been checked)."""
+def frame_pairs(dataset: Dataset, cutoff: float) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """For every frame, its pairs ``(i, j, d)`` within ``cutoff`` (:func:`a2ijax.geometry.neighbor_pairs`:
+    minimum image, one image per neighbour), the boxes checked first with errors naming the frame.
+    ``dense_index(i, j, n)`` makes a frame's ``[n, K_frame]`` neighbour index."""
     check_cutoff(dataset, cutoff)
-    return [neighbor_index(R, cell, pbc, cutoff)
+    return [neighbor_pairs(R, cell, pbc, cutoff)
             for R, cell, pbc in zip(dataset.positions, dataset.cells, dataset.pbc, strict=True)]
 
 
@@ -142,18 +143,21 @@ def fit_energy_shift(dataset: Dataset, frames: np.ndarray, n_species: int) -> np
     return shift
 
 
-def training_statistics(dataset: Dataset, train: np.ndarray, n_species: int, cutoff: float) -> dict[str, Any]:
+def training_statistics(dataset: Dataset, train: np.ndarray, n_species: int,
+                        pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, Any]:
     """Energy shift, per-atom energy variance after the shift, force variance and closest pair distance
-    within ``cutoff`` (below it the model extrapolates) of the training frames, and, per state point of
-    the whole dataset, the total-energy fluctuation and the force std."""
+    within the cutoff of ``pairs`` (:func:`frame_pairs`; below it the model extrapolates) of the
+    training frames, and, per state point of the whole dataset, the total-energy fluctuation and the
+    force std."""
     shift = fit_energy_shift(dataset, train, n_species)
     residual = np.asarray([(dataset.energy[i] - shift[dataset.species[i]].sum()) / len(dataset.species[i])
                            for i in train])
     forces = np.concatenate([dataset.forces[i].ravel() for i in train])
     pair_closest = np.full((n_species, n_species), np.inf)
-    for i in train:
-        pair_closest = np.minimum(pair_closest, closest_pairs(dataset.positions[i], dataset.species[i],
-                                                              dataset.cells[i], dataset.pbc[i], cutoff, n_species))
+    for frame in train:
+        i, j, d = pairs[frame]
+        species = dataset.species[frame]
+        np.minimum.at(pair_closest, (species[i], species[j]), d)
     closest = float(pair_closest.min())
     return dict(energy_shift=shift.tolist(), energy_var=float(max(np.var(residual), 1e-12)),
                 force_var=float(max(np.mean(forces**2), 1e-12)), min_distance=closest,
@@ -193,7 +197,8 @@ def prepare(dataset: Dataset, config: ExperimentConfig, statistics: dict[str, An
         if config.data.max_train_frames and len(splits["train"]) > config.data.max_train_frames:
             rng = np.random.default_rng(train.seed)
             splits["train"] = np.sort(rng.choice(splits["train"], config.data.max_train_frames, replace=False))
-    neighbors = neighbor_indices(dataset, model.cutoff)
+    pairs = frame_pairs(dataset, model.cutoff)
+    neighbors = [dense_index(i, j, len(R)) for (i, j, _), R in zip(pairs, dataset.positions, strict=True)]
     capacity = max(1, max(idx.shape[1] for idx in neighbors))
     sizes = np.asarray([len(R) for R in dataset.positions])
     padded_sizes = bucket_sizes(sizes, train.size_buckets)
@@ -208,7 +213,7 @@ def prepare(dataset: Dataset, config: ExperimentConfig, statistics: dict[str, An
     if statistics is None:
         if not len(splits["train"]):
             raise ValueError(f"{dataset.path}: no training frames")
-        statistics = training_statistics(dataset, splits["train"], n_species, model.cutoff)
+        statistics = training_statistics(dataset, splits["train"], n_species, pairs)
     return PreparedData(dataset, splits, padded_sizes, capacity, buckets, statistics)
 
 

@@ -23,10 +23,10 @@ import numpy as np
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from jax_md import quantity
 
-from a2ijax.batching import frame_box, neighbor_indices, pad_frames
+from a2ijax.batching import frame_box, frame_pairs, pad_frames
 from a2ijax.checkpoint import Checkpoint, a2i_builder, load_checkpoint
 from a2ijax.dataset import structure_dataset
-from a2ijax.geometry import closest_distance
+from a2ijax.geometry import dense_index
 from a2ijax.potential import fixed_neighbor_list
 
 
@@ -68,9 +68,9 @@ class A2ICalculator(Calculator):
         periodic = bool(atoms.pbc.all())
         if "stress" in properties and not periodic:
             raise PropertyNotImplementedError("stress needs a fully periodic cell")
-        neighbors = neighbor_indices(frame, self.cutoff)  # checks the box against the cutoff
-        self.checkpoint.warn_if_closer_than_training(
-            closest_distance(frame.positions[0], frame.cells[0], frame.pbc[0], self.cutoff), "the structure")
+        ((i, j, d),) = frame_pairs(frame, self.cutoff)  # checks the box against the cutoff
+        neighbors = [dense_index(i, j, len(atoms))]
+        self.checkpoint.warn_if_closer_than_training(float(d.min()) if len(d) else float("inf"), "the structure")
         capacity = 8 * max(1, -(-neighbors[0].shape[1] // 8))
         padded = pad_frames(frame, np.zeros(1, int), neighbors, len(atoms), capacity, self.cutoff)
         dtype = jnp.result_type(float)

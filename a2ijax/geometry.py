@@ -141,23 +141,18 @@ def neighbor_pairs(R: np.ndarray, cell: np.ndarray, pbc, cutoff: float) -> tuple
 def neighbor_index(R: np.ndarray, cell: np.ndarray, pbc, cutoff: float) -> np.ndarray:
     """``[n, K]`` neighbours within ``cutoff`` of each atom in index order, padded with ``n``
     (jax-md's Dense format); ``K`` is the largest count of any atom."""
-    n = len(R)
     i, j, _ = neighbor_pairs(R, cell, pbc, cutoff)
+    return dense_index(i, j, len(R))
+
+
+def dense_index(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:
+    """The ``[n, K]`` Dense index of the pairs ``(i, j)`` of :func:`neighbor_pairs` (sorted by ``i``)."""
     counts = np.bincount(i, minlength=n)
     k = int(counts.max()) if n else 0
     index = np.full((n, k), n, np.int32)
     start = np.concatenate([[0], np.cumsum(counts)[:-1]]) if n else np.zeros(0, int)
     index[i, np.arange(len(i)) - start[i]] = j
     return index
-
-
-def closest_pairs(R: np.ndarray, species: np.ndarray, cell: np.ndarray, pbc, cutoff: float,
-                  n_species: int) -> np.ndarray:
-    """``[n_species, n_species]`` closest distance of each species pair within ``cutoff`` (inf if none)."""
-    i, j, d = neighbor_pairs(R, cell, pbc, cutoff)
-    closest = np.full((n_species, n_species), np.inf)
-    np.minimum.at(closest, (species[i], species[j]), d)
-    return closest
 
 
 def closest_distance(R: np.ndarray, cell: np.ndarray, pbc, cutoff: float) -> float:

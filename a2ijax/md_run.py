@@ -78,7 +78,7 @@ def run_md(checkpoint: Checkpoint, atoms: ase.Atoms, *, steps: int, dt: float, k
 
 def md_from_checkpoint(checkpoint_path: str, *, structure: str | None = None, state_point: str | None = None,
                        equilibrate: int = 5000, steps: int, dt: float | None = None, kT: float | None = None,
-                       seed: int = 0, **kwargs) -> Simulation:
+                       thermo_every: int = 10, trajectory_every: int = 100, seed: int = 0, **kwargs) -> Simulation:
     """``a2ijax md``: MD with the checkpoint at ``checkpoint_path`` from a ``structure`` file, or from
     a ``state_point`` of the checkpoint's reference system equilibrated with the reference potential
     for ``equilibrate`` steps (a lattice start would melt and heat up under the model). ``dt`` and
@@ -87,7 +87,7 @@ def md_from_checkpoint(checkpoint_path: str, *, structure: str | None = None, st
         raise ValueError("give exactly one of a structure file and a state point")
     if equilibrate < 0:
         raise ValueError(f"equilibrate must be >= 0, got {equilibrate}")
-    check_output_steps(steps, kwargs.get("thermo_every", 10), kwargs.get("trajectory_every", 100))  # before any MD
+    check_output_steps(steps, thermo_every, trajectory_every)  # before any MD
     checkpoint = load_checkpoint(checkpoint_path)
     system_name = checkpoint.meta.get("system", "")
     system = get_system(system_name) if system_name in SYSTEMS else None
@@ -97,7 +97,7 @@ def md_from_checkpoint(checkpoint_path: str, *, structure: str | None = None, st
         if system is None:
             raise ValueError(f"the checkpoint's data has no reference system ({system_name!r}): use a structure")
         point = system.state_point(state_point)
-        sampling = SamplingConfig(frames_per_point=3, segment_frames=1, stride=50, equilibration=equilibrate,
+        sampling = SamplingConfig(frames_per_point=1, stride=50, equilibration=equilibrate,
                                   seed=seed)
         atoms = sample_state_point(system, point, sampling, seed=seed)[-1]
         atoms.calc = None
@@ -106,4 +106,5 @@ def md_from_checkpoint(checkpoint_path: str, *, structure: str | None = None, st
     if dt is None:
         raise ValueError("give dt: the checkpoint's data has no reference system to take it from")
     mass = system.mass if system is not None else jnp.asarray(atoms.get_masses())
-    return run_md(checkpoint, atoms, steps=steps, dt=dt, kT=kT, mass=mass, seed=seed, **kwargs)
+    return run_md(checkpoint, atoms, steps=steps, dt=dt, kT=kT, mass=mass, seed=seed, thermo_every=thermo_every,
+                  trajectory_every=trajectory_every, **kwargs)

@@ -57,9 +57,13 @@ class SamplingConfig:
                 raise ValueError(f"sampling: {name} must be an integer >= {low}, got {value!r}")
         if not self.friction > 0:
             raise ValueError(f"sampling: friction must be positive, got {self.friction!r}")
-        n_segments = self.frames_per_point // self.segment_frames
-        try:  # the split must work for every state point: check now, before any MD runs
-            assign_splits(n_segments, self.split_fractions, np.random.default_rng(0))
+
+    def check_splits(self) -> None:
+        """Raises unless each state point's frames make enough segments for every split (training
+        included): :func:`generate` calls it before any MD runs."""
+        try:
+            assign_splits(self.frames_per_point // self.segment_frames, self.split_fractions,
+                          np.random.default_rng(0))
         except ValueError as error:
             raise ValueError(f"sampling: {self.frames_per_point} frames per state point in segments of "
                              f"{self.segment_frames}: {error}") from None
@@ -145,6 +149,7 @@ def generate(system_name: str, config: SamplingConfig = SamplingConfig(),
 
     system = get_system(system_name)
     points = system.state_points if state_points is None else [system.state_point(p) for p in state_points]
+    config.check_splits()
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -90,7 +90,7 @@ def check(workdir: Path, args: argparse.Namespace) -> dict:
     system = get_system(checkpoint.meta["system"])
     point = system.state_point(args.state_point.get(system.name, DEFAULT_POINTS[system.name]))
     out = args.out / system.name
-    sampling = SamplingConfig(frames_per_point=3, segment_frames=1, stride=50, equilibration=args.equilibrate,
+    sampling = SamplingConfig(frames_per_point=1, stride=50, equilibration=args.equilibrate,
                               seed=args.seed)
     atoms = sample_state_point(system, point, sampling, seed=args.seed)[-1]
     dtype = jnp.result_type(float)

@@ -55,7 +55,8 @@ def test_sampling_settings_are_checked_before_any_md(monkeypatch, capsys, tmp_pa
     assert cli.main(["generate", "lj", "--out", out, "--frames-per-point", "4", "--segment-frames", "2"]) == 2
     assert "need at least 3 segments" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"leave no training segment of 4"):
-        SamplingConfig(frames_per_point=4, segment_frames=1, split_fractions=(0.0, 0.5, 0.5))
+        sampling.generate("lj", SamplingConfig(frames_per_point=4, segment_frames=1, split_fractions=(0.0, 0.5, 0.5)),
+                          progress=False)
     with pytest.raises(ValueError, match="friction must be positive"):
         SamplingConfig(friction=0.0)
 
