@@ -3,29 +3,36 @@
 ``import a2ijax`` gives the builders and the MD driver (``a2ijax.md``); training, checkpoints,
 reports, sampling and the ASE calculator are submodules imported by name (``a2ijax.train``,
 ``a2ijax.checkpoint``, ...), so that loading a potential for MD never imports the trainer.
+
+The names below are imported on first use: importing jax-md starts JAX's backend, and a process
+that joins a multi-process run (:func:`a2ijax.parallel.initialize`) must do so before that.
 """
 
-from a2ijax import md
-from a2ijax.model import A2IConfig, A2ITransformer
-from a2ijax.potential import (
-    NeighborListOverflowError,
-    a2i_neighbor_list,
-    a2i_pair,
-    batched_energy_and_forces,
-    default_atom_chunk,
-    reallocate,
-)
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "A2IConfig",
-    "A2ITransformer",
-    "NeighborListOverflowError",
-    "a2i_neighbor_list",
-    "a2i_pair",
-    "batched_energy_and_forces",
-    "default_atom_chunk",
-    "md",
-    "reallocate",
-]
+_NAMES = {
+    "A2IConfig": "a2ijax.model",
+    "A2ITransformer": "a2ijax.model",
+    "NeighborListOverflowError": "a2ijax.potential",
+    "a2i_neighbor_list": "a2ijax.potential",
+    "a2i_pair": "a2ijax.potential",
+    "batched_energy_and_forces": "a2ijax.potential",
+    "default_atom_chunk": "a2ijax.potential",
+    "reallocate": "a2ijax.potential",
+}
+
+__all__ = sorted([*_NAMES, "md"])
+
+
+def __getattr__(name: str):
+    if name == "md":
+        return importlib.import_module("a2ijax.md")
+    if name in _NAMES:
+        return getattr(importlib.import_module(_NAMES[name]), name)
+    raise AttributeError(f"module 'a2ijax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

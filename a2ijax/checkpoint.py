@@ -135,11 +135,12 @@ class Checkpoint:
                              "a2ijax.baselines.baseline_neighbor_list and load its params from the checkpoint)")
 
     def potential(self, box: Any, species: Array | None = None, *, atom_chunk: int | None = None, dtype: Any = None,
-                  **nl_kwargs) -> tuple[Any, Callable[..., Array], Callable, Callable]:
+                  mesh: Any = None, **nl_kwargs) -> tuple[Any, Callable[..., Array], Callable, Callable]:
         """The trained potential in a periodic ``box`` (``[3, 3]``, lattice vectors as columns; real
         coordinates) for MD: ``(neighbor_fn, energy_fn(R, neighbor, **kw), displacement_fn, shift_fn)``.
 
-        ``atom_chunk`` and ``dtype`` are run settings (see :func:`a2ijax.a2i_neighbor_list`).
+        ``atom_chunk``, ``dtype`` and ``mesh`` (atoms split over devices) are run settings (see
+        :func:`a2ijax.a2i_neighbor_list`).
         Parameters are cast to JAX's default float (float64 under ``jax_enable_x64``).
         """
         self.require_a2i("Checkpoint.potential (MD)")
@@ -148,7 +149,7 @@ class Checkpoint:
         if not np.allclose(np.asarray(box), np.diag(np.diag(np.asarray(box)))):
             nl_kwargs.setdefault("disable_cell_list", True)  # jax-md's cell list assumes an orthorhombic box
         neighbor_fn, _, energy_fn = a2i_neighbor_list(displacement, box, self.config.model, species=species,
-                                                      atom_chunk=atom_chunk, dtype=dtype, **nl_kwargs)
+                                                      atom_chunk=atom_chunk, dtype=dtype, mesh=mesh, **nl_kwargs)
         params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.result_type(float)), self.params)
 
         def energy(R: Array, neighbor: Any = None, **kwargs) -> Array:

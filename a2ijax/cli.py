@@ -68,6 +68,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue exactly from the latest periodic checkpoint")
     p.add_argument("--stop-after", type=POSITIVE_INT, help="stop and checkpoint after this many steps")
     p.add_argument("--atom-chunk", type=COUNT, help="atoms per rematerialised chunk (0: all; default per backend)")
+    p.add_argument("--devices", type=POSITIVE_INT, help="local devices to split batches over (default: all devices "
+                   "of all processes)")
+    p.add_argument("--coordinator", help="HOST:PORT of process 0, to train with several processes (jax.distributed;"
+                   " Slurm and Open MPI launches are detected without it)")
+    p.add_argument("--num-processes", type=POSITIVE_INT, help="number of processes (with --coordinator)")
+    p.add_argument("--process-id", type=COUNT, help="this process's rank, 0..num-processes-1 (with --coordinator)")
     p = commands.add_parser("evaluate", help="error report of a checkpoint on a labelled dataset")
     p.add_argument("checkpoint", help="a work directory, checkpoint directory or checkpoint step directory")
     p.add_argument("data", help="labelled frames (extended XYZ or any ASE-readable file)")
@@ -96,6 +102,7 @@ def parser() -> argparse.ArgumentParser:
                    help="neighbour slots per atom over the densest atom's count; lower is faster (attention "
                    "costs K^2: 1.05 gave 0.78x the step time, BUILD_NOTES), an overflow reruns the chunk")
     p.add_argument("--atom-chunk", type=COUNT, help="atoms per rematerialised chunk (0: all; default per backend)")
+    p.add_argument("--devices", type=POSITIVE_INT, default=1, help="local devices to split the atoms over")
     p.add_argument("--seed", type=COUNT, default=0)
     p.add_argument("--out", default="md", help="directory for thermo.csv and trajectory.extxyz")
     p = commands.add_parser("bench", help="MD speed, latency, compile time and memory against jax-md's potentials")
@@ -141,6 +148,9 @@ def run_command(args: argparse.Namespace) -> None:
               f"component, neighbours within {summary['cutoff']:.6g}):")
         print(format_statistics(summary["state_points"]))
     elif args.command == "train":
+        from a2ijax.parallel import initialize, is_main_process
+
+        initialize(args.coordinator, args.num_processes, args.process_id)  # before jax-md starts the backend
         from a2ijax.config import load_config
         from a2ijax.report import format_report
         from a2ijax.train import train_and_evaluate
@@ -148,7 +158,9 @@ def run_command(args: argparse.Namespace) -> None:
         config = load_config(args.config)
         workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
         result = train_and_evaluate(config, workdir, resume=args.resume, stop_after=args.stop_after,
-                                    atom_chunk=args.atom_chunk)
+                                    atom_chunk=args.atom_chunk, devices=args.devices)
+        if not is_main_process():
+            return
         if result.report is None:
             print(f"stopped at step {int(result.state.step)} after {result.seconds:.0f} s; continue with "
                   f"`a2ijax train {args.config} --workdir {workdir} --resume`")
@@ -172,7 +184,8 @@ def run_command(args: argparse.Namespace) -> None:
                            equilibrate=args.equilibrate, steps=args.steps, dt=args.dt, kT=args.kT, seed=args.seed,
                            ensemble=args.ensemble, thermo_every=args.thermo_every,
                            trajectory_every=args.trajectory_every, skin=args.skin,
-                           capacity_multiplier=args.capacity_multiplier, atom_chunk=args.atom_chunk, out=args.out)
+                           capacity_multiplier=args.capacity_multiplier, atom_chunk=args.atom_chunk,
+                           devices=args.devices, out=args.out)
     elif args.command == "bench":
         from a2ijax import bench
 

@@ -44,8 +44,11 @@ def predict_fn(energy_fn: Callable, per_atom: bool = True) -> Callable:
 
 
 def random_rotations(key: Array, n: int) -> Array:
-    """``[n, 3, 3]`` rotation matrices, uniform over SO(3) (QR of Gaussian matrices, signs fixed)."""
-    q, r = jnp.linalg.qr(jax.random.normal(key, (n, 3, 3)))
+    """``[n, 3, 3]`` rotation matrices, uniform over SO(3) (QR of Gaussian matrices, signs fixed).
+    Row ``i`` depends on ``(key, i)`` alone, so a batch filled up with padding rows (several devices)
+    rotates its real frames as the unpadded batch does."""
+    gaussian = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (3, 3)))(jnp.arange(n))
+    q, r = jnp.linalg.qr(gaussian)
     q = q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[:, None, :]
     return q * jnp.linalg.det(q)[:, None, None]  # det -1 -> +1 by flipping every axis (3 is odd)
 

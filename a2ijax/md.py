@@ -18,9 +18,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from jax_md import partition, quantity
 
 from a2ijax.geometry import neighbor_pairs
+from a2ijax.parallel import split_leading
 from a2ijax.potential import reallocate
 
 
@@ -87,7 +89,7 @@ def run(apply_fn: Callable, state: Any, neighbor_fn: partition.NeighborFn, neigh
         n_steps: int, *, chunk_steps: int = 100, stride: int = 1, observe: Callable | None = None,
         max_reallocations: int = 10, progress: Callable[[int], Any] | None = None,
         on_chunk: Callable[[int, Any, dict[str, np.ndarray]], Any] | None = None, replicas: bool = False,
-        **kwargs) -> MDRun:
+        mesh: Mesh | None = None, **kwargs) -> MDRun:
     """Advances ``state`` by ``n_steps`` integrator steps, ``chunk_steps`` per compiled chunk.
 
     ``observe`` is recorded every ``stride`` steps (``n_steps`` and ``chunk_steps`` are multiples of
@@ -97,10 +99,23 @@ def run(apply_fn: Callable, state: Any, neighbor_fn: partition.NeighborFn, neigh
     as the run goes, so that an interrupted run keeps it). Raises ``FloatingPointError`` naming the
     chunk if positions become NaN or inf (the returned state is never a poisoned one), and
     ``RuntimeError`` after ``max_reallocations`` overflows.
+
+    ``mesh`` (replicas only; :func:`a2ijax.parallel.make_mesh`): the replicas are split over its
+    devices, each device advancing its own (their number a multiple of the device count). One system
+    is split over devices by its potential instead (``a2i_neighbor_list(..., mesh=)``).
     """
     if n_steps < 0 or chunk_steps < 1 or stride < 1 or n_steps % stride or chunk_steps % stride:
         raise ValueError(f"need n_steps >= 0, chunk_steps >= 1 and both multiples of stride >= 1; got "
                          f"n_steps={n_steps}, chunk_steps={chunk_steps}, stride={stride}")
+    if mesh is not None:
+        if not replicas:
+            raise ValueError("run(mesh=) splits replicas over devices; to split one system's atoms give the "
+                             "potential the mesh (a2i_neighbor_list(..., mesh=mesh))")
+        count = state.position.shape[0]
+        if count % mesh.size:
+            raise ValueError(f"{count} replicas cannot be split evenly over {mesh.size} devices")
+    place = (lambda tree: tree) if mesh is None else (lambda tree: jax.device_put(tree, split_leading(mesh)))
+    state, neighbor = place(state), place(neighbor)
     chunks: dict[int, Callable] = {}
     records: list[dict[str, np.ndarray]] = []
     done, reallocations = 0, 0
@@ -114,7 +129,7 @@ def run(apply_fn: Callable, state: Any, neighbor_fn: partition.NeighborFn, neigh
                 raise RuntimeError(f"neighbour list overflowed {reallocations} times; giving up at step {done}")
             if replicas:
                 capacity = int(np.ceil(1.5 * neighbor.idx.shape[-1]))
-                neighbor = allocate_replicas(neighbor_fn, state.position, capacity)
+                neighbor = place(allocate_replicas(neighbor_fn, state.position, capacity))
             else:
                 neighbor = reallocate(neighbor_fn, state.position, neighbor)
             reallocations += 1  # the chunk functions recompile once for the new list shape

@@ -18,6 +18,7 @@ from a2ijax.checkpoint import Checkpoint, load_checkpoint
 from a2ijax.dataset import check_cutoff, structure_dataset
 from a2ijax.geometry import closest_distance
 from a2ijax.md import Simulation, check_output_steps, simulate
+from a2ijax.parallel import make_mesh
 from a2ijax.sampling import SamplingConfig, sample_state_point
 from a2ijax.systems import SYSTEMS, get_system
 
@@ -34,13 +35,15 @@ def read_structure(path: str) -> ase.Atoms:
 
 def run_md(checkpoint: Checkpoint, atoms: ase.Atoms, *, steps: int, dt: float, kT: float | None, ensemble: str,
            mass: Any = 1.0, thermo_every: int = 10, trajectory_every: int = 100, skin: float | None = None,
-           capacity_multiplier: float = 1.25, atom_chunk: int | None = None, seed: int = 0, out: str | None = None,
-           progress: bool = True) -> Simulation:
+           capacity_multiplier: float = 1.25, atom_chunk: int | None = None, devices: int = 1, seed: int = 0,
+           out: str | None = None, progress: bool = True) -> Simulation:
     """Checks ``atoms`` against the checkpoint, runs :func:`a2ijax.md.simulate`, prints a summary.
 
     ``skin`` is the neighbour-list skin as a length (default: a tenth of the model's cutoff);
     ``capacity_multiplier`` the neighbour slots over the densest atom's count (an overflow reruns the
-    chunk at a larger capacity); ``atom_chunk`` a run setting of the potential.
+    chunk at a larger capacity); ``atom_chunk`` a run setting of the potential; ``devices`` > 1
+    splits the atoms over that many local devices (:func:`a2ijax.parallel.make_mesh`; the same
+    trajectory up to float rounding).
     """
     cutoff = checkpoint.config.model.cutoff
     skin = 0.1 * cutoff if skin is None else skin
@@ -57,8 +60,9 @@ def run_md(checkpoint: Checkpoint, atoms: ase.Atoms, *, steps: int, dt: float, k
     dtype = jnp.result_type(float)
     box = jnp.asarray(atoms.cell[:].T, dtype)
     species = jnp.asarray(frame.species[0])
+    mesh = make_mesh(devices, "atoms") if devices != 1 else None
     neighbor_fn, energy_fn, displacement, shift = checkpoint.potential(
-        box, species, atom_chunk=atom_chunk, dr_threshold=skin, capacity_multiplier=capacity_multiplier)
+        box, species, atom_chunk=atom_chunk, mesh=mesh, dr_threshold=skin, capacity_multiplier=capacity_multiplier)
     result = simulate(energy_fn, neighbor_fn, displacement, shift, jnp.asarray(atoms.get_positions(), dtype), box,
                       steps=steps, dt=dt, ensemble=ensemble, kT=kT, mass=mass, seed=seed, thermo_every=thermo_every,
                       trajectory_every=trajectory_every, out=out, symbols=atoms.get_chemical_symbols(),

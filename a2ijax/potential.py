@@ -23,12 +23,14 @@ Errors:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 from jax_md import partition
 
 from a2ijax.geometry import lattice_matrix, perpendicular_widths
@@ -132,21 +134,23 @@ def _check_inputs(config: A2IConfig, R: Array, species: Array | None, mask: Arra
 
 
 def _model_inputs(R: Array, idx: Array, displacement_fn: DisplacementFn, species: Array | None,
-                  mask: Array | None, **kwargs) -> tuple[Array, Array, Array, Array]:
+                  mask: Array | None, centers: Array | None = None, **kwargs) -> tuple[Array, Array, Array, Array]:
     """The model's per-atom inputs from a Dense neighbour index ``idx [n, K]`` (empty slots hold ``N``).
 
-    ``idx`` may cover only the first ``n`` atoms of ``R``. Returns displacements ``[n, K, dim]``,
-    centre species ``[n]``, neighbour species ``[n, K]`` and the pair mask ``[n, K]``.
+    Row ``r`` of ``idx`` lists the neighbours of atom ``centers[r]`` (default: the first ``n`` atoms of
+    ``R``). Returns displacements ``[n, K, dim]``, centre species ``[n]``, neighbour species ``[n, K]``
+    and the pair mask ``[n, K]``.
     """
     n_atoms, n = R.shape[0], idx.shape[0]
     species = jnp.zeros((n_atoms,), jnp.int32) if species is None else species
+    pick = (lambda x: x[:n]) if centers is None else (lambda x: x[centers])
     pair_mask = idx < n_atoms
     j = jnp.where(pair_mask, idx, 0)
     if mask is not None:  # padded atoms are neither centres nor neighbours
-        pair_mask = pair_mask & mask[:n, None] & mask[j]
+        pair_mask = pair_mask & pick(mask)[:, None] & mask[j]
     displacement = jax.vmap(jax.vmap(lambda Rj, Ri: displacement_fn(Rj, Ri, **kwargs), (0, None)))
-    dR = displacement(R[j], R[:n])  # r_ij = R_j - R_i
-    return dR, species[:n], species[j], pair_mask
+    dR = displacement(R[j], pick(R))  # r_ij = R_j - R_i
+    return dR, pick(species), species[j], pair_mask
 
 
 def _a2i_energy(model: A2ITransformer, atom_chunk: int, params: Any, R: Array, idx: Array,
@@ -158,6 +162,39 @@ def _a2i_energy(model: A2ITransformer, atom_chunk: int, params: Any, R: Array, i
     if mask is not None:
         energies = jnp.where(mask, energies, 0.0)
     return energies if per_atom else jnp.sum(energies)
+
+
+def _sharded_energy(model: A2ITransformer, atom_chunk: int, params: Any, R: Array, idx: Array,
+                    displacement_fn: DisplacementFn, species: Array | None, mask: Array | None,
+                    per_atom: bool, *, mesh: Mesh, **kwargs) -> Array:
+    """:func:`_a2i_energy` with the centre atoms split over the devices of a one-axis ``mesh``.
+
+    Inside ``jax.shard_map`` each device gets all positions, species and the mask (replicated) and
+    its own block of ``ceil(N / D)`` rows of ``idx``; rows past ``N`` are padding whose energy,
+    species shift included, is masked to zero. The total is a ``psum``; gradients are taken outside
+    (the transpose of the replicated positions sums the devices' contributions once).
+    """
+    axis = mesh.axis_names[0]
+    n, capacity = idx.shape
+    rows = -(-n // mesh.size) * mesh.size
+    if rows > n:
+        idx = jnp.concatenate([idx, jnp.full((rows - n, capacity), R.shape[0], idx.dtype)])
+    centers = jnp.minimum(jnp.arange(rows, dtype=jnp.int32), n - 1)
+    real = jnp.arange(rows) < n
+    species = jnp.zeros((R.shape[0],), jnp.int32) if species is None else species
+    mask = jnp.ones((R.shape[0],), bool) if mask is None else mask
+    real = real & mask[centers]
+    kwargs = {k: jnp.asarray(v) for k, v in kwargs.items()}
+
+    def block(params, R, idx, centers, real, species, mask, kwargs):
+        inputs = _model_inputs(R, idx, displacement_fn, species, mask, centers, **kwargs)
+        energies = jnp.where(real, per_atom_energies(model, params, *inputs, atom_chunk=atom_chunk), 0.0)
+        return energies if per_atom else jax.lax.psum(jnp.sum(energies), axis)
+
+    split, whole = PartitionSpec(axis), PartitionSpec()
+    energy = jax.shard_map(block, mesh=mesh, in_specs=(whole, whole, split, split, split, whole, whole, whole),
+                           out_specs=split if per_atom else whole)(params, R, idx, centers, real, species, mask, kwargs)
+    return energy[:n] if per_atom else energy
 
 
 def _init(model: A2ITransformer, key: Array, R: Array, idx: Array, displacement_fn: DisplacementFn,
@@ -175,6 +212,7 @@ def a2i_neighbor_list(
     *,
     atom_chunk: int | None = None,
     dtype: Any = None,
+    mesh: Mesh | None = None,
     **nl_kwargs,
 ) -> tuple[partition.NeighborFn, Callable[..., Any], Callable[..., Array]]:
     """A2I potential on a jax-md Dense neighbour list.
@@ -188,6 +226,9 @@ def a2i_neighbor_list(
       atom_chunk: atoms per rematerialised chunk (bounds memory by the chunk; results do not depend
         on it beyond float rounding); 0: all at once; None: :func:`default_atom_chunk` of the backend.
       dtype: compute dtype, e.g. ``"bfloat16"``; None: that of the positions and parameters.
+      mesh: a one-axis ``jax.sharding.Mesh`` (:func:`a2ijax.parallel.make_mesh`): the energy is split
+        over its devices by centre atoms (``jax.shard_map``), each device computing only its own
+        atoms; positions and the list stay whole on every device. None: one device.
       **nl_kwargs: passed to ``jax_md.partition.neighbor_list`` (``dr_threshold``,
         ``capacity_multiplier``, ``fractional_coordinates``, ...). The format is always Dense.
         A skin (``dr_threshold``) saves rebuilds but adds tokens: attention cost grows as ``K**2``.
@@ -207,6 +248,9 @@ def a2i_neighbor_list(
     check_box(displacement_fn, box, config.cutoff, fractional)
     neighbor_fn = partition.neighbor_list(displacement_fn, box, config.cutoff, format=partition.Dense, **nl_kwargs)
     model = A2ITransformer(config, dtype=dtype)
+    if mesh is not None and len(mesh.axis_names) != 1:
+        raise ValueError(f"mesh must have one axis (the atoms are split along it), got axes {mesh.axis_names}")
+    compute = _a2i_energy if mesh is None else functools.partial(_sharded_energy, mesh=mesh)
 
     def _neighbors(neighbor: Any) -> partition.NeighborList:
         if neighbor is None:
@@ -231,8 +275,8 @@ def a2i_neighbor_list(
         neighbor = _neighbors(neighbor)
         if neighbor.idx.shape[0] != R.shape[0]:
             raise ValueError(f"neighbour list is for {neighbor.idx.shape[0]} atoms, R has {R.shape[0]}")
-        energy = _a2i_energy(model, atom_chunk, params, R, neighbor.idx, displacement_fn, species, mask, per_atom,
-                             **kwargs)
+        energy = compute(model, atom_chunk, params, R, neighbor.idx, displacement_fn, species, mask, per_atom,
+                         **kwargs)
         # An overflowed list has lost neighbours: poison energy and forces rather than truncate.
         return energy * jnp.where(neighbor.did_buffer_overflow, jnp.nan, 1.0).astype(energy.dtype)
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from a2ijax.batching import Bucket, PreparedData, batches_in_order, prepare
@@ -40,8 +39,8 @@ def predict_buckets(predict: Callable, params: Any, buckets: list[Bucket], batch
     index, energy, forces, per_atom = [], [], [], []
     for b, rows in batches_in_order(buckets, batch_size):
         bucket = buckets[b]
-        batch = {k: jnp.asarray(v) for k, v in bucket.batch(rows, batch_size).items()}
-        E, F, Ei = (None if x is None else np.asarray(x, np.float64) for x in predict(params, batch))
+        E, F, Ei = (None if x is None else np.asarray(x, np.float64)
+                    for x in predict(params, bucket.batch(rows, batch_size)))
         for r, row in enumerate(rows):
             n = int(bucket.n_atoms[row])
             index.append(int(bucket.frame_index[row]))
@@ -173,17 +172,19 @@ def validation_errors(predict: Callable, params: Any, data: PreparedData, split:
     return dict(energy_rmse_per_atom=report["energy_rmse_per_atom"], force_rmse=report["force_rmse"])
 
 
-def final_report(workdir: Path, data: PreparedData, predict: Callable, batch_size: int) -> dict:
+def final_report(workdir: Path, data: PreparedData, predict: Callable, batch_size: int, write: bool = True) -> dict:
     """Evaluates the best checkpoint on the test split (validation if there is none) with ``predict``
-    (from :func:`predict_fn`); writes ``report.json``, ``report.md``, ``parity.png`` and ``learning_curve.png``."""
+    (from :func:`predict_fn`); writes ``report.json``, ``report.md``, ``parity.png`` and
+    ``learning_curve.png`` (unless ``write`` is False: processes other than 0 only compute)."""
     checkpoint = load_checkpoint(workdir / "checkpoints" / "best")
     split = "test" if len(data.splits["test"]) else "valid"
     predictions = predict_buckets(predict, checkpoint.params, data.buckets[split], batch_size)
     report = error_report(data.dataset, predictions, data.statistics["fluctuations"])
     report.update(split=split, checkpoint=str(checkpoint.path), step=checkpoint.step,
                   parameters=int(sum(np.size(p) for p in jax.tree_util.tree_leaves(checkpoint.params))))
-    write_report(workdir, report, data.dataset, predictions, units=checkpoint.meta.get("units", ""))
-    learning_curve_plot(workdir / "learning_curve.png", workdir / "metrics.jsonl")
+    if write:
+        write_report(workdir, report, data.dataset, predictions, units=checkpoint.meta.get("units", ""))
+        learning_curve_plot(workdir / "learning_curve.png", workdir / "metrics.jsonl")
     return report
 
 

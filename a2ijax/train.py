@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from a2ijax.batching import PreparedData, epoch_batches, prepare, with_core_repulsion
 from a2ijax.checkpoint import CheckpointError, fixed_species, managers, potential_builder, restore_for_resume, save
@@ -34,6 +35,7 @@ from a2ijax.config import ExperimentConfig, TrainConfig
 from a2ijax.dataset import Dataset, read_dataset
 from a2ijax.files import atomic_write
 from a2ijax.loss import batch_errors, normalised_loss, predict_fn, rotate_batch
+from a2ijax.parallel import global_batch, is_main_process, make_mesh, padded_rows, replicate, replicated, split_leading
 from a2ijax.potential import fixed_neighbor_list
 from a2ijax.report import final_report, validation_errors
 
@@ -116,28 +118,39 @@ def init_state(run: Run) -> TrainState:
                       ema=jax.tree_util.tree_map(jnp.copy, params), key=key)
 
 
-def make_train_step(run: Run) -> Callable[[TrainState, dict[str, Array]], tuple[TrainState, dict[str, Array]]]:
-    """``step(state, batch) -> (state, metrics)``: one jitted AdamW step with EMA; ``metrics["finite"]``
-    is False when the loss or the gradients are not finite (the caller keeps the old state)."""
-    config = run.config
-    train = config.train
+def make_loss(run: Run) -> Callable[[Any, dict[str, Array], Array], tuple[Array, dict[str, Array]]]:
+    """``loss(params, batch, step) -> (loss, summed squared errors)``: :mod:`a2ijax.loss` with the
+    training statistics and the loss weights at ``step``."""
     predict = predict_fn(run.energy_fn, run.per_atom)
-    optimizer = make_optimizer(train)
-    rotate = config.rotate()
     stats = dict(energy_var=run.data.statistics["energy_var"], force_var=run.data.statistics["force_var"])
+    weights = run.config.train.loss_weights
 
-    @jax.jit
+    def loss(params: Any, batch: dict[str, Array], step: Array) -> tuple[Array, dict[str, Array]]:
+        errors = batch_errors(predict, params, batch)
+        return normalised_loss(errors, stats, weights(step)), errors
+
+    return loss
+
+
+def make_train_step(run: Run, mesh: Mesh | None = None
+                    ) -> Callable[[TrainState, dict[str, Array]], tuple[TrainState, dict[str, Array]]]:
+    """``step(state, batch) -> (state, metrics)``: one jitted AdamW step with EMA; ``metrics["finite"]``
+    is False when the loss or the gradients are not finite (the caller keeps the old state).
+
+    With a ``mesh`` (:func:`a2ijax.parallel.make_mesh`) the batch is split by rows over its devices
+    and the state and metrics are replicated: the sums over the batch are all-reduces, so the step
+    is the one-device step, whatever the device count.
+    """
+    train = run.config.train
+    loss_fn = make_loss(run)
+    optimizer = make_optimizer(train)
+    rotate = run.config.rotate()
+
     def step(state: TrainState, batch: dict[str, Array]) -> tuple[TrainState, dict[str, Array]]:
         key, sub = jax.random.split(state.key)
         if rotate:
             batch = rotate_batch(batch, sub)
-        weights = train.loss_weights(state.step)
-
-        def loss_fn(params):
-            errors = batch_errors(predict, params, batch)
-            return normalised_loss(errors, stats, weights), errors
-
-        (loss, errors), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, errors), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, state.step)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = jnp.minimum(train.ema_decay, (1.0 + state.step) / (10.0 + state.step))
@@ -147,7 +160,17 @@ def make_train_step(run: Run) -> Callable[[TrainState, dict[str, Array]], tuple[
         return new, dict(loss=loss, finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm), grad_norm=grad_norm,
                          **errors)
 
-    return step
+    if mesh is None:
+        return jax.jit(step)
+    whole = replicated(mesh)
+    return jax.jit(step, in_shardings=(whole, split_leading(mesh)), out_shardings=whole)
+
+
+def sharded_predict(run: Run, mesh: Mesh) -> Callable:
+    """``predict(params, batch)`` (:func:`a2ijax.loss.predict_fn`) taking a host batch (the same on
+    every process) split by rows over ``mesh``; the predictions come back whole on every process."""
+    jitted = jax.jit(predict_fn(run.energy_fn, run.per_atom), out_shardings=replicated(mesh))
+    return lambda params, batch: jitted(replicate(params, mesh), global_batch(batch, mesh))
 
 
 def step_seconds(dataset: Dataset, config: ExperimentConfig, steps: int = 5, *,
@@ -172,7 +195,7 @@ def step_seconds(dataset: Dataset, config: ExperimentConfig, steps: int = 5, *,
 
 def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume: bool = False,
                        stop_after: int | None = None, progress: bool = True, dataset: Dataset | None = None,
-                       atom_chunk: int | None = None) -> TrainResult:
+                       atom_chunk: int | None = None, devices: int | None = None) -> TrainResult:
     """Trains, checkpoints and reports into ``workdir``.
 
     Args:
@@ -185,6 +208,10 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume:
       progress: show a progress bar with live metrics.
       dataset: frames already read (default: read ``config.data.path``).
       atom_chunk: how the model is run (not stored: a resume may use another).
+      devices: data parallelism over this many local devices (None: every device of every process,
+        after :func:`a2ijax.parallel.initialize`). Batches are filled up with rows of weight 0 to a
+        multiple of the device count; the loss is the one-device loss. Process 0 alone writes
+        metrics, reports and the progress bar; every process takes part in checkpoints.
     """
     t_start = time.perf_counter()
     workdir = Path(workdir)
@@ -198,26 +225,29 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume:
                 capacity=data.capacity, bucket_sizes=data.bucket_sizes.tolist(), data_path=str(dataset.path),
                 units=str(dataset.info[0].get("units", "")), system=str(dataset.info[0].get("system", "")),
                 splits={k: v.tolist() for k, v in data.splits.items()})
-    state = init_state(run)
+    mesh = make_mesh(devices)
+    main = is_main_process()
+    rows_per_batch = padded_rows(train.batch_size, mesh)
+    state = replicate(init_state(run), mesh)
     checkpoints = managers(workdir)
     metrics_path = workdir / "metrics.jsonl"
     if resume:
         state, resumed_at = restore_for_resume(checkpoints["periodic"], state, meta)
-        if metrics_path.exists():  # drop metrics logged after the checkpoint: they will be logged again
+        if main and metrics_path.exists():  # drop metrics logged after the checkpoint: they will be logged again
             rows = [line for line in metrics_path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resumed_at]
             atomic_write(metrics_path, lambda f: f.write("".join(r + "\n" for r in rows)))
     elif checkpoints["periodic"].latest_step() is not None:
         raise CheckpointError(f"{workdir} already holds checkpoints: pass resume (--resume) to continue, or use a "
                               "new work directory")
-    else:
+    elif main:
         metrics_path.write_text("")
 
     def checkpoint(manager: str, state: TrainState, metrics: dict | None = None) -> None:
         save(checkpoints[manager], int(state.step), state, state.ema, meta, metrics)
 
-    step_fn = make_train_step(run)
-    predict = jax.jit(predict_fn(run.energy_fn, run.per_atom))
+    step_fn = make_train_step(run, mesh)
+    predict = sharded_predict(run, mesh)
     train_buckets = data.buckets["train"]
     steps_per_epoch = sum(-(-len(b) // train.batch_size) for b in train_buckets)
     final_weights = train.loss_weights(train.steps - 1)
@@ -226,7 +256,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume:
     start = int(state.step)
     end = train.steps if stop_after is None else min(train.steps, stop_after)
     bar = None
-    if progress:
+    if progress and main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=train.steps, initial=start, unit="step", desc="train", dynamic_ncols=True)
@@ -241,8 +271,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume:
                 order, epoch_of_order = epoch_batches(train_buckets, train.batch_size, train.seed, epoch), epoch
             b, rows = order[position]
             bucket = train_buckets[b]
-            batch = {k: jnp.asarray(v) for k, v in bucket.batch(rows, train.batch_size).items()}
-            new_state, metrics = step_fn(state, batch)
+            new_state, metrics = step_fn(state, global_batch(bucket.batch(rows, rows_per_batch), mesh))
             if not bool(metrics["finite"]):
                 checkpoint("periodic", state)
                 raise TrainingDivergedError(
@@ -255,7 +284,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume:
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(running[-20:]):.3g}", **last_valid)
             if step % train.eval_every == 0 or step == train.steps:
-                valid = validation_errors(predict, state.ema, data, "valid", train.batch_size, train.eval_frames)
+                valid = validation_errors(predict, state.ema, data, "valid", rows_per_batch, train.eval_frames)
                 errors = dict(energy_se=valid["energy_rmse_per_atom"] ** 2, force_se=valid["force_rmse"] ** 2,
                               frames=1.0, components=1.0)
                 valid_loss = float(normalised_loss(errors, stats, final_weights))
@@ -264,8 +293,9 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume:
                            valid_energy_rmse_per_atom=valid["energy_rmse_per_atom"],
                            valid_force_rmse=valid["force_rmse"])
                 running = []
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                if main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
                 checkpoint("best", state, dict(valid_loss=valid_loss))
                 last_valid = dict(val_E=f"{valid['energy_rmse_per_atom']:.3g}", val_F=f"{valid['force_rmse']:.3g}")
             if step % train.checkpoint_every == 0 or step == end:
@@ -278,5 +308,5 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume:
             bar.close()
     report = None
     if step == train.steps:
-        report = final_report(workdir, data, predict, train.batch_size)
+        report = final_report(workdir, data, predict, rows_per_batch, write=main)
     return TrainResult(state, report, workdir, time.perf_counter() - t_start)

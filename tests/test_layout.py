@@ -72,8 +72,12 @@ def test_no_private_modules_of_dependencies():
     assert not private, private
 
 
-def test_import_a2ijax_gives_the_md_driver():
+def test_import_a2ijax_gives_the_md_driver_without_starting_jax():
     """The README calls a2ijax.md.run after a bare ``import a2ijax`` (a fresh interpreter: no other
-    test may have imported the submodule already)."""
-    code = "import a2ijax; assert callable(a2ijax.md.run) and callable(a2ijax.a2i_neighbor_list)"
+    test may have imported the submodule already). Importing the package, its CLI and
+    ``a2ijax.parallel`` must not start JAX's backend (jax-md does when imported), or
+    ``jax.distributed.initialize`` in ``a2ijax train --coordinator`` would come too late."""
+    code = ("import a2ijax, a2ijax.cli, a2ijax.parallel; from jax._src import xla_bridge; "
+            "assert not xla_bridge.backends_are_initialized(), 'the backend started on import'; "
+            "assert callable(a2ijax.md.run) and callable(a2ijax.a2i_neighbor_list)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,0 +1,188 @@
+"""The child processes of tests/test_parallel.py (JAX fixes its devices and processes at start-up,
+so each configuration needs a fresh interpreter). Writes its measurements as JSON for the test.
+
+    python parallel_worker.py devices DATA OUT               # 1 process, 2 CPU devices
+    python parallel_worker.py processes DATA OUT ID PORT     # process ID of 2, 1 CPU device each
+
+``devices`` compares the first training step (batch split over the devices) and MD (atoms split)
+with one device in the same process; ``processes`` trains the suite's shared model on two
+processes, stopping and resuming, for the test to compare with the one-process run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+mode, data_path, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+if mode == "processes":
+    from a2ijax.parallel import initialize
+
+    initialize(f"127.0.0.1:{sys.argv[5]}", 2, int(sys.argv[4]))
+if os.environ.get("A2IJAX_TEST_CACHE"):
+    jax.config.update("jax_compilation_cache_dir", os.environ["A2IJAX_TEST_CACHE"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+import jax.numpy as jnp  # noqa: E402
+from conftest import MODEL, TRAIN_ATOM_CHUNK, jittered_lattice, random_species, small_config, tiny_config  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+from jax_md import space  # noqa: E402
+
+from a2ijax.checkpoint import load_checkpoint  # noqa: E402
+from a2ijax.dataset import read_dataset  # noqa: E402
+from a2ijax.md import allocate_replicas, run, simulate  # noqa: E402
+from a2ijax.parallel import global_batch, is_main_process, make_mesh, padded_rows, replicate, replicated  # noqa: E402
+from a2ijax.potential import a2i_neighbor_list  # noqa: E402
+from a2ijax.train import init_state, make_loss, prepare_run, train_and_evaluate  # noqa: E402
+
+results: dict = {}
+_clock = [time.perf_counter()]
+
+
+def lap(name: str) -> None:
+    now = time.perf_counter()
+    results.setdefault("seconds", {})[name] = round(now - _clock[0], 1)
+    _clock[0] = now
+
+
+def relative(a, b) -> float:
+    """Largest |a - b| over the largest |b|, across the leaves of two pytrees."""
+    a, b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    scale = max(float(np.max(np.abs(np.asarray(y)))) for y in b)
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+               for x, y in zip(a, b, strict=True)) / scale
+
+
+def float64(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A batch with its float fields (stored as float32) in float64, so the whole loss is float64."""
+    return {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in batch.items()}
+
+
+def first_step(mesh: Mesh, reference: Mesh) -> None:
+    """The loss and its gradient at step 0 on ``mesh`` against ``reference`` (one device), in float64,
+    on a batch of 3 frames (filled up to 4 rows on 2 devices)."""
+    config = tiny_config(data_path, batch_size=3)
+    config = dataclasses.replace(config, model=dataclasses.replace(MODEL, param_dtype="float64"))
+    run_ = prepare_run(read_dataset(data_path), config, atom_chunk=TRAIN_ATOM_CHUNK)
+    params = init_state(run_).params
+    bucket = run_.data.buckets["train"][0]
+    loss = make_loss(run_)
+
+    def loss_and_grad(on: Mesh):
+        fn = jax.jit(jax.value_and_grad(loss, has_aux=True), out_shardings=replicated(on))
+        batch = global_batch(float64(bucket.batch(np.arange(3), padded_rows(3, on))), on)
+        (value, _), grads = fn(replicate(params, on), batch, jnp.zeros((), jnp.int32))
+        return float(value), grads
+
+    (l1, g1), (l2, g2) = loss_and_grad(reference), loss_and_grad(mesh)
+    results["batch_rows"] = padded_rows(3, mesh)
+    results["loss0_relative"] = abs(l1 - l2) / abs(l1)
+    results["grad0_relative"] = relative(g2, g1)
+    results["grad0_max"] = max(float(np.max(np.abs(np.asarray(g)))) for g in jax.tree_util.tree_leaves(g1))
+
+
+def atom_sharded_md(mesh: Mesh) -> None:
+    """Energy and forces split over ``mesh`` against one device and the per-device work of the
+    compiled program; 500 NVE steps through :func:`a2ijax.md.simulate` (virial pressure, an
+    overflowing list reallocated, files written); replicas split over devices (float64)."""
+    R = jittered_lattice((4, 4, 4), 4.6 / 4, 0.2, seed=0)[:63]  # 63 atoms: not a multiple of 2 devices
+    species = random_species(63)
+    box = jnp.eye(3) * 4.6
+    displacement, shift = space.periodic_general(box, fractional_coordinates=False)
+    config = small_config(layers=1, width=8)
+    # atom_chunk 0: XLA's cost analysis counts a loop body once, so chunks would hide the work
+    built = {name: a2i_neighbor_list(displacement, box, config, species, dr_threshold=0.3, disable_cell_list=True,
+                                     atom_chunk=0, mesh=m)
+             for name, m in (("one", None), ("split", mesh))}
+    neighbor_fn = built["one"][0]
+    neighbor = neighbor_fn.allocate(R)
+    params = built["one"][1](jax.random.PRNGKey(0), R, neighbor)
+    values, flops = [], []
+    for name in ("one", "split"):  # per-atom energies, their sum and its gradient in one program
+        def energy(R, nbr, energy_fn=built[name][2]):
+            per_atom = energy_fn(params, R, nbr, per_atom=True)
+            return jnp.sum(per_atom), per_atom
+
+        compiled = jax.jit(jax.value_and_grad(energy, has_aux=True)).lower(R, neighbor).compile()
+        cost = compiled.cost_analysis()
+        flops.append(float((cost[0] if isinstance(cost, list) else cost)["flops"]))
+        values.append(compiled(R, neighbor))
+    ((e1, a1), g1), ((e2, a2), g2) = values
+    results["energy_relative"] = abs(float(e1 - e2)) / abs(float(e1))
+    results["per_atom_relative"] = relative(a2, a1)
+    results["force_relative"] = relative(g2, g1)
+    results["force_max"] = float(jnp.max(jnp.abs(g1)))
+    results["flops"] = flops
+    lap("md: energy")
+
+    sims, files = [], []
+    for name in ("one", "split"):  # the total energy (psum) and the virial pressure (box, perturbation)
+        def energy(R, neighbor=None, energy_fn=built[name][2], **kw):
+            return energy_fn(params, R, neighbor, **kw)
+
+        directory = out.parent / f"md-{name}"
+        sims.append(simulate(energy, neighbor_fn,
+                             displacement, shift, R, box, steps=500, dt=0.002, kT=1.0, thermo_every=10,
+                             trajectory_every=250, out=str(directory), symbols=["Ar", "Ne", "He"] * 21,
+                             progress=False))
+        files.append([len((directory / f).read_text().splitlines()) for f in ("thermo.csv", "trajectory.extxyz")])
+    final = [np.asarray(sim.state.position) for sim in sims]
+    results["md_max_dR"] = float(np.max(np.abs(final[0] - final[1])))
+    results["md_moved"] = float(np.max(np.abs(final[0] - np.asarray(R))))
+    results["md_thermo_relative"] = {c: relative(sims[1].thermo[c], sims[0].thermo[c])
+                                     for c in ("potential", "pressure")}
+    results["md_reallocations"] = [s.reallocations for s in sims]
+    results["md_file_lines"] = files
+    lap("md: simulate")
+
+    from jax_md import simulate as integrators
+
+    energy_fn = built["one"][2]
+    replicas = jnp.stack([R, jittered_lattice((4, 4, 4), 4.6 / 4, 0.2, seed=5)[:63]])
+    init, apply = integrators.nve(lambda R, neighbor=None, **kw: energy_fn(params, R, neighbor, **kw), shift, 0.002)
+    final = []
+    for m in (None, mesh):
+        lists = allocate_replicas(neighbor_fn, replicas)
+        states = jax.vmap(lambda R, nbr: init(jax.random.PRNGKey(1), R, kT=1.0, neighbor=nbr))(replicas, lists)
+        final.append(run(apply, states, neighbor_fn, lists, 40, chunk_steps=40, replicas=True, mesh=m).state.position)
+    results["replicas_max_dR"] = float(np.max(np.abs(np.asarray(final[0]) - np.asarray(final[1]))))
+    results["replicas_sharding"] = str(final[1].sharding.spec)
+    lap("md: replicas")
+
+
+def trained_params(workdir: Path) -> dict:
+    return {"/".join(str(k) for k in path): np.asarray(leaf).tolist() for path, leaf in
+            jax.tree_util.tree_flatten_with_path(load_checkpoint(workdir / "checkpoints" / "periodic").params)[0]}
+
+
+def resumed_training() -> None:
+    """float32: ``tiny_config`` (the suite's shared trained model) for 16 steps, stopped, and
+    resumed to the end; the parameters are written for the test to compare with the one-process run."""
+    config = tiny_config(data_path)
+    workdir = out.parent / "train"
+    for more in (dict(stop_after=16), dict(resume=True)):
+        train_and_evaluate(config, workdir, progress=False, atom_chunk=TRAIN_ATOM_CHUNK, **more)
+    params = trained_params(workdir)  # every process: orbax restores collectively
+    if is_main_process():
+        (out.parent / "params.json").write_text(json.dumps(params))
+        results["report"] = json.loads((workdir / "report.json").read_text())
+    lap("training")
+
+
+results["devices"], results["processes"] = jax.device_count(), jax.process_count()
+if mode == "devices":
+    jax.config.update("jax_enable_x64", True)
+    first_step(make_mesh(2), make_mesh(1))
+    lap("first step")
+    atom_sharded_md(make_mesh(2, "atoms"))
+else:
+    resumed_training()
+if is_main_process():
+    out.write_text(json.dumps(results))

@@ -1,0 +1,175 @@
+"""Several devices and processes (docs/design.md, "Scale-out"): data-parallel training across two
+processes equals the one-process run, and MD split by atoms over two devices equals MD on one.
+
+JAX fixes its devices and processes when it starts, so the split runs happen in fresh interpreters
+(``tests/parallel_worker.py``): 1 process x 2 CPU devices for MD, 2 processes x 1 CPU device
+(``jax.distributed`` over a free loopback port, gloo collectives) for training. Each configuration
+runs once per test session (shared by the xdist workers) and the tests below read its numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import shared_directory
+
+from a2ijax import parallel
+from a2ijax.checkpoint import load_checkpoint
+
+WORKER = Path(__file__).with_name("parallel_worker.py")
+TIMEOUT = 400
+
+
+def worker_env(devices: int) -> dict[str, str]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    cache = jax.config.jax_compilation_cache_dir  # the suite's shared cache (conftest)
+    if cache:
+        env["A2IJAX_TEST_CACHE"] = str(cache)
+    return env
+
+
+def check_finished(processes: list[subprocess.Popen], logs: list[Path]) -> None:
+    for process, log in zip(processes, logs, strict=True):
+        try:
+            process.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()
+            raise
+        assert process.returncode == 0, f"{' '.join(process.args)} failed:\n{log.read_text()[-4000:]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def two_devices(tmp_path_factory, tiny_data) -> dict:
+    with shared_directory(tmp_path_factory, "parallel-devices") as (directory, ready):
+        out = directory / "results.json"
+        if not ready:
+            log = directory / "log.txt"
+            with open(log, "w") as f:
+                process = subprocess.Popen([sys.executable, str(WORKER), "devices", str(tiny_data), str(out)],
+                                           cwd=WORKER.parent,
+                                           env=worker_env(2), stdout=f, stderr=subprocess.STDOUT)
+            check_finished([process], [log])
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="session")
+def two_processes(tmp_path_factory, tiny_data) -> tuple[dict, Path]:
+    with shared_directory(tmp_path_factory, "parallel-processes") as (directory, ready):
+        out = directory / "results.json"
+        if not ready:
+            port, processes, logs = free_port(), [], []
+            for rank in (0, 1):
+                logs.append(directory / f"log{rank}.txt")
+                with open(logs[-1], "w") as f:
+                    processes.append(subprocess.Popen(
+                        [sys.executable, str(WORKER), "processes", str(tiny_data), str(out), str(rank), str(port)],
+                        cwd=WORKER.parent, env=worker_env(1), stdout=f, stderr=subprocess.STDOUT))
+            check_finished(processes, logs)
+    return json.loads(out.read_text()), directory
+
+
+def test_split_batch_first_step_equals_one_device(two_devices):
+    """Step 0 in float64: the loss and every gradient entry with the batch split over 2 devices (3
+    frames filled up to 4 rows with a zero-weight row) against one device. The reductions are the
+    same XLA all-reduces across processes (the test below)."""
+    assert two_devices["devices"] == 2 and two_devices["batch_rows"] == 4
+    assert two_devices["grad0_max"] > 1.0  # non-trivial gradients
+    assert two_devices["loss0_relative"] <= 1e-12
+    assert two_devices["grad0_relative"] <= 1e-12
+
+
+def test_two_process_training_resumed_equals_one_process_run(two_processes, trained):
+    """The shared trained model (24 float32 steps, one process) against the same run on 2 processes,
+    stopped after 16 steps and resumed: parameters within 1e-6, and the same test report."""
+    results, directory = two_processes
+    assert results["processes"] == 2 and results["devices"] == 2
+    report, workdir = trained
+    one = jax.tree_util.tree_flatten_with_path(load_checkpoint(workdir / "checkpoints" / "periodic").params)[0]
+    two = json.loads((directory / "train" / "params.json").read_text())
+    assert len(two) == len(one)
+    scale = max(float(np.max(np.abs(leaf))) for _, leaf in one)
+    worst = max(float(np.max(np.abs(np.asarray(two["/".join(str(k) for k in path)]) - leaf))) for path, leaf in one)
+    assert worst <= 1e-6 * scale
+    assert results["report"]["frames"] == report["frames"]
+    assert results["report"]["force_rmse"] == pytest.approx(report["force_rmse"], rel=1e-4)
+
+
+def test_atom_split_energy_forces_and_per_atom_energies_equal_one_device(two_devices):
+    """63 atoms (not a multiple of 2) over 2 devices, float64."""
+    assert two_devices["devices"] == 2
+    assert two_devices["force_max"] > 1e-2
+    assert two_devices["energy_relative"] <= 1e-12
+    assert two_devices["per_atom_relative"] <= 1e-12
+    assert two_devices["force_relative"] <= 1e-12
+
+
+def test_atom_split_program_computes_only_its_own_atoms(two_devices):
+    """XLA's cost analysis of the compiled per-device program: half the work of the one-device program
+    (32 of 63 centre atoms), not all of it with the answer split afterwards."""
+    one, split = two_devices["flops"]
+    assert 0.45 < split / one < 0.56
+
+
+def test_atom_split_nve_trajectory_equals_one_device(two_devices):
+    """500 NVE steps through a2ijax.md.simulate (neighbour list updated inside the chunks, virial
+    pressure through the box and perturbation arguments, files written as it goes)."""
+    assert two_devices["md_moved"] > 0.1
+    assert two_devices["md_max_dR"] <= 1e-10
+    assert max(two_devices["md_thermo_relative"].values()) <= 1e-10
+    one, split = two_devices["md_reallocations"]
+    assert one == split
+    # 50 thermo rows and a header; 2 trajectory frames of 63 atoms and 2 header lines
+    assert two_devices["md_file_lines"][0] == two_devices["md_file_lines"][1] == [51, 2 * (63 + 2)]
+
+
+def test_replicas_split_over_devices_equal_one_device(two_devices):
+    assert two_devices["replicas_sharding"] == "PartitionSpec('atoms',)" or "atoms" in two_devices["replicas_sharding"]
+    assert two_devices["replicas_max_dR"] <= 1e-10
+
+
+# Checks of the arguments, in this process.
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(coordinator="localhost:1234"), "all of coordinator"),
+    (dict(coordinator="localhost", num_processes=2, process_id=0), "HOST:PORT"),
+    (dict(coordinator="localhost:99999", num_processes=2, process_id=0), "HOST:PORT"),
+    (dict(coordinator="localhost:1234", num_processes=2, process_id=2), "process_id"),
+    (dict(coordinator="localhost:1234", num_processes=0, process_id=0), "num_processes"),
+])
+def test_initialize_rejects_incomplete_or_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        parallel.initialize(**kwargs)
+
+
+def test_cluster_detection_needs_more_than_one_task():
+    assert parallel.cluster_detected({"SLURM_NTASKS": "4"})
+    assert parallel.cluster_detected({"OMPI_COMM_WORLD_SIZE": "2"})
+    assert not parallel.cluster_detected({"SLURM_NTASKS": "1"})
+    assert not parallel.cluster_detected({})
+    assert not parallel.initialize()  # no launcher here: nothing to join
+
+
+def test_mesh_and_batch_errors():
+    with pytest.raises(ValueError, match="asked for 9 devices"):
+        parallel.make_mesh(9)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        parallel.make_mesh(0)
+    mesh = parallel.make_mesh(1)
+    assert parallel.padded_rows(3, mesh) == 3 and parallel.padded_rows(3, None) == 3
+    batch = parallel.global_batch({"x": np.arange(6.0).reshape(3, 2)}, mesh)
+    np.testing.assert_array_equal(np.asarray(batch["x"]), np.arange(6.0).reshape(3, 2))
