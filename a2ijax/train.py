@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,10 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume:
     mesh = make_mesh(devices)
     main = is_main_process()
     rows_per_batch = padded_rows(train.batch_size, mesh)
+    if rows_per_batch != train.batch_size and main:
+        warnings.warn(f"batch_size {train.batch_size} is not a multiple of the {mesh.size} devices: every batch is "
+                      f"filled up to {rows_per_batch} rows with zero-weight frames, which cost as much as real ones; "
+                      f"use a multiple of {mesh.size}", stacklevel=2)
     state = replicate(init_state(run), mesh)
     checkpoints = managers(workdir)
     metrics_path = workdir / "metrics.jsonl"

@@ -62,3 +62,13 @@ cat "$OUTDIR/bench.md" 2>/dev/null || echo "no rows were measured"
 timeout --signal=INT "$ABLATION_S" "$PYTHON" experiments/speed_ablation.py --n "$ABLATION_N" --chunk 20 \
     --out "${OUT:-bench_gpu}/ablation" || echo "ablation ended with status $?"
 cat "${OUT:-bench_gpu}/ablation/ablation.md" 2>/dev/null || echo "no ablation rows were measured"
+
+# Atoms split over several GPUs (a2i_neighbor_list(mesh=)), and batches split for training, against
+# one GPU in the same run; only where the machine has more than one GPU.
+NDEV=$("$PYTHON" -c "import jax; print(jax.device_count())")
+if [[ "$NDEV" -gt 1 ]]; then
+    timeout --signal=INT "${SCALING_S:-120}" "$PYTHON" experiments/scaling.py --accelerator --atoms "$ABLATION_N" \
+        --out "${OUT:-bench_gpu}/scaling.json" || echo "scaling ended with status $?"
+else
+    echo "one device: no multi-device scaling run"
+fi
