@@ -132,7 +132,9 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     sharding = replicated(mesh)
 
     def place(x: Any) -> jax.Array:
-        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+        # The same sharding object, not just an equivalent one: jit keys its cache on the sharding,
+        # and a one-device array fed where replicated outputs come back would compile twice.
+        if isinstance(x, jax.Array) and (x.sharding == sharding or not x.is_fully_addressable):
             return x
         return _global(np.asarray(x), sharding)
 

@@ -33,11 +33,11 @@ if os.environ.get("A2IJAX_TEST_CACHE"):
 import jax.numpy as jnp  # noqa: E402
 from conftest import MODEL, TRAIN_ATOM_CHUNK, jittered_lattice, random_species, small_config, tiny_config  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
-from jax_md import space  # noqa: E402
+from jax_md import quantity, space  # noqa: E402
 
 from a2ijax.checkpoint import load_checkpoint  # noqa: E402
 from a2ijax.dataset import read_dataset  # noqa: E402
-from a2ijax.md import allocate_replicas, run, simulate  # noqa: E402
+from a2ijax.md import allocate_replicas, run  # noqa: E402
 from a2ijax.parallel import global_batch, is_main_process, make_mesh, padded_rows, replicate, replicated  # noqa: E402
 from a2ijax.potential import a2i_neighbor_list  # noqa: E402
 from a2ijax.train import init_state, make_loss, prepare_run, train_and_evaluate  # noqa: E402
@@ -89,9 +89,9 @@ def first_step(mesh: Mesh, reference: Mesh) -> None:
 
 
 def atom_sharded_md(mesh: Mesh) -> None:
-    """Energy and forces split over ``mesh`` against one device and the per-device work of the
-    compiled program; 500 NVE steps through :func:`a2ijax.md.simulate` (virial pressure, an
-    overflowing list reallocated, files written); replicas split over devices (float64)."""
+    """Energy, per-atom energies, forces and stress (the ``box`` and ``perturbation`` arguments
+    through the split) against one device, and the per-device work of the compiled program; 500 NVE
+    steps through :func:`a2ijax.md.run`; replicas split over devices (float64)."""
     R = jittered_lattice((4, 4, 4), 4.6 / 4, 0.2, seed=0)[:63]  # 63 atoms: not a multiple of 2 devices
     species = random_species(63)
     box = jnp.eye(3) * 4.6
@@ -105,44 +105,41 @@ def atom_sharded_md(mesh: Mesh) -> None:
     neighbor = neighbor_fn.allocate(R)
     params = built["one"][1](jax.random.PRNGKey(0), R, neighbor)
     values, flops = [], []
-    for name in ("one", "split"):  # per-atom energies, their sum and its gradient in one program
-        def energy(R, nbr, energy_fn=built[name][2]):
-            per_atom = energy_fn(params, R, nbr, per_atom=True)
-            return jnp.sum(per_atom), per_atom
+    for name in ("one", "split"):  # per-atom energies, their sum, its gradient and the stress in one program
+        energy_fn = built[name][2]
 
-        compiled = jax.jit(jax.value_and_grad(energy, has_aux=True)).lower(R, neighbor).compile()
+        def observables(R, nbr, energy_fn=energy_fn):
+            per_atom = energy_fn(params, R, nbr, per_atom=True)
+            stress = quantity.stress(lambda R, **kw: energy_fn(params, R, **kw), R, box, neighbor=nbr)
+            return jnp.sum(per_atom), per_atom, -jax.grad(lambda R: energy_fn(params, R, nbr))(R), stress
+
+        compiled = jax.jit(observables).lower(R, neighbor).compile()
         cost = compiled.cost_analysis()
         flops.append(float((cost[0] if isinstance(cost, list) else cost)["flops"]))
         values.append(compiled(R, neighbor))
-    ((e1, a1), g1), ((e2, a2), g2) = values
+    (e1, a1, f1, s1), (e2, a2, f2, s2) = values
     results["energy_relative"] = abs(float(e1 - e2)) / abs(float(e1))
     results["per_atom_relative"] = relative(a2, a1)
-    results["force_relative"] = relative(g2, g1)
-    results["force_max"] = float(jnp.max(jnp.abs(g1)))
+    results["force_relative"] = relative(f2, f1)
+    results["stress_relative"] = relative(s2, s1)
+    results["force_max"] = float(jnp.max(jnp.abs(f1)))
     results["flops"] = flops
     lap("md: energy")
 
-    sims, files = [], []
-    for name in ("one", "split"):  # the total energy (psum) and the virial pressure (box, perturbation)
-        def energy(R, neighbor=None, energy_fn=built[name][2], **kw):
-            return energy_fn(params, R, neighbor, **kw)
+    from jax_md import simulate as integrators
 
-        directory = out.parent / f"md-{name}"
-        sims.append(simulate(energy, neighbor_fn,
-                             displacement, shift, R, box, steps=500, dt=0.002, kT=1.0, thermo_every=10,
-                             trajectory_every=250, out=str(directory), symbols=["Ar", "Ne", "He"] * 21,
-                             progress=False))
-        files.append([len((directory / f).read_text().splitlines()) for f in ("thermo.csv", "trajectory.extxyz")])
-    final = [np.asarray(sim.state.position) for sim in sims]
+    final = []
+    for name in ("one", "split"):  # 500 NVE steps, the list updated inside the compiled chunk
+        energy_fn = built[name][2]
+        init, apply = integrators.nve(lambda R, neighbor=None, energy_fn=energy_fn, **kw:
+                                      energy_fn(params, R, neighbor, **kw), shift, 0.002)
+        state = init(jax.random.PRNGKey(1), R, kT=1.0, neighbor=neighbor)
+        md = run(apply, state, neighbor_fn, neighbor, 500, chunk_steps=500)
+        final.append(np.asarray(md.state.position))
+        results[f"md_reallocations_{name}"] = md.reallocations
     results["md_max_dR"] = float(np.max(np.abs(final[0] - final[1])))
     results["md_moved"] = float(np.max(np.abs(final[0] - np.asarray(R))))
-    results["md_thermo_relative"] = {c: relative(sims[1].thermo[c], sims[0].thermo[c])
-                                     for c in ("potential", "pressure")}
-    results["md_reallocations"] = [s.reallocations for s in sims]
-    results["md_file_lines"] = files
-    lap("md: simulate")
-
-    from jax_md import simulate as integrators
+    lap("md: nve")
 
     energy_fn = built["one"][2]
     replicas = jnp.stack([R, jittered_lattice((4, 4, 4), 4.6 / 4, 0.2, seed=5)[:63]])

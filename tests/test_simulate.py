@@ -131,6 +131,9 @@ def test_md_command_names_bad_input(trained, tmp_path, capsys):
     ase.io.write(tmp_path / "foreign.xyz", foreign)
     assert cli.main(["md", workdir, "--structure", str(tmp_path / "foreign.xyz")]) == 2
     assert "['Kr'] that the potential was not trained on" in capsys.readouterr().err
+    ase.io.write(tmp_path / "start.xyz", _start())
+    assert cli.main(["md", workdir, "--structure", str(tmp_path / "start.xyz"), "--devices", "2"]) == 2
+    assert "asked for 2 devices, this process has 1" in capsys.readouterr().err
 
 
 def test_md_command_from_a_reference_state_point(trained, tmp_path, capsys):

@@ -20,6 +20,7 @@ from a2ijax.config import load_config
 from a2ijax.dataset import Dataset, read_dataset, write_dataset
 from a2ijax.geometry import closest_distance, minimum_image
 from a2ijax.loss import predict_fn, rotate_batch
+from a2ijax.parallel import global_batch, make_mesh, replicate
 from a2ijax.train import TrainingDivergedError, init_state, make_train_step, prepare_run, train_and_evaluate
 
 
@@ -118,15 +119,18 @@ def test_resume_continues_exactly(trained, tiny_data, tmp_path):
     assert steps == [8, 16, 24]
 
 
-def test_one_compilation_per_size_bucket(tiny_data):
-    run = prepare_run(read_dataset(tiny_data), tiny_config(tiny_data))
+def test_one_compilation_per_size_bucket(tiny_data, trained):
+    """The training path of ``train_and_evaluate`` (a one-device mesh here); after the shared trained
+    model, so its programs come from the suite's compilation cache."""
+    run = prepare_run(read_dataset(tiny_data), tiny_config(tiny_data), atom_chunk=TRAIN_ATOM_CHUNK)
     data = run.data
     assert len(data.buckets["train"]) == 2 and data.bucket_sizes.tolist() == [120, 125]
-    state = init_state(run)
-    step = make_train_step(run)
+    mesh = make_mesh()
+    state = replicate(init_state(run), mesh)
+    step = make_train_step(run, mesh)
     for _ in range(2):
         for bucket in data.buckets["train"]:
-            state, _ = step(state, {k: jnp.asarray(v) for k, v in bucket.batch(np.arange(1), 2).items()})
+            state, _ = step(state, global_batch(bucket.batch(np.arange(1), 2), mesh))
     assert step._cache_size() == 2
 
 
