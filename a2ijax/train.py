@@ -181,13 +181,14 @@ def step_seconds(dataset: Dataset, config: ExperimentConfig, steps: int = 5, *,
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     run = prepare_run(dataset, config, atom_chunk=atom_chunk)
-    state, step = init_state(run), make_train_step(run)
+    mesh = make_mesh()  # the program train_and_evaluate runs
+    state, step = replicate(init_state(run), mesh), make_train_step(run, mesh)
     order = epoch_batches(run.data.buckets["train"], config.train.batch_size, config.train.seed, 0)
     times = []
     for i in range(steps + 1):
         b, rows = order[i % len(order)]
         bucket = run.data.buckets["train"][b]
-        batch = {k: jnp.asarray(v) for k, v in bucket.batch(rows, config.train.batch_size).items()}
+        batch = global_batch(bucket.batch(rows, padded_rows(config.train.batch_size, mesh)), mesh)
         t0 = time.perf_counter()
         state, metrics = jax.block_until_ready(step(state, batch))
         times.append(time.perf_counter() - t0)

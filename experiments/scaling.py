@@ -27,7 +27,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -39,6 +38,7 @@ def worker(kind: str, devices: int, atoms: int, steps: int) -> dict:
     import numpy as np
     from jax_md import energy, simulate, space
 
+    from a2ijax.bench import median_seconds
     from a2ijax.model import A2IConfig
     from a2ijax.parallel import make_mesh
     from a2ijax.potential import a2i_neighbor_list
@@ -49,15 +49,6 @@ def worker(kind: str, devices: int, atoms: int, steps: int) -> dict:
     side = (atoms / 0.8) ** (1 / 3)
     R = jnp.asarray(lattice_positions(atoms, side, jitter=0.05, seed=0), jnp.float32)
     displacement, shift = space.periodic(side)
-
-    def timed(step, state, repeats):
-        state = jax.block_until_ready(step(state))  # compiles
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            state = jax.block_until_ready(step(state))
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
 
     if kind in ("md", "replicated"):
         if kind == "md":
@@ -82,7 +73,7 @@ def worker(kind: str, devices: int, atoms: int, steps: int) -> dict:
                 return apply(state, neighbor=neighbor), neighbor
             return jax.lax.fori_loop(0, steps, one, carry)
 
-        seconds = timed(chunk, (state, neighbor), 3) / steps
+        seconds = median_seconds(lambda: chunk((state, neighbor)), 3) / steps
         return dict(kind=kind, devices=devices, atoms=atoms, seconds_per_step=seconds,
                     us_per_atom_step=1e6 * seconds / atoms)
 
@@ -109,7 +100,8 @@ def worker(kind: str, devices: int, atoms: int, steps: int) -> dict:
     mesh = make_mesh(devices)
     step = make_train_step(run, mesh)
     batch = global_batch(run.data.buckets["train"][0].batch(np.arange(frames), padded_rows(frames, mesh)), mesh)
-    seconds = timed(lambda state: step(state, batch)[0], replicate(init_state(run), mesh), 3)
+    state = replicate(init_state(run), mesh)
+    seconds = median_seconds(lambda: step(state, batch), 3)
     return dict(kind=kind, devices=devices, frames=frames, atoms=n, seconds_per_step=seconds)
 
 
