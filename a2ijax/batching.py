@@ -6,11 +6,14 @@ capacity ``K`` (one compilation each); a *batch* is ``batch_size`` rows of one b
 
 1. Splits come from :func:`a2ijax.dataset.split_indices` (whole segments, never neighbouring frames).
 2. Every frame's neighbours within the cutoff are found once on the host (a linear-time cell list,
-   :mod:`a2ijax.geometry`); the capacity ``K`` is the largest count over the whole dataset, so no
-   training step can overflow.
-3. Frames are padded to at most ``size_buckets`` atom counts with masks.
-4. The training statistics: the per-species energy shift (least squares), the variances that
-   normalise the loss, the closest approach of each species pair (the core repulsion's radii).
+   :mod:`a2ijax.geometry`).
+3. Frames are padded to at most ``size_buckets`` atom counts with masks, and the frames of each
+   size to at most ``neighbor_buckets`` neighbour capacities ``K`` (frames grouped by the largest
+   neighbour count of any of their atoms): each bucket's ``K`` is the largest count among its own
+   frames, so no training step can overflow and dense frames do not pad sparse ones.
+4. The training statistics: the per-species energy shift (least squares), the variances and the
+   per-state-point fluctuations that normalise the loss (:func:`frame_scales`), the closest
+   approach of each species pair (the core repulsion's radii).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from a2ijax.config import ExperimentConfig
-from a2ijax.dataset import Dataset, check_cutoff, fluctuations, split_indices
+from a2ijax.config import LOSS_NORMALIZATIONS, ExperimentConfig
+from a2ijax.dataset import Dataset, check_cutoff, fluctuations, split_indices, state_point_groups
 from a2ijax.geometry import dense_index, neighbor_pairs
 
 
@@ -34,7 +37,8 @@ class Bucket:
     R ``[B, N, 3]``, species ``[B, N]``, mask ``[B, N]`` (True: a real atom), idx ``[B, N, K]`` (empty
     slots and padded atoms hold ``N``), box ``[B, 3, 3]`` (lattice vectors as columns, jax-md's
     convention), energy ``[B]``, forces ``[B, N, 3]``, n_atoms ``[B]``, frame_index ``[B]`` (the
-    frames' indices in the dataset).
+    frames' indices in the dataset), energy_scale and force_scale ``[B]`` (what the loss divides
+    each frame's total-energy and force errors by, :func:`frame_scales`).
     """
 
     R: np.ndarray
@@ -46,6 +50,8 @@ class Bucket:
     forces: np.ndarray
     n_atoms: np.ndarray
     frame_index: np.ndarray
+    energy_scale: np.ndarray
+    force_scale: np.ndarray
 
     def __len__(self) -> int:
         return len(self.frame_index)
@@ -62,8 +68,8 @@ class Bucket:
         for field in dataclasses.fields(self):
             a = getattr(self, field.name)[rows]
             if pad:
-                filler = np.repeat(a[:1], pad, 0) if field.name in ("box", "idx") else np.zeros((pad,) + a.shape[1:],
-                                                                                                  a.dtype)
+                copied = field.name in ("box", "idx", "energy_scale", "force_scale")  # valid cells, nonzero scales
+                filler = np.repeat(a[:1], pad, 0) if copied else np.zeros((pad,) + a.shape[1:], a.dtype)
                 a = np.concatenate([a, filler])
             batch[field.name] = a
         batch["mask"][len(rows):] = False
@@ -102,14 +108,18 @@ def bucket_sizes(sizes: np.ndarray, n_buckets: int) -> np.ndarray:
 
 
 def pad_frames(dataset: Dataset, frames: np.ndarray, neighbors: list[np.ndarray], size: int, capacity: int,
-               cutoff: float) -> Bucket:
-    """The frames ``frames`` (indices) of ``dataset`` padded to ``size`` atoms and ``capacity`` slots."""
+               cutoff: float, scales: tuple[np.ndarray, np.ndarray] | None = None) -> Bucket:
+    """The frames ``frames`` (indices) of ``dataset`` padded to ``size`` atoms and ``capacity`` slots;
+    ``scales``: the loss scales of every dataset frame (:func:`frame_scales`; default 1)."""
     f = len(frames)
+    frames = np.asarray(frames, np.int64)
+    energy_scale, force_scale = (np.ones(f), np.ones(f)) if scales is None else (s[frames] for s in scales)
     out = Bucket(R=np.zeros((f, size, 3), np.float32), species=np.zeros((f, size), np.int32),
                  mask=np.zeros((f, size), bool), idx=np.full((f, size, capacity), size, np.int32),
                  box=np.zeros((f, 3, 3), np.float32), energy=np.zeros((f,), np.float32),
                  forces=np.zeros((f, size, 3), np.float32), n_atoms=np.zeros((f,), np.int32),
-                 frame_index=np.asarray(frames, np.int64))
+                 frame_index=frames, energy_scale=np.asarray(energy_scale, np.float32),
+                 force_scale=np.asarray(force_scale, np.float32))
     for row, index in enumerate(frames):
         n = len(dataset.positions[index])
         out.R[row, :n] = dataset.positions[index]
@@ -131,9 +141,10 @@ class PreparedData:
     dataset: Dataset
     splits: dict[str, np.ndarray]  # split -> frame indices
     bucket_sizes: np.ndarray  # padded atom counts
-    capacity: int  # neighbour slots K
-    buckets: dict[str, list[Bucket]]  # split -> one Bucket per non-empty size
+    capacity: int  # neighbour slots K of the densest bucket
+    buckets: dict[str, list[Bucket]]  # split -> one Bucket per non-empty (size, capacity)
     statistics: dict[str, Any]
+    frame_scales: tuple[np.ndarray, np.ndarray]  # the loss's energy and force scale of every frame
 
 
 def fit_energy_shift(dataset: Dataset, frames: np.ndarray, n_species: int) -> np.ndarray:
@@ -162,7 +173,45 @@ def training_statistics(dataset: Dataset, train: np.ndarray, n_species: int,
     return dict(energy_shift=shift.tolist(), energy_var=float(max(np.var(residual), 1e-12)),
                 force_var=float(max(np.mean(forces**2), 1e-12)), min_distance=closest,
                 pair_min_distance=np.where(np.isfinite(pair_closest), pair_closest, closest).tolist(),
-                fluctuations=fluctuations(dataset))
+                fluctuations=fluctuations(dataset), train_fluctuations=fluctuations(dataset.subset(train)))
+
+
+def frame_scales(dataset: Dataset, statistics: dict[str, Any], normalization: str) -> tuple[np.ndarray, np.ndarray]:
+    """What the loss divides each frame's total-energy error and force errors by: ``[n_frames]`` each.
+
+    ``"state_point"``: the std of the total energy and of the force components over the training
+    frames of the frame's state point (the scales the report measures errors against, so the loss
+    is the sum of the squared ratios it shows). A state point with fewer than two training frames,
+    or no energy spread, takes the ``"dataset"`` scales: ``N sqrt(energy_var)`` (the per-atom
+    energy std over all training frames, times the frame's atom count) and ``sqrt(force_var)``.
+    """
+    if normalization not in LOSS_NORMALIZATIONS:
+        raise ValueError(f"loss normalization must be one of {LOSS_NORMALIZATIONS}, got {normalization!r}")
+    atoms = np.asarray([len(R) for R in dataset.positions], np.float64)
+    energy = atoms * math.sqrt(statistics["energy_var"])
+    force = np.full(len(dataset), math.sqrt(statistics["force_var"]))
+    if normalization == "state_point":
+        table = statistics.get("train_fluctuations", {})
+        for name, indices in state_point_groups(dataset).items():
+            row = table.get(name)
+            if row and row["frames"] >= 2 and row["energy_std"] > 0 and row["force_std"] > 0:
+                energy[indices], force[indices] = row["energy_std"], row["force_std"]
+    return energy, force
+
+
+def capacity_groups(counts: np.ndarray, n_groups: int) -> np.ndarray:
+    """A group number per frame from its largest neighbour count ``counts``: at most ``n_groups``
+    groups of consecutive counts (one per distinct count if there are no more), else split at
+    quantiles so that they hold similar numbers of frames."""
+    if n_groups <= 1 or len(counts) == 0:
+        return np.zeros(len(counts), int)
+    distinct = np.unique(counts)
+    if len(distinct) <= n_groups:
+        edges = distinct[:-1]  # a group per count
+    else:
+        edges = np.unique(np.quantile(counts, np.linspace(0, 1, n_groups + 1)[1:-1], method="lower"))
+        edges = edges[edges < distinct[-1]]
+    return np.searchsorted(edges, counts, side="left")  # group g: edges[g - 1] < count <= edges[g]
 
 
 def with_core_repulsion(config: ExperimentConfig, statistics: dict[str, Any]) -> ExperimentConfig:
@@ -199,22 +248,32 @@ def prepare(dataset: Dataset, config: ExperimentConfig, statistics: dict[str, An
             splits["train"] = np.sort(rng.choice(splits["train"], config.data.max_train_frames, replace=False))
     pairs = frame_pairs(dataset, model.cutoff)
     neighbors = [dense_index(i, j, len(R)) for (i, j, _), R in zip(pairs, dataset.positions, strict=True)]
-    capacity = max(1, max(idx.shape[1] for idx in neighbors))
+    counts = np.asarray([max(1, idx.shape[1]) for idx in neighbors])
     sizes = np.asarray([len(R) for R in dataset.positions])
     padded_sizes = bucket_sizes(sizes, train.size_buckets)
-    buckets = {}
-    for name, indices in splits.items():
-        buckets[name] = []
-        bucket_of = np.searchsorted(padded_sizes, sizes[indices])
-        for b, size in enumerate(padded_sizes):
-            members = indices[bucket_of == b]
-            if len(members):
-                buckets[name].append(pad_frames(dataset, members, neighbors, int(size), capacity, model.cutoff))
     if statistics is None:
         if not len(splits["train"]):
             raise ValueError(f"{dataset.path}: no training frames")
         statistics = training_statistics(dataset, splits["train"], n_species, pairs)
-    return PreparedData(dataset, splits, padded_sizes, capacity, buckets, statistics)
+    scales = frame_scales(dataset, statistics, train.loss_normalization)
+    # Capacity groups per size bucket, from every frame of the dataset: all splits share the shapes.
+    size_of = np.searchsorted(padded_sizes, sizes)
+    group_of = np.zeros(len(dataset), int)
+    capacity_of = {}
+    for b in range(len(padded_sizes)):
+        members = np.flatnonzero(size_of == b)
+        group_of[members] = capacity_groups(counts[members], train.neighbor_buckets)
+        for g in np.unique(group_of[members]):
+            capacity_of[b, g] = int(counts[members[group_of[members] == g]].max())
+    buckets = {}
+    for name, indices in splits.items():
+        buckets[name] = []
+        for (b, g), capacity in sorted(capacity_of.items()):
+            members = indices[(size_of[indices] == b) & (group_of[indices] == g)]
+            if len(members):
+                buckets[name].append(pad_frames(dataset, members, neighbors, int(padded_sizes[b]), capacity,
+                                                model.cutoff, scales))
+    return PreparedData(dataset, splits, padded_sizes, max(capacity_of.values()), buckets, statistics, scales)
 
 
 def epoch_batches(buckets: list[Bucket], batch_size: int, seed: int, epoch: int) -> list[tuple[int, np.ndarray]]:

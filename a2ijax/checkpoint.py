@@ -196,8 +196,9 @@ def restore(step_dir: Path, item: str, args: Any) -> Any:
 
 def upgrade_stored_config(values: dict[str, Any]) -> dict[str, Any]:
     """A stored config dict in today's form: run settings that older versions kept in ``[model]``
-    (``atom_chunk``, ``dtype``) are dropped, and a final loss weight of -1 ("same as the initial
-    weight") becomes None."""
+    (``atom_chunk``, ``dtype``) are dropped, a final loss weight of -1 ("same as the initial
+    weight") becomes None, and a run from before the state-point loss normalisation keeps the
+    ``"dataset"`` one it was trained with."""
     values = {table: dict(entries) for table, entries in values.items()}
     model, train = values.get("model", {}), values.get("train", {})
     for key in ("atom_chunk", "dtype"):
@@ -205,6 +206,8 @@ def upgrade_stored_config(values: dict[str, Any]) -> dict[str, Any]:
     for key in ("energy_weight_final", "force_weight_final"):
         if isinstance(train.get(key), (int, float)) and train[key] < 0:
             train[key] = None
+    if train:
+        train.setdefault("loss_normalization", "dataset")
     return values
 
 

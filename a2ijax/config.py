@@ -35,6 +35,9 @@ from a2ijax.model import A2IConfig
 
 T = TypeVar("T")
 
+#: How the loss normalises errors (``TrainConfig.loss_normalization``).
+LOSS_NORMALIZATIONS = ("state_point", "dataset")
+
 #: Settings of how a model is run, which older configs kept in ``[model]``: where they went.
 RUN_SETTINGS = {"atom_chunk": "the builders' atom_chunk= argument (a2ijax train/md/evaluate --atom-chunk)",
                 "dtype": "the builders' dtype= argument (the compute dtype)"}
@@ -77,12 +80,21 @@ class DataConfig:
 class TrainConfig:
     """Loss, optimiser and schedule.
 
-    The loss is ``w_E * MSE(E/N) / var_E + w_F * MSE(F) / var_F`` over the frames of a batch, with
-    ``var_E`` and ``var_F`` the training set's per-atom energy variance (after the per-species shift)
-    and force variance, so the weights are dimensionless. The weights move linearly from their
-    initial to their final value over the run. ``var_E`` reflects the spread of the data: frames from
-    one state point have a much smaller one than frames from several, which weights energies more;
-    lower ``energy_weight`` there (the quickstart uses ~1/70 of the multi-state-point configs).
+    The loss is ``w_E * mean_frames((E - E_ref) / s_E)^2 + w_F * mean_components((F - F_ref) / s_F)^2``
+    over the frames of a batch, each frame with its own scales ``s_E``, ``s_F``
+    (``a2ijax.batching.frame_scales``), so the weights are dimensionless. ``loss_normalization``:
+
+    * ``"state_point"`` (default): ``s_E`` is the std of the total energy over the training frames
+      of the frame's state point (its MD fluctuation) and ``s_F`` the std of its force components:
+      the loss is ``w_E`` times the mean squared energy ratio the report shows plus ``w_F`` times
+      the squared force ratio, every state point weighted as the metric weights it.
+    * ``"dataset"``: ``s_E = N sqrt(var_E)``, ``s_F = sqrt(var_F)`` with the per-atom energy variance
+      (after the per-species shift) and the force variance over all training frames. Across state
+      points ``var_E`` is dominated by their differences, so low-fluctuation state points get up to
+      hundreds of times less weight than in the report; on one state point it gives energies far
+      more weight than forces (lower ``energy_weight`` then).
+
+    The weights move linearly from their initial to their final value over the run.
 
     Attributes:
       steps: optimiser steps (the run length; the learning-rate schedule spans it).
@@ -94,7 +106,14 @@ class TrainConfig:
       energy_weight, energy_weight_final, force_weight, force_weight_final: loss weights, initial
         and final; a final weight left out keeps the initial one for the whole run.
       ema_decay: decay of the exponential moving average of the parameters used for evaluation.
+      loss_normalization: ``"state_point"`` or ``"dataset"`` (above).
       size_buckets: frames are padded to at most this many distinct atom counts (one compilation each).
+      neighbor_buckets: the frames of each atom count are padded to at most this many neighbour
+        capacities (grouped by their largest neighbour count; one compilation each), so frames
+        from sparse state points do not pay for the densest frame's padding.
+      sync_every: the host reads the losses and the finiteness flag every this many steps, not
+        every step, so it queues the next steps while the device computes; a non-finite step
+        stops the run with the state of the last check (at most this many steps back) saved.
       rotation_augmentation: rotate each frame (positions, forces, cell) at random every step.
         ``"auto"``: on for the ``coordinates`` featurisation, off for ``invariant``.
       core_repulsion: give the model a core repulsion below the closest approach of each species pair
@@ -119,7 +138,10 @@ class TrainConfig:
     force_weight: float = 1.0
     force_weight_final: float | None = None
     ema_decay: float = 0.99
+    loss_normalization: str = "state_point"
     size_buckets: int = 4
+    neighbor_buckets: int = 1
+    sync_every: int = 20
     rotation_augmentation: str = "auto"
     core_repulsion: bool = True
     eval_every: int = 100
@@ -128,7 +150,8 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "size_buckets", "eval_every", "checkpoint_every"):
+        for name in ("steps", "batch_size", "size_buckets", "neighbor_buckets", "sync_every", "eval_every",
+                     "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"[train] {name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_frames"):
@@ -149,6 +172,9 @@ class TrainConfig:
                 raise ValueError(f"[train] {name} must be finite, got {getattr(self, name)}")
         if self.final_lr_fraction < 0 or self.weight_decay < 0 or self.clip_norm < 0:
             raise ValueError("[train] final_lr_fraction, weight_decay and clip_norm must be >= 0")
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(f"[train] loss_normalization must be one of {LOSS_NORMALIZATIONS}, "
+                             f"got {self.loss_normalization!r}")
         if self.rotation_augmentation not in ("auto", "on", "off"):
             raise ValueError(f"[train] rotation_augmentation must be auto, on or off, "
                              f"got {self.rotation_augmentation!r}")

@@ -1,8 +1,9 @@
 """The training loss: predictions over padded batches, squared errors, normalisation, augmentation.
 
-The loss is ``w_E MSE(E/N) / var_E + w_F MSE(F) / var_F`` over the real frames and atoms of a batch
-(padding rows carry weight 0, padded atoms mask 0), with ``var_E`` and ``var_F`` the training set's
-per-atom energy variance (after the per-species shift) and force variance, so the weights are
+The loss is ``w_E mean_frames((E - E_ref) / s_E)^2 + w_F mean_components((F - F_ref) / s_F)^2`` over
+the real frames and atoms of a batch (padding rows carry weight 0, padded atoms mask 0), with each
+frame's scales ``s_E``, ``s_F`` carried in the batch (``a2ijax.batching.frame_scales``: by default its
+state point's MD energy fluctuation and force std, the report's measure), so the weights are
 dimensionless. Predictions go through the potential's builder shape only
 (``energy_fn(params, R, neighbor=..., species=..., mask=..., box=..., per_atom=True)``), the same code MD runs.
 """
@@ -64,19 +65,23 @@ def rotate_batch(batch: dict[str, Array], key: Array) -> dict[str, Array]:
 
 
 def batch_errors(predict: Callable, params: Any, batch: dict[str, Array]) -> dict[str, Array]:
-    """Weighted squared errors of one batch: energy per atom and force components, summed."""
+    """Weighted squared errors of one batch, summed: energy per atom and force components as they
+    are (``energy_se``, ``force_se``: the RMSEs' terms) and divided by each frame's loss scales
+    (``energy_nse``, ``force_nse``: the loss's terms)."""
     energy, forces, _ = predict(params, batch)
     w = batch["weight"]
     n = jnp.maximum(batch["n_atoms"], 1).astype(energy.dtype)
-    e_err = (energy - batch["energy"]) / n
+    e_err = energy - batch["energy"]
     f_err = (forces - batch["forces"]) * batch["mask"][..., None]
-    return dict(energy_se=jnp.sum(w * e_err**2), force_se=jnp.sum(w[:, None, None] * f_err**2),
+    f_se = jnp.sum(f_err**2, (1, 2))  # [B]
+    return dict(energy_se=jnp.sum(w * (e_err / n) ** 2), force_se=jnp.sum(w * f_se),
+                energy_nse=jnp.sum(w * (e_err / batch["energy_scale"]) ** 2),
+                force_nse=jnp.sum(w * f_se / batch["force_scale"] ** 2),
                 frames=jnp.sum(w), components=3.0 * jnp.sum(w * batch["n_atoms"]))
 
 
-def normalised_loss(errors: dict[str, Array], statistics: dict[str, Any], weights: tuple[Any, Any]) -> Array:
-    """The loss from summed squared ``errors`` (:func:`batch_errors`), the training ``statistics``
-    (``energy_var``, ``force_var``) and the weights ``(w_E, w_F)``."""
-    e_mse = errors["energy_se"] / jnp.maximum(errors["frames"], 1.0)
-    f_mse = errors["force_se"] / jnp.maximum(errors["components"], 1.0)
-    return weights[0] * e_mse / statistics["energy_var"] + weights[1] * f_mse / statistics["force_var"]
+def normalised_loss(errors: dict[str, Array], weights: tuple[Any, Any]) -> Array:
+    """The loss from the summed squared ``errors`` of :func:`batch_errors` and the weights ``(w_E, w_F)``."""
+    e_mse = errors["energy_nse"] / jnp.maximum(errors["frames"], 1.0)
+    f_mse = errors["force_nse"] / jnp.maximum(errors["components"], 1.0)
+    return weights[0] * e_mse + weights[1] * f_mse

@@ -45,6 +45,7 @@ FEATURIZATIONS = ("invariant", "coordinates")
 # Log-weight of a key outside the cutoff: exp of it underflows to exactly 0 in every float dtype.
 DEAD_KEY_LOG_WEIGHT = -1.0e4
 ENVELOPES = ("polynomial", "cosine")
+RADIAL_EMBEDDINGS = ("linear", "pair_mlp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,10 @@ class A2IConfig:
       layers: number of transformer blocks.
       mlp_ratio: hidden width of each block's MLP, as a multiple of ``width``.
       n_radial: size of the radial (Bessel) basis that featurises ``d_ij`` (invariant tokens).
+      radial_embedding: how a token's geometry features become its embedding. ``"linear"``: one
+        linear map, to which the centre's and the neighbour's species embeddings are added.
+        ``"pair_mlp"``: a two-layer MLP whose hidden layer also gets an embedding of the ordered
+        species pair ``(i, j)``, so the radial shape (where a pair wall rises) can differ per pair.
       angular_order: highest power ``l`` of ``cos(theta_jik)`` in the learned attention bias
         (``invariant`` only); adds ``sum_l 3**l`` dimensions to each query/key. 0 disables angles.
       envelope: ``"polynomial"`` (zero with vanishing first and second derivatives at ``r_c``) or
@@ -85,6 +90,7 @@ class A2IConfig:
     layers: int = 2
     mlp_ratio: int = 2
     n_radial: int = 8
+    radial_embedding: str = "linear"
     angular_order: int = 2
     envelope: str = "polynomial"
     envelope_exponent: int = 6
@@ -108,6 +114,8 @@ class A2IConfig:
             need(isinstance(value, int) and value >= 0, f"{name} must be an int >= 0, got {value!r}")
         need(self.width % self.heads == 0,
              f"width ({self.width}) must be divisible by heads ({self.heads})")
+        need(self.radial_embedding in RADIAL_EMBEDDINGS,
+             f"radial_embedding must be one of {RADIAL_EMBEDDINGS}, got {self.radial_embedding!r}")
         need(self.envelope in ENVELOPES, f"envelope must be one of {ENVELOPES}, got {self.envelope!r}")
         need(isinstance(self.envelope_exponent, int) and self.envelope_exponent >= 2,
              f"envelope_exponent must be an int >= 2, got {self.envelope_exponent!r}")
@@ -291,7 +299,12 @@ class A2ITransformer(nn.Module):
                 angular = tensor_powers(dR / d[..., None], cfg.angular_order)  # [n, K, dim^l] each
         else:
             geometry = jnp.concatenate([dR / rc, x[..., None]], -1)  # [n, K, dim + 1]
-        tokens = nn.Dense(cfg.width, name="embed_geometry", **dense)(geometry) + neighbor + center[:, None, :]
+        embedded = nn.Dense(cfg.width, name="embed_geometry", **dense)(geometry)  # [n, K, D]
+        if cfg.radial_embedding == "pair_mlp":
+            pair_table = self.param("pair_embedding", init, (cfg.n_species**2, cfg.width), cfg.param_dtype)
+            pair = _lookup(pair_table, species_center[:, None] * cfg.n_species + species_neighbor)  # [n, K, D]
+            embedded = nn.Dense(cfg.width, name="embed_geometry_out", **dense)(nn.silu(embedded + pair))
+        tokens = embedded + neighbor + center[:, None, :]
 
         for layer in range(cfg.layers):
             tokens = Block(cfg, self.dtype, name=f"block_{layer}")(tokens, c, angular)  # [n, K, D]

@@ -155,8 +155,9 @@ def learning_curve_plot(path: Path, metrics_path: Path) -> None:
 
 def validation_errors(predict: Callable, params: Any, data: PreparedData, split: str, batch_size: int,
                       max_frames: int = 0) -> dict[str, float]:
-    """Energy RMSE per atom and force RMSE on ``split``, on at most ``max_frames`` frames (0: all)
-    spread evenly over the split, so that every state point is seen."""
+    """Energy RMSE per atom and force RMSE on ``split``, and the mean squared errors divided by the
+    loss's scales (``energy_nmse``, ``force_nmse``: the loss's terms), on at most ``max_frames``
+    frames (0: all) spread evenly over the split, so that every state point is seen."""
     buckets = data.buckets[split]
     total = sum(len(bucket) for bucket in buckets)
     if max_frames and total > max_frames:
@@ -168,8 +169,15 @@ def validation_errors(predict: Callable, params: Any, data: PreparedData, split:
             if len(rows):
                 subset.append(bucket.rows(rows))
         buckets = subset
-    report = error_report(data.dataset, predict_buckets(predict, params, buckets, batch_size), {})
-    return dict(energy_rmse_per_atom=report["energy_rmse_per_atom"], force_rmse=report["force_rmse"])
+    predictions = predict_buckets(predict, params, buckets, batch_size)
+    report = error_report(data.dataset, predictions, {})
+    frames, (energy_scale, force_scale) = predictions.frame_index, data.frame_scales
+    dataset = data.dataset
+    energy_nmse = np.mean(((predictions.energy - dataset.energy[frames]) / energy_scale[frames]) ** 2)
+    force_nmse = np.mean(np.concatenate([((f - dataset.forces[i]) / force_scale[i]).ravel() ** 2
+                                         for f, i in zip(predictions.forces, frames, strict=True)]))
+    return dict(energy_rmse_per_atom=report["energy_rmse_per_atom"], force_rmse=report["force_rmse"],
+                energy_nmse=float(energy_nmse), force_nmse=float(force_nmse))
 
 
 def final_report(workdir: Path, data: PreparedData, predict: Callable, batch_size: int, write: bool = True) -> dict:

@@ -121,14 +121,13 @@ def init_state(run: Run) -> TrainState:
 
 def make_loss(run: Run) -> Callable[[Any, dict[str, Array], Array], tuple[Array, dict[str, Array]]]:
     """``loss(params, batch, step) -> (loss, summed squared errors)``: :mod:`a2ijax.loss` with the
-    training statistics and the loss weights at ``step``."""
+    loss weights at ``step`` (the batch carries each frame's scales)."""
     predict = predict_fn(run.energy_fn, run.per_atom)
-    stats = dict(energy_var=run.data.statistics["energy_var"], force_var=run.data.statistics["force_var"])
     weights = run.config.train.loss_weights
 
     def loss(params: Any, batch: dict[str, Array], step: Array) -> tuple[Array, dict[str, Array]]:
         errors = batch_errors(predict, params, batch)
-        return normalised_loss(errors, stats, weights(step)), errors
+        return normalised_loss(errors, weights(step)), errors
 
     return loss
 
@@ -257,7 +256,6 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume:
     train_buckets = data.buckets["train"]
     steps_per_epoch = sum(-(-len(b) // train.batch_size) for b in train_buckets)
     final_weights = train.loss_weights(train.steps - 1)
-    stats = dict(energy_var=data.statistics["energy_var"], force_var=data.statistics["force_var"])
 
     start = int(state.step)
     end = train.steps if stop_after is None else min(train.steps, stop_after)
@@ -267,9 +265,30 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume:
 
         bar = tqdm(total=train.steps, initial=start, unit="step", desc="train", dynamic_ncols=True)
     running, last_valid = [], {}
+    pending: list[tuple[dict[str, Array], str]] = []  # steps since the last check: metrics on the device, batch
+    good, good_step = state, start  # the state at the last check, all of whose steps were finite
     order: list[tuple[int, np.ndarray]] = []
     epoch_of_order = -1
     step = start
+
+    def check() -> None:
+        """Reads the pending steps' metrics (one host-device synchronisation); stops the run, with
+        the last good state checkpointed, if one of them was not finite."""
+        nonlocal pending, good, good_step
+        fetched = jax.device_get([m for m, _ in pending])
+        bad = [i for i, m in enumerate(fetched) if not bool(m["finite"])]
+        if bad:
+            checkpoint("periodic", good)
+            raise TrainingDivergedError(
+                f"loss or gradients are not finite at step {good_step + bad[0]} ({pending[bad[0]][1]} of "
+                f"{dataset.path}); the last good state checked, step {good_step}, is checkpointed in "
+                f"{workdir / 'checkpoints' / 'periodic'}. Lower learning_rate or clip_norm.")
+        running.extend(float(m["loss"]) for m in fetched)
+        if bar is not None:
+            bar.update(len(fetched))
+            bar.set_postfix(loss=f"{np.mean(running[-20:]):.3g}", **last_valid)
+        pending, good, good_step = [], state, step
+
     try:
         while step < end:
             epoch, position = divmod(step, steps_per_epoch)
@@ -277,23 +296,17 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume:
                 order, epoch_of_order = epoch_batches(train_buckets, train.batch_size, train.seed, epoch), epoch
             b, rows = order[position]
             bucket = train_buckets[b]
-            new_state, metrics = step_fn(state, global_batch(bucket.batch(rows, rows_per_batch), mesh))
-            if not bool(metrics["finite"]):
-                checkpoint("periodic", state)
-                raise TrainingDivergedError(
-                    f"loss or gradients are not finite at step {step} (epoch {epoch}, batch of frames "
-                    f"{bucket.frame_index[rows].tolist()} of {dataset.path}); the last good state, step {step}, is "
-                    f"checkpointed in {workdir / 'checkpoints' / 'periodic'}. Lower learning_rate or clip_norm.")
-            state, step = new_state, step + 1
-            running.append(float(metrics["loss"]))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(running[-20:]):.3g}", **last_valid)
-            if step % train.eval_every == 0 or step == train.steps:
+            state, metrics = step_fn(state, global_batch(bucket.batch(rows, rows_per_batch), mesh))
+            step += 1
+            pending.append((dict(loss=metrics["loss"], finite=metrics["finite"]),
+                            f"epoch {epoch}, batch of frames {bucket.frame_index[rows].tolist()}"))
+            evaluate = step % train.eval_every == 0 or step == train.steps
+            save_now = step % train.checkpoint_every == 0 or step == end
+            if evaluate or save_now or step % train.sync_every == 0:
+                check()
+            if evaluate:
                 valid = validation_errors(predict, state.ema, data, "valid", rows_per_batch, train.eval_frames)
-                errors = dict(energy_se=valid["energy_rmse_per_atom"] ** 2, force_se=valid["force_rmse"] ** 2,
-                              frames=1.0, components=1.0)
-                valid_loss = float(normalised_loss(errors, stats, final_weights))
+                valid_loss = final_weights[0] * valid["energy_nmse"] + final_weights[1] * valid["force_nmse"]
                 row = dict(step=step, epoch=step / steps_per_epoch, seconds=time.perf_counter() - t_start,
                            train_loss=float(np.mean(running)), valid_loss=valid_loss,
                            valid_energy_rmse_per_atom=valid["energy_rmse_per_atom"],
@@ -304,10 +317,10 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume:
                         f.write(json.dumps(row) + "\n")
                 checkpoint("best", state, dict(valid_loss=valid_loss))
                 last_valid = dict(val_E=f"{valid['energy_rmse_per_atom']:.3g}", val_F=f"{valid['force_rmse']:.3g}")
-            if step % train.checkpoint_every == 0 or step == end:
+            if save_now:
                 checkpoint("periodic", state)
     except KeyboardInterrupt:
-        checkpoint("periodic", state)
+        checkpoint("periodic", good)  # the steps after the last check may not be finite
         raise
     finally:
         if bar is not None:

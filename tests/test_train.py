@@ -11,16 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import MODEL, TRAIN_ATOM_CHUNK, lj_frames, tiny_config
+from conftest import MODEL, TRAIN_ATOM_CHUNK, assert_nontrivial, lj_frames, tiny_config
 
 from a2ijax import cli
-from a2ijax.batching import fit_energy_shift, prepare
+from a2ijax import train as train_module
+from a2ijax.batching import epoch_batches, fit_energy_shift, prepare
 from a2ijax.checkpoint import CheckpointError, a2i_builder, load_checkpoint, restore, step_directory
 from a2ijax.config import load_config
 from a2ijax.dataset import Dataset, read_dataset, write_dataset
 from a2ijax.geometry import closest_distance, minimum_image
-from a2ijax.loss import predict_fn, rotate_batch
+from a2ijax.loss import batch_errors, normalised_loss, predict_fn, rotate_batch
 from a2ijax.parallel import global_batch, make_mesh, replicate
+from a2ijax.potential import fixed_neighbor_list
 from a2ijax.train import TrainingDivergedError, init_state, make_train_step, prepare_run, train_and_evaluate
 
 
@@ -218,14 +220,27 @@ def test_species_unknown_to_the_model_is_an_error(tmp_path):
         prepare(read_dataset(path), tiny_config(path))
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
-    dataset = read_dataset(tiny_data)
-    train = np.flatnonzero([info["split"] == "train" for info in dataset.info])
-    dataset.energy[train] = np.nan  # every training batch is poisoned
-    with pytest.raises(TrainingDivergedError, match=r"not finite at step 0 .*batch of frames \[\d+, \d+\]"):
-        train_and_evaluate(tiny_config(tiny_data), tmp_path, dataset=dataset, progress=False,
-                           atom_chunk=TRAIN_ATOM_CHUNK)
-    assert load_checkpoint(tmp_path / "checkpoints" / "periodic").step == 0
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    """The host checks finiteness every ``sync_every`` steps: a batch poisoned at step 5 (NaN energies,
+    so NaN gradients and parameters after it) is found at the check after step 6, and the state of the
+    check after step 3 is what is saved."""
+    config = tiny_config(tiny_data, sync_every=3)
+    run = prepare_run(read_dataset(tiny_data), config, atom_chunk=TRAIN_ATOM_CHUNK)
+    bucket_number, rows = epoch_batches(run.data.buckets["train"], 2, config.train.seed, 0)[5]
+    poisoned = run.data.buckets["train"][bucket_number].frame_index[rows].tolist()
+
+    def poison(batch, mesh):
+        if batch["frame_index"][:2].tolist() == poisoned:
+            batch = dict(batch, energy=np.full_like(batch["energy"], np.nan))
+        return global_batch(batch, mesh)
+
+    monkeypatch.setattr(train_module, "global_batch", poison)
+    with pytest.raises(TrainingDivergedError, match=rf"not finite at step 5 \(epoch 0, batch of frames "
+                                                    rf"\[{poisoned[0]}, {poisoned[1]}\] of .*tiny.xyz\).*step 3, is checkpointed"):
+        train_and_evaluate(config, tmp_path, progress=False, atom_chunk=TRAIN_ATOM_CHUNK)
+    saved = load_checkpoint(tmp_path / "checkpoints" / "periodic")
+    assert saved.step == 3
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree_util.tree_leaves(saved.params))
 
 
 def test_resume_rejects_a_corrupt_or_mismatched_checkpoint(trained, tiny_data, tmp_path):
@@ -243,3 +258,79 @@ def test_resume_rejects_a_corrupt_or_mismatched_checkpoint(trained, tiny_data, t
             file.write_bytes(b"\x00garbage" * 3)
     with pytest.raises(CheckpointError, match="corrupt or unreadable"):
         train_and_evaluate(tiny_config(tiny_data), copy, resume=True, progress=False)
+
+
+def test_loss_terms_are_the_squared_ratios_per_state_point(trained, tiny_data):
+    """``state_point``: the energy term over one state point's frames is (RMSE of the total energy /
+    that state point's training fluctuation)^2 and the force term (force RMSE / force std)^2, the
+    ratios the report shows; ``dataset``: the former MSE(E/N) / var_E and MSE(F) / var_F."""
+    _, workdir = trained
+    checkpoint = load_checkpoint(workdir)
+    dataset = read_dataset(tiny_data)
+    _, energy_fn = a2i_builder(checkpoint.config.model)
+    predict = jax.jit(predict_fn(energy_fn))
+    stats = checkpoint.meta["statistics"]
+    train = [i for i, info in enumerate(dataset.info) if info["split"] == "train"]
+    scales = {}
+    for normalization in ("state_point", "dataset"):
+        config = dataclasses.replace(checkpoint.config, train=dataclasses.replace(
+            checkpoint.config.train, loss_normalization=normalization))
+        data = prepare(dataset, config, statistics=stats)
+        bucket = data.buckets["test"][1]  # the three test frames of state point n125
+        frames = bucket.frame_index
+        assert len(frames) == 3 and all(dataset.info[i]["state_point"] == "n125" for i in frames)
+        batch = {k: jnp.asarray(v) for k, v in bucket.batch(np.arange(3), 4).items()}  # one padding row
+        errors = batch_errors(predict, checkpoint.params, batch)
+        energy, forces, _ = (np.asarray(x, np.float64) for x in predict(checkpoint.params, batch))
+        e_err = energy[:3] - dataset.energy[frames]
+        f_err = np.concatenate([(forces[r] - dataset.forces[i]).ravel() for r, i in enumerate(frames)])
+        if normalization == "state_point":
+            own = [i for i in train if dataset.info[i]["state_point"] == "n125"]
+            e_scale = np.std(dataset.energy[own])
+            f_scale = np.std(np.concatenate([dataset.forces[i].ravel() for i in own]))
+            expected = (np.mean(e_err**2) / e_scale**2, np.mean(f_err**2) / f_scale**2)
+        else:
+            expected = (np.mean((e_err / 125) ** 2) / stats["energy_var"], np.mean(f_err**2) / stats["force_var"])
+        got = (float(normalised_loss(errors, (1.0, 0.0))), float(normalised_loss(errors, (0.0, 1.0))))
+        np.testing.assert_allclose(got, expected, rtol=2e-4)
+        scales[normalization] = got
+    # Not vacuous: the two normalisations weight this state point's energies differently.
+    assert abs(np.log(scales["state_point"][0] / scales["dataset"][0])) > 0.5
+
+
+def test_neighbor_buckets_pad_each_group_to_its_own_capacity(tiny_data, x64):
+    """Frames grouped by neighbour count: every bucket's capacity is its own frames' largest count,
+    some are smaller than the dataset's, and a frame's energy does not depend on its bucket's padding."""
+    dataset = read_dataset(tiny_data)
+    one = prepare(dataset, tiny_config(tiny_data))
+    two = prepare(dataset, tiny_config(tiny_data, neighbor_buckets=2))
+    assert len(two.buckets["train"]) == 4 and two.capacity == one.capacity
+    counts = {}
+    for bucket in one.buckets["train"] + one.buckets["valid"] + one.buckets["test"]:
+        for row, frame in enumerate(bucket.frame_index):
+            counts[int(frame)] = int((bucket.idx[row] < bucket.R.shape[1]).sum(1).max())
+    capacities = []
+    for name in ("train", "valid", "test"):
+        assert sorted(f for b in two.buckets[name] for f in b.frame_index) == sorted(two.splits[name])
+        for bucket in two.buckets[name]:
+            capacities.append(bucket.idx.shape[2])
+            assert max(counts[int(f)] for f in bucket.frame_index) <= bucket.idx.shape[2]
+    assert min(capacities) < one.capacity
+    init_fn, energy_fn = a2i_builder(dataclasses.replace(MODEL, param_dtype="float64"))
+    predict = jax.jit(predict_fn(energy_fn))
+
+    def row_of(data, frame):
+        bucket = next(b for b in data.buckets["train"] if frame in b.frame_index)
+        row = int(np.flatnonzero(bucket.frame_index == frame)[0])
+        return {k: jnp.asarray(v) for k, v in bucket.batch(np.asarray([row]), 1).items()}
+
+    small = next(b for b in two.buckets["train"] if b.idx.shape[2] < one.capacity)
+    frame = int(small.frame_index[0])
+    lean, padded = row_of(two, frame), row_of(one, frame)
+    assert lean["idx"].shape[2] < padded["idx"].shape[2]
+    params = init_fn(jax.random.PRNGKey(0), lean["R"][0], neighbor=fixed_neighbor_list(lean["idx"][0], lean["R"][0]),
+                     species=lean["species"][0], box=lean["box"][0])
+    (e1, f1, _), (e2, f2, _) = predict(params, lean), predict(params, padded)
+    assert_nontrivial(f1)
+    np.testing.assert_allclose(float(e1[0]), float(e2[0]), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(f1), np.asarray(f2), rtol=1e-10, atol=1e-12)
