@@ -1,6 +1,7 @@
 """a2ijax: the A2I Transformer (Yu, Ha, Seo, Lee 2021) as a JAX/Flax potential for jax-md.
 
-``import a2ijax`` gives the builders and the MD driver (``a2ijax.md``); training, checkpoints,
+``import a2ijax`` gives the builders, the MD driver (``a2ijax.md``) and the shipped models
+(``a2ijax.pretrained.load("lj")``); training, checkpoints,
 reports, sampling and the ASE calculator are submodules imported by name (``a2ijax.train``,
 ``a2ijax.checkpoint``, ...), so that loading a potential for MD never imports the trainer.
 
@@ -23,12 +24,14 @@ _NAMES = {
     "reallocate": "a2ijax.potential",
 }
 
-__all__ = sorted([*_NAMES, "md"])
+_MODULES = ("md", "pretrained")
+
+__all__ = sorted([*_NAMES, *_MODULES])
 
 
 def __getattr__(name: str):
-    if name == "md":
-        return importlib.import_module("a2ijax.md")
+    if name in _MODULES:
+        return importlib.import_module(f"a2ijax.{name}")
     if name in _NAMES:
         return getattr(importlib.import_module(_NAMES[name]), name)
     raise AttributeError(f"module 'a2ijax' has no attribute {name!r}")

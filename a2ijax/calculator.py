@@ -40,6 +40,13 @@ class A2ICalculator(Calculator):
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
+    @classmethod
+    def from_pretrained(cls, name: str, **kwargs) -> A2ICalculator:
+        """The calculator of a model shipped with the package (``lj``, ``sw``, ``ka``: :mod:`a2ijax.pretrained`)."""
+        from a2ijax import pretrained
+
+        return cls(pretrained.load(name), **kwargs)
+
     def __init__(self, checkpoint: Checkpoint | str | Path, *, atom_chunk: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)

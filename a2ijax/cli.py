@@ -85,7 +85,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="quickstart", help="directory for the dataset, run, MD output and plots")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart run in --out")
     p = commands.add_parser("md", help="molecular dynamics with a trained potential")
-    p.add_argument("checkpoint", help="a work directory, checkpoint directory or checkpoint step directory")
+    p.add_argument("checkpoint", nargs="?", help="a work directory, checkpoint directory or checkpoint step directory")
+    p.add_argument("--model", help="a pretrained model shipped with the package instead of a checkpoint: "
+                   "lj, sw or ka (a2ijax.pretrained)")
     start = p.add_mutually_exclusive_group(required=True)
     start.add_argument("--structure", help="starting structure: any ASE-readable file with a periodic cell")
     start.add_argument("--state-point", help="start from a state point of the checkpoint's reference system, "
@@ -180,7 +182,13 @@ def run_command(args: argparse.Namespace) -> None:
     elif args.command == "md":
         from a2ijax.md_run import md_from_checkpoint
 
-        md_from_checkpoint(args.checkpoint, structure=args.structure, state_point=args.state_point,
+        if (args.checkpoint is None) == (args.model is None):
+            raise ValueError("give a checkpoint or --model NAME (a pretrained model), not both or neither")
+        if args.model is not None:
+            from a2ijax import pretrained
+
+        checkpoint = args.checkpoint if args.model is None else pretrained.load(args.model)
+        md_from_checkpoint(checkpoint, structure=args.structure, state_point=args.state_point,
                            equilibrate=args.equilibrate, steps=args.steps, dt=args.dt, kT=args.kT, seed=args.seed,
                            ensemble=args.ensemble, thermo_every=args.thermo_every,
                            trajectory_every=args.trajectory_every, skin=args.skin,

@@ -6,12 +6,13 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import IO
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[TextIO], None]) -> None:
-    """Writes a text file through ``write(file)`` into a temporary file beside ``path``, then renames
-    it over ``path``: an interrupted write leaves the old file (or none), never a partial one."""
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Writes a text (``binary``: bytes) file through ``write(file)`` into a temporary file beside
+    ``path``, then renames it over ``path``: an interrupted write leaves the old file (or none),
+    never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
@@ -19,7 +20,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[TextIO], None]) -> No
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make datasets private
-        with os.fdopen(handle, "w") as f:
+        with os.fdopen(handle, "wb" if binary else "w") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

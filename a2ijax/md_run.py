@@ -80,10 +80,11 @@ def run_md(checkpoint: Checkpoint, atoms: ase.Atoms, *, steps: int, dt: float, k
     return result
 
 
-def md_from_checkpoint(checkpoint_path: str, *, structure: str | None = None, state_point: str | None = None,
+def md_from_checkpoint(checkpoint: str | Checkpoint, *, structure: str | None = None, state_point: str | None = None,
                        equilibrate: int = 5000, steps: int, dt: float | None = None, kT: float | None = None,
                        thermo_every: int = 10, trajectory_every: int = 100, seed: int = 0, **kwargs) -> Simulation:
-    """``a2ijax md``: MD with the checkpoint at ``checkpoint_path`` from a ``structure`` file, or from
+    """``a2ijax md``: MD with ``checkpoint`` (a path, or a loaded one such as
+    ``a2ijax.pretrained.load(name)``) from a ``structure`` file, or from
     a ``state_point`` of the checkpoint's reference system equilibrated with the reference potential
     for ``equilibrate`` steps (a lattice start would melt and heat up under the model). ``dt`` and
     ``kT`` default to the reference system's; other keywords go to :func:`run_md`."""
@@ -92,7 +93,8 @@ def md_from_checkpoint(checkpoint_path: str, *, structure: str | None = None, st
     if equilibrate < 0:
         raise ValueError(f"equilibrate must be >= 0, got {equilibrate}")
     check_output_steps(steps, thermo_every, trajectory_every)  # before any MD
-    checkpoint = load_checkpoint(checkpoint_path)
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = load_checkpoint(checkpoint)
     system_name = checkpoint.meta.get("system", "")
     system = get_system(system_name) if system_name in SYSTEMS else None
     if structure is not None:

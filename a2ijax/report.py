@@ -155,8 +155,9 @@ def learning_curve_plot(path: Path, metrics_path: Path) -> None:
 
 def validation_errors(predict: Callable, params: Any, data: PreparedData, split: str, batch_size: int,
                       max_frames: int = 0) -> dict[str, float]:
-    """Energy RMSE per atom and force RMSE on ``split``, and the mean squared errors divided by the
-    loss's scales (``energy_nmse``, ``force_nmse``: the loss's terms), on at most ``max_frames``
+    """Energy RMSE per atom and force RMSE on ``split``, the mean squared errors divided by the
+    loss's scales (``energy_nmse``, ``force_nmse``: the loss's terms) and per state point the
+    report's energy and force ratios (``ratios``: name -> [energy, force]), on at most ``max_frames``
     frames (0: all) spread evenly over the split, so that every state point is seen."""
     buckets = data.buckets[split]
     total = sum(len(bucket) for bucket in buckets)
@@ -170,14 +171,15 @@ def validation_errors(predict: Callable, params: Any, data: PreparedData, split:
                 subset.append(bucket.rows(rows))
         buckets = subset
     predictions = predict_buckets(predict, params, buckets, batch_size)
-    report = error_report(data.dataset, predictions, {})
+    report = error_report(data.dataset, predictions, data.statistics["fluctuations"])
     frames, (energy_scale, force_scale) = predictions.frame_index, data.frame_scales
     dataset = data.dataset
     energy_nmse = np.mean(((predictions.energy - dataset.energy[frames]) / energy_scale[frames]) ** 2)
     force_nmse = np.mean(np.concatenate([((f - dataset.forces[i]) / force_scale[i]).ravel() ** 2
                                          for f, i in zip(predictions.forces, frames, strict=True)]))
+    ratios = {name: [row["energy_ratio"], row["force_ratio"]] for name, row in report["state_points"].items()}
     return dict(energy_rmse_per_atom=report["energy_rmse_per_atom"], force_rmse=report["force_rmse"],
-                energy_nmse=float(energy_nmse), force_nmse=float(force_nmse))
+                energy_nmse=float(energy_nmse), force_nmse=float(force_nmse), ratios=ratios)
 
 
 def final_report(workdir: Path, data: PreparedData, predict: Callable, batch_size: int, write: bool = True) -> dict:

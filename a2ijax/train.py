@@ -310,7 +310,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume:
                 row = dict(step=step, epoch=step / steps_per_epoch, seconds=time.perf_counter() - t_start,
                            train_loss=float(np.mean(running)), valid_loss=valid_loss,
                            valid_energy_rmse_per_atom=valid["energy_rmse_per_atom"],
-                           valid_force_rmse=valid["force_rmse"])
+                           valid_force_rmse=valid["force_rmse"], valid_ratios=valid["ratios"])
                 running = []
                 if main:
                     with open(metrics_path, "a") as f:

@@ -76,9 +76,12 @@ CORE_RADII = (0.95, 0.85, 1.0,
 
 
 def small_config(featurization: str = "invariant", *, x64: bool = True, **overrides) -> A2IConfig:
-    """A small model for tests: two blocks, width 16, three species, a core repulsion."""
+    """A small model for tests: two blocks, width 16, three species, a core repulsion; the invariant
+    model with the pair-aware radial embedding (``pair_mlp``), the coordinates one with the linear
+    one, so the invariance, gradient and continuity tests cover both embeddings."""
+    embedding = "pair_mlp" if featurization == "invariant" else "linear"
     values = dict(cutoff=CUTOFF, n_species=N_SPECIES, width=16, heads=2, layers=2, n_radial=6,
-                  angular_order=2, avg_neighbors=16.0, featurization=featurization,
+                  radial_embedding=embedding, angular_order=2, avg_neighbors=16.0, featurization=featurization,
                   core_radii=CORE_RADII, core_energy=0.02, param_dtype="float64" if x64 else "float32")
     values.update(overrides)
     return A2IConfig(**values)

@@ -235,8 +235,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, 
         return global_batch(batch, mesh)
 
     monkeypatch.setattr(train_module, "global_batch", poison)
-    with pytest.raises(TrainingDivergedError, match=rf"not finite at step 5 \(epoch 0, batch of frames "
-                                                    rf"\[{poisoned[0]}, {poisoned[1]}\] of .*tiny.xyz\).*step 3, is checkpointed"):
+    message = rf"not finite at step 5 \(epoch 0, batch of frames \[{poisoned[0]}, {poisoned[1]}\] of .*tiny.xyz\)"
+    with pytest.raises(TrainingDivergedError, match=message + ".*step 3, is checkpointed"):
         train_and_evaluate(config, tmp_path, progress=False, atom_chunk=TRAIN_ATOM_CHUNK)
     saved = load_checkpoint(tmp_path / "checkpoints" / "periodic")
     assert saved.step == 3
