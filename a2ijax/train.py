@@ -37,7 +37,7 @@ from a2ijax.dataset import Dataset, read_dataset
 from a2ijax.files import atomic_write
 from a2ijax.loss import batch_errors, normalised_loss, predict_fn, rotate_batch
 from a2ijax.parallel import global_batch, is_main_process, make_mesh, padded_rows, replicate, replicated, split_leading
-from a2ijax.potential import fixed_neighbor_list
+from a2ijax.potential import default_atom_chunk, fixed_neighbor_list
 from a2ijax.report import final_report, validation_errors
 
 Array = jax.Array
@@ -82,14 +82,25 @@ class TrainResult:
     seconds: float
 
 
+def default_training_chunk(backend: str | None = None) -> int:
+    """Atoms per rematerialised chunk when training and none is given. 0 on a CPU: one program
+    without rematerialisation, timed faster than chunks of 32 and 64 for every challenge's training
+    step (BUILD_NOTES, "Training-step time"; a training batch's ``[B, N, H, K, K]`` attention is tens
+    of MB there); elsewhere the MD default (:func:`a2ijax.potential.default_atom_chunk`)."""
+    backend = backend or jax.default_backend()
+    return 0 if backend == "cpu" else default_atom_chunk(backend)
+
+
 def prepare_run(dataset: Dataset, config: ExperimentConfig, *, atom_chunk: int | None = None) -> Run:
     """Splits, neighbours, buckets and statistics of ``dataset``, the config's core repulsion set from
-    them, and the potential. ``atom_chunk`` is a run setting (see :func:`a2ijax.a2i_neighbor_list`)."""
+    them, and the potential. ``atom_chunk`` is a run setting (see :func:`a2ijax.a2i_neighbor_list`;
+    None: :func:`default_training_chunk`)."""
     data = prepare(dataset, config)
     if not len(data.splits["valid"]):
         raise ValueError(f"{dataset.path}: no validation frames")
     config = with_core_repulsion(config, data.statistics)
-    init_fn, energy_fn, per_atom = potential_builder(config, fixed_species(dataset, config), atom_chunk=atom_chunk)
+    chunk = default_training_chunk() if atom_chunk is None else atom_chunk
+    init_fn, energy_fn, per_atom = potential_builder(config, fixed_species(dataset, config), atom_chunk=chunk)
     return Run(config, data, init_fn, energy_fn, per_atom)
 
 

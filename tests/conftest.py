@@ -156,8 +156,9 @@ def tiny_config(path: Path, **train) -> ExperimentConfig:
     return ExperimentConfig(DataConfig(path=str(path)), MODEL, TrainConfig(**values))
 
 
-# Atoms per chunk when the tests train: one program compiles faster than chunks (whose results are
-# the same, tests/test_invariants.py); the quickstart in CI trains with the default chunks.
+# Atoms per chunk when the tests train: one program, as training on a CPU does by default
+# (a2ijax.train.default_training_chunk); chunked and unchunked results are equal by
+# tests/test_invariants.py.
 TRAIN_ATOM_CHUNK = 0
 
 

@@ -15,14 +15,15 @@ from conftest import MODEL, TRAIN_ATOM_CHUNK, assert_nontrivial, lj_frames, tiny
 
 from a2ijax import cli
 from a2ijax import train as train_module
-from a2ijax.batching import epoch_batches, fit_energy_shift, prepare
+from a2ijax.batching import epoch_batches, fit_energy_shift, frame_scales, prepare
 from a2ijax.checkpoint import CheckpointError, a2i_builder, load_checkpoint, restore, step_directory
 from a2ijax.config import load_config
-from a2ijax.dataset import Dataset, read_dataset, write_dataset
+from a2ijax.dataset import Dataset, fluctuations, read_dataset, write_dataset
 from a2ijax.geometry import closest_distance, minimum_image
 from a2ijax.loss import batch_errors, normalised_loss, predict_fn, rotate_batch
 from a2ijax.parallel import global_batch, make_mesh, replicate
 from a2ijax.potential import fixed_neighbor_list
+from a2ijax.report import Predictions, error_report
 from a2ijax.train import TrainingDivergedError, init_state, make_train_step, prepare_run, train_and_evaluate
 
 
@@ -203,6 +204,10 @@ def test_evaluate_command_prints_the_report(trained, tiny_data, capsys, tmp_path
     ('[optimizer]\nlr = 1', r"unknown tables \['optimizer'\]"),
     ('[model]\ndtype = "bfloat16"', r"bad.toml: \[model\] dtype is how a model is run.*dtype="),  # a run setting now
     ('[train]\nenergy_weight_final = -1.0', r"energy_weight_final must be >= 0 \(or left out"),  # no sentinel
+    ('[train]\nloss_normalization = "frame"', r"\[train\] loss_normalization must be one of \('state_point'"),
+    ('[train]\nsync_every = 0', r"\[train\] sync_every must be >= 1, got 0"),
+    ('[train]\nneighbor_buckets = 0', r"\[train\] neighbor_buckets must be >= 1, got 0"),
+    ('[model]\nradial_embedding = "mlp"', r"radial_embedding must be one of \('linear', 'pair_mlp'\)"),
 ])
 def test_config_file_errors_name_the_key(tmp_path, text, match):
     path = tmp_path / "bad.toml"
@@ -334,3 +339,44 @@ def test_neighbor_buckets_pad_each_group_to_its_own_capacity(tiny_data, x64):
     assert_nontrivial(f1)
     np.testing.assert_allclose(float(e1[0]), float(e2[0]), rtol=1e-12)
     np.testing.assert_allclose(np.asarray(f1), np.asarray(f2), rtol=1e-10, atol=1e-12)
+
+
+def test_per_atom_correlation_with_the_species_gauge_fixed():
+    """One composition fixes per-atom energies only up to c_s with sum_s n_s c_s = 0: a model off by
+    such offsets correlates poorly as it is and perfectly once the gauge is fixed."""
+    rng = np.random.default_rng(0)
+    species = np.asarray([0] * 40 + [1] * 10, np.int32)
+    offsets = np.asarray([0.5, -2.0])  # 40 * 0.5 + 10 * (-2.0) = 0: total energies unchanged
+    exact = [rng.normal(0, 0.3, 50) for _ in range(3)]
+    forces = [np.zeros((50, 3))] * 3
+    dataset = Dataset("mix", ("A", "B"), [np.zeros((50, 3))] * 3, [species] * 3, [np.eye(3) * 9] * 3,
+                      [np.ones(3, bool)] * 3, np.asarray([e.sum() for e in exact]), forces, exact, None,
+                      [{"state_point": "s"}] * 3)
+    model = [e + offsets[species] for e in exact]
+    report = error_report(dataset, Predictions(np.arange(3), dataset.energy.copy(), forces, model),
+                          {"s": dict(energy_std=1.0, force_std=1.0)})
+    assert report["per_atom_energy"]["pearson"] < 0.5
+    assert report["per_atom_energy"]["pearson_gauge_fixed"] == pytest.approx(1.0, abs=1e-12)
+    assert report["per_atom_energy"]["rmse_gauge_fixed"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_state_points_without_spread_take_the_dataset_scales():
+    """A state point with one training frame (no fluctuation to measure) is scaled as the dataset-wide
+    normalisation scales it; the others by their own training frames' spread."""
+    rng = np.random.default_rng(1)
+    n = 10
+    points = ["a", "a", "a", "b", "b"]
+    forces = [rng.normal(0, 2.0 + i, (n, 3)) for i in range(5)]
+    dataset = Dataset("two", ("Ar",), [np.zeros((n, 3))] * 5, [np.zeros(n, np.int32)] * 5, [np.eye(3) * 9] * 5,
+                      [np.ones(3, bool)] * 5, rng.normal(0, 3, 5), forces, None, None,
+                      [{"state_point": p} for p in points])
+    train = np.asarray([0, 1, 2, 3])  # one training frame of "b"
+    statistics = dict(energy_var=0.7, force_var=5.0, train_fluctuations=fluctuations(dataset.subset(train)))
+    energy, force = frame_scales(dataset, statistics, "state_point")
+    np.testing.assert_allclose(energy[:3], np.std(dataset.energy[:3]))
+    np.testing.assert_allclose(force[:3], np.std(np.concatenate([f.ravel() for f in forces[:3]])))
+    np.testing.assert_allclose(energy[3:], n * np.sqrt(0.7))
+    np.testing.assert_allclose(force[3:], np.sqrt(5.0))
+    np.testing.assert_allclose(frame_scales(dataset, statistics, "dataset")[0], n * np.sqrt(0.7))
+    with pytest.raises(ValueError, match="loss normalization must be one of"):
+        frame_scales(dataset, statistics, "per_frame")
