@@ -35,9 +35,11 @@ from a2ijax.train import train_and_evaluate
 STATE_POINT = "rho0.84_T0.85"
 MODEL = A2IConfig(cutoff=2.5, width=32, heads=2, layers=1, avg_neighbors=50.0)
 # The loss is the report's measure (energy over this state point's MD fluctuation, forces over their
-# std), both weighted 1. A short run: a short EMA, so the evaluated parameters are recent ones.
+# std), the energy weight ramped from 0.03 to 1 (forces first: equal weights from the start let the
+# energy term dominate, BUILD_NOTES). A short run: a short EMA, so the evaluated parameters are recent.
 TRAIN = TrainConfig(steps=400, batch_size=2, learning_rate=3e-3, warmup_steps=20, ema_decay=0.95,
-                    eval_every=100, checkpoint_every=200, eval_frames=10)
+                    energy_weight=0.03, energy_weight_final=1.0, eval_every=100, checkpoint_every=200,
+                    eval_frames=10)
 SAMPLING = SamplingConfig(frames_per_point=100, stride=50, equilibration=3000, segment_frames=10)
 
 

@@ -26,7 +26,8 @@ def rows(workdir: Path) -> list[str]:
     metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     featurization = load_checkpoint(workdir).config.model.featurization
     minutes = metrics[-1]["seconds"] / 60 if metrics else float("nan")
-    pearson = report.get("per_atom_energy", {}).get("pearson")
+    per_atom = report.get("per_atom_energy", {})
+    pearson = per_atom.get("pearson_gauge_fixed", per_atom.get("pearson"))  # mixtures: each species' offset fixed
     out = []
     for name, sp in report["state_points"].items():
         out.append(f"| {workdir.name} | {featurization} | {report.get('parameters', '?')} | {minutes:.1f} | "

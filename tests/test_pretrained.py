@@ -15,7 +15,7 @@ from a2ijax.systems import get_system
 
 # One state point per model, sampled afresh (a seed no dataset uses) with the reference potential.
 STATE_POINTS = {"lj": "rho0.84_T0.85", "sw": "crystal_900K", "ka": "rho1.2_T1.0"}
-FRESH = SamplingConfig(frames_per_point=2, stride=100, equilibration=3000, seed=7919)
+FRESH = SamplingConfig(frames_per_point=2, stride=100, equilibration=1500, seed=7919)
 
 
 def fresh_frames(name: str):
