@@ -1,15 +1,20 @@
 """Learning curves: held-out error against training steps, and against the number of training frames.
 
     python experiments/learning_curves.py --steps lj=runs/lj sw=runs/sw ka=runs/ka \
-        --frames lj=runs/lj_frames100,runs/lj_frames200,runs/lj --out runs/learning_curves.png
+        --gap lj=runs/lj,runs/lj_train_eval --out runs/learning_curves.png
+    python experiments/learning_curves.py --frames lj=runs/lj_frames200,runs/lj --out runs/frames.png
 
 Left: for each run, the worst state point's energy and force error over the MD fluctuation on the
 validation split (``valid_ratios`` in ``metrics.jsonl``, EMA parameters) against the optimiser
 step, log-log, with the power law fitted to the second half of the curve (its exponent says how
 much more compute would buy). Right: the test-split worst ratios (``report.json``) of runs that
 differ only in ``[data] max_train_frames`` against their number of training frames: a curve that
-still falls says data is a limit; a flat one, that steps or the model are. Prints the fitted
-exponents and writes ``<out>`` and ``<out>.json``.
+still falls says data is a limit; a flat one, that steps or the model are. Without such runs,
+``--gap`` puts each state point's training-split error (``a2ijax evaluate RUN DATA --split train
+--out DIR``) against its test-split error: points on the diagonal mean no overfitting, so more
+frames of the same kind would not help and compute or the model is the limit. Inside a cosine
+schedule the fitted exponent mixes in the learning-rate decay: read it as an optimistic bound.
+Prints the exponents and writes ``<out>`` and ``<out>.json``.
 """
 
 from __future__ import annotations
@@ -50,13 +55,21 @@ def frames_curve(runs: list[Path]) -> dict:
                 force=np.asarray(force)[order].tolist())
 
 
+def gap(run: Path, train_eval: Path) -> dict:
+    test = json.loads((run / "report.json").read_text())["state_points"]
+    train = json.loads((train_eval / "report.json").read_text())["state_points"]
+    return {name: dict(test=[test[name]["energy_ratio"], test[name]["force_ratio"]],
+                       train=[train[name]["energy_ratio"], train[name]["force_ratio"]]) for name in test}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", nargs="*", default=[], help="NAME=RUN")
     parser.add_argument("--frames", nargs="*", default=[], help="NAME=RUN,RUN,...")
+    parser.add_argument("--gap", nargs="*", default=[], help="NAME=RUN,TRAIN_EVAL_DIR")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    result = dict(steps={}, frames={})
+    result = dict(steps={}, frames={}, gap={})
     for item in args.steps:
         name, run = item.split("=", 1)
         result["steps"][name] = steps_curve(Path(run))
@@ -65,6 +78,11 @@ def main() -> None:
         name, runs = item.split("=", 1)
         result["frames"][name] = frames_curve([Path(r) for r in runs.split(",")])
         print(f"{name}: {result['frames'][name]}")
+    for item in args.gap:
+        name, runs = item.split("=", 1)
+        run, train_eval = runs.split(",")
+        result["gap"][name] = gap(Path(run), Path(train_eval))
+        print(f"{name}: train / test ratios per state point: {result['gap'][name]}")
 
     import matplotlib
 
@@ -79,13 +97,24 @@ def main() -> None:
     axes[0].set_xlabel("optimiser step")
     axes[0].set_ylabel("worst state point: RMSE / MD fluctuation (validation)")
     axes[0].legend(fontsize=8)
-    for name, c in result["frames"].items():
-        line, = axes[1].loglog(c["frames"], c["energy"], "o-", label=f"{name} energy")
-        axes[1].loglog(c["frames"], c["force"], "s--", color=line.get_color(), label=f"{name} force")
-    axes[1].axhline(0.05, color="k", lw=0.8, ls=":")
-    axes[1].set_xlabel("training frames")
-    axes[1].set_ylabel("worst state point: RMSE / MD fluctuation (test)")
     if result["frames"]:
+        for name, c in result["frames"].items():
+            line, = axes[1].loglog(c["frames"], c["energy"], "o-", label=f"{name} energy")
+            axes[1].loglog(c["frames"], c["force"], "s--", color=line.get_color(), label=f"{name} force")
+        axes[1].axhline(0.05, color="k", lw=0.8, ls=":")
+        axes[1].set_xlabel("training frames")
+        axes[1].set_ylabel("worst state point: RMSE / MD fluctuation (test)")
+        axes[1].legend(fontsize=8)
+    elif result["gap"]:
+        for name, points in result["gap"].items():
+            test = np.asarray([p["test"] for p in points.values()])
+            train = np.asarray([p["train"] for p in points.values()])
+            line, = axes[1].loglog(test[:, 0], train[:, 0], "o", label=f"{name} energy (per state point)")
+            axes[1].loglog(test[:, 1], train[:, 1], "s", color=line.get_color(), label=f"{name} force")
+        lo, hi = axes[1].get_xlim()
+        axes[1].plot([lo, hi], [lo, hi], "k--", lw=0.8, label="no overfitting")
+        axes[1].set_xlabel("test split: RMSE / MD fluctuation")
+        axes[1].set_ylabel("training split: RMSE / MD fluctuation")
         axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
