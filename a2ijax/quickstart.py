@@ -151,6 +151,6 @@ What the numbers mean:
   - Per-atom energies: the model is trained on totals only; the Lennard-Jones pair sum defines exact
     per-atom energies, and r near 1 means the model splits the energy among atoms as the physics does.
   - NVE drift near 0 and the reference kT mean the learned forces are conservative and smooth enough for
-    MD; the RDF difference compares the liquid's structure with the reference potential's (0.01-0.02 is
-    within the sampling noise of a run this short).
+    MD; the RDF difference compares the liquid's structure with the reference potential's (mean |g - g_ref|
+    over r; part of it is the sampling noise of a run this short).
   - This is a few minutes of training on one state point; a2ijax md --model lj runs the shipped model."""
