@@ -81,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for report.json, report.md and parity.png")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=4, help="frames per evaluation batch")
     p.add_argument("--atom-chunk", type=COUNT, help="atoms per rematerialised chunk (0: all; default per backend)")
-    p = commands.add_parser("quickstart", help="sample, train, evaluate and run MD on a small LJ system (about 5 min)")
+    p = commands.add_parser("quickstart", help="sample, train, evaluate and run MD on a small LJ system (about 7 min)")
     p.add_argument("--out", default="quickstart", help="directory for the dataset, run, MD output and plots")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart run in --out")
     p = commands.add_parser("md", help="molecular dynamics with a trained potential")
