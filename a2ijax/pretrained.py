@@ -72,8 +72,7 @@ def export(run: str | Path, out: str | Path, commands: list[str]) -> Path:
     checkpoint.require_a2i("a pretrained model")
     report = json.loads((run / "report.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
-    meta: dict[str, Any] = {k: v for k, v in checkpoint.meta.items() if k != "splits"}
-    meta.update(step=checkpoint.step, commands=list(commands), splits=checkpoint.meta["splits"])
+    meta: dict[str, Any] = dict(checkpoint.meta, step=checkpoint.step, commands=list(commands))
     params = jax.tree_util.tree_map(np.asarray, checkpoint.params)
     atomic_write(out / "params.msgpack", lambda f: f.write(flax.serialization.msgpack_serialize(params)), binary=True)
     atomic_write(out / "meta.json", lambda f: json.dump(meta, f, indent=1))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from a2ijax.checkpoint import load_checkpoint
 from a2ijax.files import atomic_write
 
 
@@ -46,8 +47,7 @@ def frames_curve(runs: list[Path]) -> dict:
     frames, energy, force = [], [], []
     for run in runs:
         report = json.loads((run / "report.json").read_text())
-        meta = json.loads(next((run / "checkpoints" / "best").glob("*/meta/metadata")).read_text())
-        frames.append(len(meta["splits"]["train"]))
+        frames.append(len(load_checkpoint(run / "checkpoints" / "best").meta["splits"]["train"]))
         energy.append(max(r["energy_ratio"] for r in report["state_points"].values()))
         force.append(max(r["force_ratio"] for r in report["state_points"].values()))
     order = np.argsort(frames)

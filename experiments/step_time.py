@@ -43,7 +43,7 @@ def time_variant(dataset, config, atom_chunk: int, steps: int, syncs: list[int])
     buckets = run.data.buckets["train"]
     rows = padded_rows(config.train.batch_size, mesh)
     order = epoch_batches(buckets, config.train.batch_size, config.train.seed, 0)
-    batches = [buckets[b].batch(r, rows) for b, r in order]
+    batches = [buckets[b].batch(r, rows) for b, r in order[:steps]]
     state = replicate(init_state(run), mesh)
     for bucket in buckets:  # compile every shape
         state, metrics = step_fn(state, global_batch(bucket.batch(np.arange(1), rows), mesh))
