@@ -28,6 +28,7 @@ import numpy as np
 from a2ijax.config import LOSS_NORMALIZATIONS, ExperimentConfig
 from a2ijax.dataset import Dataset, check_cutoff, fluctuations, split_indices, state_point_groups
 from a2ijax.geometry import dense_index, neighbor_pairs
+from a2ijax.model import A2IConfig
 
 
 @dataclasses.dataclass
@@ -97,6 +98,21 @@ def frame_pairs(dataset: Dataset, cutoff: float) -> list[tuple[np.ndarray, np.nd
     check_cutoff(dataset, cutoff)
     return [neighbor_pairs(R, cell, pbc, cutoff)
             for R, cell, pbc in zip(dataset.positions, dataset.cells, dataset.pbc, strict=True)]
+
+
+def check_attention_keys(dataset: Dataset, pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                         model: A2IConfig) -> None:
+    """No atom of any frame has more than ``attention_keys`` neighbours inside ``attention_cutoff``
+    (the model's energy is NaN there, ``a2ijax.model.A2IConfig``); an error names the first frame that does."""
+    if not model.attention_keys:
+        return
+    for index, ((i, _, d), R) in enumerate(zip(pairs, dataset.positions, strict=True)):
+        most = int(np.bincount(i[d < model.attention_cutoff], minlength=len(R)).max(initial=0))
+        if most > model.attention_keys:
+            raise ValueError(f"{dataset.path}, frame {index}: an atom has {most} neighbours within "
+                             f"attention_cutoff = {model.attention_cutoff}, more than [model] attention_keys = "
+                             f"{model.attention_keys}; raise attention_keys (with a margin for the denser "
+                             "configurations of MD) or lower attention_cutoff")
 
 
 def bucket_sizes(sizes: np.ndarray, n_buckets: int) -> np.ndarray:
@@ -247,6 +263,7 @@ def prepare(dataset: Dataset, config: ExperimentConfig, statistics: dict[str, An
             rng = np.random.default_rng(train.seed)
             splits["train"] = np.sort(rng.choice(splits["train"], config.data.max_train_frames, replace=False))
     pairs = frame_pairs(dataset, model.cutoff)
+    check_attention_keys(dataset, pairs, model)
     neighbors = [dense_index(i, j, len(R)) for (i, j, _), R in zip(pairs, dataset.positions, strict=True)]
     counts = np.asarray([max(1, idx.shape[1]) for idx in neighbors])
     sizes = np.asarray([len(R) for R in dataset.positions])

@@ -63,10 +63,19 @@ def run_md(checkpoint: Checkpoint, atoms: ase.Atoms, *, steps: int, dt: float, k
     mesh = make_mesh(devices, "atoms") if devices != 1 else None
     neighbor_fn, energy_fn, displacement, shift = checkpoint.potential(
         box, species, atom_chunk=atom_chunk, mesh=mesh, dr_threshold=skin, capacity_multiplier=capacity_multiplier)
-    result = simulate(energy_fn, neighbor_fn, displacement, shift, jnp.asarray(atoms.get_positions(), dtype), box,
-                      steps=steps, dt=dt, ensemble=ensemble, kT=kT, mass=mass, seed=seed, thermo_every=thermo_every,
-                      trajectory_every=trajectory_every, out=out, symbols=atoms.get_chemical_symbols(),
-                      progress=progress)
+    try:
+        result = simulate(energy_fn, neighbor_fn, displacement, shift, jnp.asarray(atoms.get_positions(), dtype),
+                          box, steps=steps, dt=dt, ensemble=ensemble, kT=kT, mass=mass, seed=seed,
+                          thermo_every=thermo_every, trajectory_every=trajectory_every, out=out,
+                          symbols=atoms.get_chemical_symbols(), progress=progress)
+    except FloatingPointError as error:
+        model = checkpoint.config.model
+        if not model.attention_keys:
+            raise
+        raise FloatingPointError(f"{error}. The model attends to at most attention_keys = {model.attention_keys} "
+                                 f"neighbours within attention_cutoff = {model.attention_cutoff}, and its forces "
+                                 "are NaN where an atom has more: a denser configuration than training saw, or "
+                                 "a model to retrain with more keys") from error
     n, thermo = len(atoms), result.thermo
     checkpoint.warn_if_closer_than_training(float(thermo["min_distance"].min()), "the MD trajectory")
     print(f"{ensemble} MD: {n} atoms, {steps} steps of {dt:g} in {result.seconds:.1f} s "

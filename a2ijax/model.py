@@ -20,6 +20,11 @@ key in the softmax, ``w_jk = c_k exp(s_jk) / (exp(s_sink) + sum_k c_k exp(s_jk))
 in the pooling. A neighbour at the cutoff has no influence, so energies and forces stay continuous
 as atoms cross it. The learned sink logit keeps the denominator away from zero.
 
+Attention range (optional, ``attention_cutoff`` ``r_att`` and ``attention_keys`` ``M``): the keys of
+every query are the ``M`` nearest neighbours, weighted by an envelope in ``d / r_att`` instead of
+``d / r_c``, so the attention costs ``K x M`` instead of ``K^2``; tokens, values of the queries and the
+pooled readout keep the full cutoff.
+
 Core repulsion (optional, ``core_radii``): a fixed pair wall that is exactly zero, with its first two
 derivatives, at and beyond a radius per species pair, and grows like ``(r_ab / d)^12`` below it. The
 trainer sets the radii to the closest approach of each species pair in the training data, so the
@@ -65,6 +70,14 @@ class A2IConfig:
         linear map, to which the centre's and the neighbour's species embeddings are added.
         ``"pair_mlp"``: a two-layer MLP whose hidden layer also gets an embedding of the ordered
         species pair ``(i, j)``, so the radial shape (where a pair wall rises) can differ per pair.
+      attention_cutoff: attention range ``r_att`` (0: the cutoff). With ``0 < r_att <= r_c``, every
+        token (query) attends only to the ``attention_keys`` nearest neighbours, weighted by an
+        envelope that vanishes at ``r_att``: attention costs ``K x M`` instead of ``K^2``, while
+        tokens, values and the pooled readout still span the full cutoff.
+      attention_keys: ``M``, the key slots per atom when ``attention_cutoff`` is set. An atom with
+        more than ``M`` neighbours inside ``r_att`` would lose keys that still carry weight (the
+        energy would jump as neighbours change rank), so its energy and forces are NaN instead;
+        the trainer checks the data against ``M`` before it starts (``a2ijax.batching``).
       angular_order: highest power ``l`` of ``cos(theta_jik)`` in the learned attention bias
         (``invariant`` only); adds ``sum_l 3**l`` dimensions to each query/key. 0 disables angles.
       envelope: ``"polynomial"`` (zero with vanishing first and second derivatives at ``r_c``) or
@@ -91,6 +104,8 @@ class A2IConfig:
     mlp_ratio: int = 2
     n_radial: int = 8
     radial_embedding: str = "linear"
+    attention_cutoff: float = 0.0
+    attention_keys: int = 0
     angular_order: int = 2
     envelope: str = "polynomial"
     envelope_exponent: int = 6
@@ -109,13 +124,18 @@ class A2IConfig:
         for name in ("n_species", "width", "heads", "layers", "mlp_ratio", "n_radial"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
-        for name in ("angular_order",):
+        for name in ("angular_order", "attention_keys"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 0, f"{name} must be an int >= 0, got {value!r}")
         need(self.width % self.heads == 0,
              f"width ({self.width}) must be divisible by heads ({self.heads})")
         need(self.radial_embedding in RADIAL_EMBEDDINGS,
              f"radial_embedding must be one of {RADIAL_EMBEDDINGS}, got {self.radial_embedding!r}")
+        need(0 <= float(self.attention_cutoff) <= float(self.cutoff),
+             f"attention_cutoff must lie in [0, cutoff = {self.cutoff}] (0: the cutoff), got {self.attention_cutoff!r}")
+        need((float(self.attention_cutoff) > 0) == (self.attention_keys > 0),
+             f"attention_cutoff ({self.attention_cutoff!r}) and attention_keys ({self.attention_keys!r}) go "
+             "together: both positive (a limited attention range) or both 0")
         need(self.envelope in ENVELOPES, f"envelope must be one of {ENVELOPES}, got {self.envelope!r}")
         need(isinstance(self.envelope_exponent, int) and self.envelope_exponent >= 2,
              f"envelope_exponent must be an int >= 2, got {self.envelope_exponent!r}")
@@ -195,6 +215,11 @@ def tensor_powers(u: Array, order: int) -> list[Array]:
     return powers
 
 
+def _gather_slots(a: Array, slots: Array) -> Array:
+    """``a [n, K, ...]`` at the neighbour slots ``slots [n, M]`` of each atom: ``[n, M, ...]``."""
+    return jnp.take_along_axis(a, slots.reshape(slots.shape + (1,) * (a.ndim - 2)), axis=1)
+
+
 def _lookup(table: Array, ids: Array) -> Array:
     """Rows of ``table`` for integer ``ids``; an id out of range gives NaN, never a clamped row."""
     return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan)
@@ -207,7 +232,10 @@ class SelfAttention(nn.Module):
     dtype: Any = None  # compute dtype; None: promote from inputs and parameters
 
     @nn.compact
-    def __call__(self, x: Array, c: Array, angular: list[Array] | None) -> Array:
+    def __call__(self, x: Array, c: Array, angular: list[Array] | None, keys: Array | None = None) -> Array:
+        """``x [n, K, D]`` tokens, all of them queries; ``keys [n, M]`` the slots that serve as keys and
+        values (None: all ``K``); ``c [n, M or K]`` the keys' envelope weights; ``angular`` the tokens'
+        tensor powers (:func:`tensor_powers`) or None."""
         cfg = self.config
         n, k, d = x.shape
         h, dh = cfg.heads, cfg.width // cfg.heads
@@ -215,26 +243,31 @@ class SelfAttention(nn.Module):
         dense = dict(dtype=self.dtype, param_dtype=cfg.param_dtype)
         # One fused projection for queries, keys, values and the angular bias coefficients.
         proj = nn.Dense(3 * d + 2 * h * n_ang, name="qkv", **dense)(x)  # [n, K, 3D + 2H(L+1)]
-        q, kk, v = (proj[..., i * d:(i + 1) * d].reshape(n, k, h, dh) for i in range(3))
-        q = q / math.sqrt(dh)
+        key_proj, key_angular = proj, angular
+        if keys is not None:
+            key_proj = _gather_slots(proj, keys)  # [n, M, 3D + 2H(L+1)]
+            key_angular = None if angular is None else [_gather_slots(y, keys) for y in angular]
+        m = key_proj.shape[1]
+        q = proj[..., :d].reshape(n, k, h, dh) / math.sqrt(dh)
+        kk, v = (key_proj[..., i * d:(i + 1) * d].reshape(n, m, h, dh) for i in (1, 2))
         if angular is not None:
             a = proj[..., 3 * d:3 * d + h * n_ang].reshape(n, k, h, n_ang)
-            b = proj[..., 3 * d + h * n_ang:].reshape(n, k, h, n_ang)
+            b = key_proj[..., 3 * d + h * n_ang:].reshape(n, m, h, n_ang)
             # Extra query/key dimensions whose dot product is sum_l a_l(j) b_l(k) cos^l(theta_jik).
             q = jnp.concatenate([q] + [a[..., l, None] * y[:, :, None, :] for l, y in enumerate(angular)], -1)
-            kk = jnp.concatenate([kk] + [b[..., l, None] * y[:, :, None, :] for l, y in enumerate(angular)], -1)
+            kk = jnp.concatenate([kk] + [b[..., l, None] * y[:, :, None, :] for l, y in enumerate(key_angular)], -1)
         # One more key dimension carries log c_k (a large negative number for dead keys, c_k = 0),
         # against a constant 1 in the query: the matmul then yields log(c_k) + s_jk directly.
         log_c = jnp.where(c > 0, jnp.log(jnp.where(c > 0, c, 1.0)), DEAD_KEY_LOG_WEIGHT).astype(q.dtype)
         q = jnp.concatenate([q, jnp.ones(q.shape[:-1] + (1,), q.dtype)], -1)
         kk = jnp.concatenate([kk, jnp.broadcast_to(log_c[:, :, None, None], kk.shape[:-1] + (1,))], -1)
-        lw = jnp.einsum("nqhd,nkhd->nhqk", q, kk)  # [n, H, K, K] log-weights log(c_k) + s_jk
+        lw = jnp.einsum("nqhd,nkhd->nhqk", q, kk)  # [n, H, K, M] log-weights log(c_k) + s_jk
         sink = self.param("sink", nn.initializers.zeros, (h,), cfg.param_dtype).astype(lw.dtype)
         sink = sink[None, :, None, None]  # [1, H, 1, 1]
-        m = jax.lax.stop_gradient(jnp.maximum(jnp.max(lw, -1, keepdims=True), sink))
-        e = jnp.exp(lw - m)  # [n, H, K, K], each <= 1; exactly 0 for dead keys
-        denominator = jnp.exp(sink - m) + jnp.sum(e, -1, keepdims=True)  # [n, H, K, 1], >= 1
-        # Normalise after the value product: a [n, K, H, dh] division instead of a [n, H, K, K] one.
+        mx = jax.lax.stop_gradient(jnp.maximum(jnp.max(lw, -1, keepdims=True), sink))
+        e = jnp.exp(lw - mx)  # [n, H, K, M], each <= 1; exactly 0 for dead keys
+        denominator = jnp.exp(sink - mx) + jnp.sum(e, -1, keepdims=True)  # [n, H, K, 1], >= 1
+        # Normalise after the value product: a [n, K, H, dh] division instead of a [n, H, K, M] one.
         out = jnp.einsum("nhqk,nkhd->nqhd", e, v) / jnp.moveaxis(denominator, 1, 2)
         out = out.reshape(n, k, d)
         return nn.Dense(d, name="out", **dense)(out)
@@ -247,11 +280,11 @@ class Block(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: Array, c: Array, angular: list[Array] | None) -> Array:
+    def __call__(self, x: Array, c: Array, angular: list[Array] | None, keys: Array | None = None) -> Array:
         cfg = self.config
         dense = dict(dtype=self.dtype, param_dtype=cfg.param_dtype)
         attention = SelfAttention(cfg, self.dtype, name="attention")
-        x = x + attention(nn.LayerNorm(name="norm_attention", **dense)(x), c, angular)
+        x = x + attention(nn.LayerNorm(name="norm_attention", **dense)(x), c, angular, keys)
         y = nn.LayerNorm(name="norm_mlp", **dense)(x)
         y = nn.Dense(cfg.mlp_ratio * cfg.width, name="mlp_in", **dense)(y)
         y = nn.Dense(cfg.width, name="mlp_out", **dense)(nn.silu(y))
@@ -306,8 +339,16 @@ class A2ITransformer(nn.Module):
             embedded = nn.Dense(cfg.width, name="embed_geometry_out", **dense)(nn.silu(embedded + pair))
         tokens = embedded + neighbor + center[:, None, :]
 
+        keys, c_keys, crowded = None, c, None
+        if cfg.attention_keys:
+            # The M nearest slots are the keys, weighted by an envelope that vanishes at r_att: a
+            # neighbour entering or leaving them at r_att carries no weight, so the energy stays smooth.
+            r_att = jnp.asarray(cfg.attention_cutoff, d.dtype)
+            keys = jax.lax.top_k(-d, min(cfg.attention_keys, k))[1]  # [n, M]
+            c_keys = envelope(_gather_slots(d, keys) / r_att, cfg.envelope, cfg.envelope_exponent)  # [n, M]
+            crowded = jnp.sum(d < r_att, -1) > cfg.attention_keys  # [n]: keys with weight were cut off
         for layer in range(cfg.layers):
-            tokens = Block(cfg, self.dtype, name=f"block_{layer}")(tokens, c, angular)  # [n, K, D]
+            tokens = Block(cfg, self.dtype, name=f"block_{layer}")(tokens, c_keys, angular, keys)  # [n, K, D]
         tokens = nn.LayerNorm(name="norm_out", **dense)(tokens)
         pooled = jnp.einsum("nk,nkd->nd", c.astype(tokens.dtype), tokens) / cfg.avg_neighbors  # [n, D]
         y = nn.Dense(cfg.width, name="readout_hidden", **dense)(pooled + center.astype(pooled.dtype))
@@ -321,6 +362,9 @@ class A2ITransformer(nn.Module):
             r_ab = radii[species_center[:, None], species_neighbor]  # [n, K]; padded slots sit at 2 r_c
             wall = jnp.where(pair_mask, core_repulsion(d / r_ab), 0.0)
             energy = energy + 0.5 * cfg.core_energy * jnp.sum(wall, -1).astype(energy.dtype)  # half of each pair
+        if crowded is not None:
+            # NaN, with NaN gradients (forces), where an atom has more than M keys inside r_att.
+            energy = energy * jnp.where(crowded, jnp.nan, 1.0).astype(energy.dtype)
         return energy
 
 

@@ -407,3 +407,66 @@ def test_overflow_is_detected_and_reallocation_restores_the_energy(x64):
     assert fresh.idx.shape[1] >= int(np.ceil(1.5 * nbrs.idx.shape[1]))
     _, pair_energy = pair_model(displacement, side, small_config("invariant"), species)
     np.testing.assert_allclose(jitted(energy_fn)(params, R2, fresh), pair_energy(params, R2), rtol=1e-10)
+
+
+# 15. Attention range: the keys are the M nearest neighbours, weighted up to r_att < r_c ----------------
+def test_attention_range_at_the_cutoff_is_full_attention(periodic_liquid):
+    """With r_att = r_c and as many keys as the most crowded atom has neighbour slots in use, the keys
+    are every real neighbour in another order and the padding is left out: E and F are the full
+    attention's, with the same parameters (the key gather, its angular features and envelope are right)."""
+    R, side, species = periodic_liquid
+    _, neighbor_fn, nbrs, params, energy_fn = periodic_model("invariant", R, side, species, 16)
+    most = int(jnp.max(jnp.sum(nbrs.idx < R.shape[0], 1)))
+    assert most < nbrs.idx.shape[1]  # padded slots exist, and the M nearest leave them out
+    ranged_fn = periodic_model("invariant", R, side, species, attention_cutoff=CUTOFF, attention_keys=most)[-1]
+    E, F = energy_and_forces(energy_fn, params, R, neighbor=nbrs)
+    Er, Fr = energy_and_forces(ranged_fn, params, R, neighbor=nbrs)
+    assert_nontrivial(F)
+    np.testing.assert_allclose(Er, E, rtol=1e-12)
+    np.testing.assert_allclose(Fr, F, rtol=1e-10, atol=1e-12)
+
+
+def test_attention_range_is_smooth_where_keys_fade_and_change_rank(x64):
+    """Atom 3 moves away from atom 0 through r_att (its key weight fades to 0), then past atom 2's
+    distance (it leaves the M = 2 nearest, atom 2 enters): E and F change no more across either point
+    than across an equal step before it, while the key weights do matter inside r_att."""
+    r_att = 1.3
+    displacement, _ = space.free()
+    species = jnp.array([0, 1, 2, 1])
+    base = jnp.array([[0.0, 0.0, 0.0], [1.0, 0.1, 0.0], [-0.2, 1.5, 0.1]])  # atom 2: 1.516 from atom 0
+    direction = jnp.array([-0.6, -0.6, -0.5])
+    direction = direction / jnp.linalg.norm(direction)
+
+    def system(d):
+        return jnp.concatenate([base, d * direction[None]], 0)
+
+    init_fn, energy_fn = pair_model(displacement, 100.0, small_config(attention_cutoff=r_att, attention_keys=2),
+                                    species)
+    params = init_fn(jax.random.PRNGKey(17), system(1.1))
+    shorter = pair_model(displacement, 100.0, small_config(attention_cutoff=1.05, attention_keys=2), species)[1]
+    assert abs(float(energy_fn(params, system(1.1)) - shorter(params, system(1.1)))) > 1e-4
+    for point in (r_att, float(jnp.linalg.norm(base[2]))):
+        for eps in (1e-3, 1e-4):
+            E_in, F_in = energy_and_forces(energy_fn, params, system(point - 3 * eps))
+            E_a, F_a = energy_and_forces(energy_fn, params, system(point - eps))
+            E_b, F_b = energy_and_forces(energy_fn, params, system(point + eps))
+            assert_nontrivial(F_a)
+            assert abs(float(E_b - E_a)) <= 10 * abs(float(E_a - E_in)) + 1e-11
+            assert float(jnp.max(jnp.abs(F_b - F_a))) <= 10 * float(jnp.max(jnp.abs(F_a - F_in))) + 1e-9
+
+
+def test_more_neighbours_inside_the_attention_range_than_keys_is_nan(x64):
+    """Three neighbours inside r_att and M = 2 keys: a key with weight would be dropped, so the energy
+    and every force it reaches are NaN, never a silently truncated attention; with M = 3 all is finite."""
+    displacement, _ = space.free()
+    species = jnp.array([0, 1, 2, 1])
+    R = jnp.array([[0.0, 0.0, 0.0], [1.0, 0.1, 0.0], [-0.2, 1.1, 0.1], [-0.1, -0.3, -1.05]])
+    init_fn, energy_fn = pair_model(displacement, 100.0, small_config(attention_cutoff=1.3, attention_keys=2),
+                                    species)
+    params = init_fn(jax.random.PRNGKey(18), R)
+    E, F = energy_and_forces(energy_fn, params, R)
+    assert np.isnan(E) and bool(jnp.all(jnp.isnan(F)))
+    roomy = pair_model(displacement, 100.0, small_config(attention_cutoff=1.3, attention_keys=3), species)[1]
+    E3, F3 = energy_and_forces(roomy, params, R)
+    assert np.isfinite(E3)
+    assert_nontrivial(F3)

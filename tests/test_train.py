@@ -15,7 +15,7 @@ from conftest import MODEL, TRAIN_ATOM_CHUNK, assert_nontrivial, lj_frames, tiny
 
 from a2ijax import cli
 from a2ijax import train as train_module
-from a2ijax.batching import epoch_batches, fit_energy_shift, frame_scales, prepare
+from a2ijax.batching import epoch_batches, fit_energy_shift, frame_pairs, frame_scales, prepare
 from a2ijax.checkpoint import CheckpointError, a2i_builder, load_checkpoint, restore, step_directory
 from a2ijax.config import load_config
 from a2ijax.dataset import Dataset, fluctuations, read_dataset, write_dataset
@@ -208,6 +208,9 @@ def test_evaluate_command_prints_the_report(trained, tiny_data, capsys, tmp_path
     ('[train]\nsync_every = 0', r"\[train\] sync_every must be >= 1, got 0"),
     ('[train]\nneighbor_buckets = 0', r"\[train\] neighbor_buckets must be >= 1, got 0"),
     ('[model]\nradial_embedding = "mlp"', r"radial_embedding must be one of \('linear', 'pair_mlp'\)"),
+    ('[model]\nattention_cutoff = 1.5', r"attention_cutoff \(1.5\) and attention_keys \(0\) go together"),
+    ('[model]\nattention_cutoff = 3.0\nattention_keys = 8', r"attention_cutoff must lie in \[0, cutoff = 2.5\]"),
+    ('[model]\nattention_cutoff = 1.5\nattention_keys = -2', r"attention_keys must be an int >= 0, got -2"),
 ])
 def test_config_file_errors_name_the_key(tmp_path, text, match):
     path = tmp_path / "bad.toml"
@@ -223,6 +226,24 @@ def test_species_unknown_to_the_model_is_an_error(tmp_path):
     write_dataset(path, frames)
     with pytest.raises(ValueError, match=r"species 'Ne' has id 1, but the model knows n_species = 1"):
         prepare(read_dataset(path), tiny_config(path))
+
+
+def test_more_neighbours_inside_the_attention_range_than_keys_is_an_error(tiny_data):
+    """The trainer refuses data that would make the model's energy NaN (tests/test_invariants.py),
+    naming the frame and the count; with enough keys the same data is accepted."""
+    dataset = read_dataset(tiny_data)
+    pairs = frame_pairs(dataset, MODEL.cutoff)
+    i, _, d = pairs[0]
+    most = int(np.bincount(i[d < 1.2]).max())
+    config = tiny_config(tiny_data)
+    crowded = dataclasses.replace(config, model=dataclasses.replace(MODEL, attention_cutoff=1.2, attention_keys=2))
+    with pytest.raises(ValueError, match=rf"frame 0: an atom has {most} neighbours within attention_cutoff = 1.2, "
+                                         r"more than \[model\] attention_keys = 2"):
+        prepare(dataset, crowded)
+    most_anywhere = max(int(np.bincount(i[d < 1.2]).max()) for i, _, d in pairs)
+    roomy = dataclasses.replace(config, model=dataclasses.replace(MODEL, attention_cutoff=1.2,
+                                                                 attention_keys=most_anywhere))
+    assert prepare(dataset, roomy).capacity > most_anywhere
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
