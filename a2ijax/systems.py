@@ -132,12 +132,17 @@ def _lj_mixture(sigma: np.ndarray, epsilon: np.ndarray, cutoff_factor: float = 2
 
 def _stillinger_weber(displacement_fn, box, species=None, **nl_kwargs):
     """Stillinger-Weber silicon on a Dense neighbour list, with per-atom energies."""
-    sw = SW_PARAMETERS
-    sigma, a = sw["sigma"], sw["a"]
+    sigma, a = SW_PARAMETERS["sigma"], SW_PARAMETERS["a"]
     cutoff = a * sigma
     neighbor_fn = partition.neighbor_list(displacement_fn, box, cutoff, format=partition.Dense, **nl_kwargs)
 
     def energy_fn(R, neighbor, per_atom: bool = False, **kwargs):
+        # Energy parameters may be given per call (traced: differentiable); sigma and a fix the
+        # cutoff of the neighbour list and cannot change. The other keywords reach the displacement.
+        fixed = [name for name in ("sigma", "a") if name in kwargs]
+        if fixed:
+            raise ValueError(f"Stillinger-Weber {fixed} set the neighbour-list cutoff and cannot change per call")
+        sw = {**SW_PARAMETERS, **{k: kwargs.pop(k) for k in list(kwargs) if k in SW_PARAMETERS}}
         n = R.shape[0]
         mask = neighbor.idx < n  # [N, K]
         j = jnp.where(mask, neighbor.idx, 0)
@@ -196,6 +201,30 @@ SYSTEMS: dict[str, ReferenceSystem] = {
                       StatePoint("liquid_2500K", 2500 * BOLTZMANN_EV, 0.0542, "liquid")),
         n_atoms=216, builder=_stillinger_weber),
 }
+
+
+#: The physical parameters each reference potential exposes to gradients (``parametric_energy``).
+PHYSICAL_PARAMETERS = {
+    "lj": dict(sigma=1.0, epsilon=1.0),
+    "ka": dict(sigma=KA_SIGMA, epsilon=KA_EPSILON),
+    "sw": dict(lam=SW_PARAMETERS["lam"], epsilon=SW_PARAMETERS["epsilon"]),
+}
+
+
+def parametric_energy(name: str, displacement_fn: Callable, box: Any, species: Array | None = None,
+                      **nl_kwargs) -> tuple[partition.NeighborFn, dict[str, Array], Callable[..., Array]]:
+    """The reference potential ``name`` in the builder shape, its physical parameters as arguments:
+    ``(neighbor_fn, params, energy_fn)`` with ``energy_fn(params, R, neighbor, **kw)`` and ``params``
+    the reference values (LJ and KA: ``sigma``, ``epsilon``, per species pair for KA; SW: ``lam``,
+    ``epsilon``), so ``jax.grad`` reaches them. The cutoffs stay the reference's (2.5 sigma_ab of
+    the reference sigma; SW's a sigma) whatever the parameters."""
+    neighbor_fn, energy = get_system(name).neighbor_list(displacement_fn, box, species, **nl_kwargs)
+    params = {k: jnp.asarray(v, jnp.result_type(float)) for k, v in PHYSICAL_PARAMETERS[name].items()}
+
+    def energy_fn(params, R, neighbor, **kwargs):
+        return energy(R, neighbor, **params, **kwargs)
+
+    return neighbor_fn, params, energy_fn
 
 
 def get_system(name: str) -> ReferenceSystem:

@@ -1,0 +1,260 @@
+"""Differentiable MD: gradients of MD averages with respect to the parameters of the potential.
+
+Any potential in the builder shape works: ``energy_fn(params, R, neighbor)`` with a jax-md
+``neighbor_fn`` (A2I's ``a2i_neighbor_list``; the reference systems with their physical parameters
+from ``a2ijax.systems.parametric_energy``). Two routes to the gradient (docs/design.md,
+"Differentiable MD"):
+
+* **Backpropagation through the trajectory** (:func:`make_segment`, :class:`CheckedGradient`): an
+  MD segment is one jit-compiled ``lax.scan`` over blocks of steps, each block rematerialised
+  (``jax.checkpoint``), so the backward pass keeps one state per block and recomputes the steps
+  inside a block: memory grows like ``n / b + b``, ``2 sqrt(n)`` states at ``b = sqrt(n)`` (the
+  default), instead of ``n``. The neighbour list is updated inside the scan; an overflow anywhere is
+  reported with the result, and :class:`CheckedGradient` reruns the segment with a larger list
+  (never a silently truncated one). Chaos makes these gradients grow exponentially with the segment
+  length: ``truncate`` stops the gradient every ``truncate`` blocks (truncated backpropagation).
+* **Reweighting** (DiffTRe, Thaler & Zavadlav, Nat. Commun. 12, 6884 (2021)): frames sampled at
+  ``theta_0`` without gradients (:func:`sample`) give averages at nearby ``theta`` through Boltzmann
+  weights ``w_i ~ exp(-(U_theta(x_i) - U_theta0(x_i)) / kT)`` (:func:`reweighted_mean`), whose
+  gradient needs no backpropagation through the dynamics. The effective sample size
+  ``N_eff = exp(-sum_i w_i log w_i)`` says when the frames no longer represent ``theta`` and a new
+  sample is due. Frames are evaluated in vmapped, rematerialised chunks, so the memory of the
+  gradient is that of one chunk beyond the stored frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax_md import partition, simulate
+
+from a2ijax.potential import NeighborListOverflowError, reallocate
+
+Array = jax.Array
+ENSEMBLES = ("nve", "nvt")
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """What an MD segment returns: ``frames [B, N, dim]`` and their potential energies ``[B]`` (one
+    frame at the end of every block), the final ``state`` and ``neighbor`` (to continue from), and
+    ``overflow``: whether the neighbour list overflowed at any step (then nothing here is valid)."""
+
+    frames: Array
+    energies: Array
+    state: Any
+    neighbor: partition.NeighborList
+    overflow: Array
+
+
+jax.tree_util.register_dataclass(Segment, data_fields=["frames", "energies", "state", "neighbor", "overflow"],
+                                 meta_fields=[])
+
+
+def _positive(name: str, value: float) -> None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def make_segment(energy_fn: Callable[..., Array], shift_fn: Callable, *, steps: int, dt: float, kT: float,
+                 mass: float = 1.0, ensemble: str = "nvt", block: int = 0, truncate: int = 0,
+                 tau: float | None = None) -> Callable[..., Segment]:
+    """``segment(params, R, neighbor, key) -> Segment``: ``steps`` MD steps from positions ``R`` with
+    velocities drawn at ``kT`` from ``key``, differentiable with respect to ``params`` (and ``R``).
+
+    ``ensemble``: ``"nve"`` (velocity Verlet) or ``"nvt"`` (Nose-Hoover chain, time constant ``tau``,
+    default ``100 dt``): both deterministic, so their gradients are those of one trajectory.
+    ``block``: steps per rematerialised block (0: the divisor of ``steps`` nearest ``sqrt(steps)``);
+    one frame is recorded at the end of each block. ``truncate``: if positive, the gradient does
+    not flow back across every ``truncate``-th block boundary (truncated backpropagation).
+    """
+    for name, value in (("steps", steps), ("block", block), ("truncate", truncate)):
+        if not isinstance(value, int) or value < 0 or (name == "steps" and value == 0):
+            raise ValueError(f"{name} must be an int >= {int(name == 'steps')}, got {value!r}")
+    _positive("dt", dt)
+    _positive("kT", kT)
+    _positive("mass", mass)
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
+    if block == 0:
+        divisors = [b for b in range(1, steps + 1) if steps % b == 0]
+        block = min(divisors, key=lambda b: abs(b - math.sqrt(steps)))
+    if steps % block:
+        raise ValueError(f"block ({block}) must divide steps ({steps})")
+    n_blocks = steps // block
+
+    def segment(params: Any, R: Array, neighbor: partition.NeighborList, key: Array) -> Segment:
+        energy = partial(energy_fn, params)
+        if ensemble == "nve":
+            init, apply = simulate.nve(energy, shift_fn, dt)
+            state = init(key, R, kT, mass=mass, neighbor=neighbor)
+        else:
+            init, apply = simulate.nvt_nose_hoover(energy, shift_fn, dt, kT, tau=tau or 100 * dt)
+            state = init(key, R, mass=mass, neighbor=neighbor)
+
+        def step(carry, _):
+            state, nbr, overflow = carry
+            state = apply(state, neighbor=nbr)
+            nbr = nbr.update(state.position)
+            return (state, nbr, overflow | nbr.did_buffer_overflow), None
+
+        @jax.checkpoint
+        def run_block(carry):
+            return jax.lax.scan(step, carry, None, length=block)[0]
+
+        def outer(carry, i):
+            state, nbr, overflow = run_block(carry)
+            if truncate:
+                cut = (i + 1) % truncate == 0
+                state = jax.tree.map(lambda x: jnp.where(cut, jax.lax.stop_gradient(x), x), state)
+            return (state, nbr, overflow), (state.position, energy(state.position, nbr))
+
+        start = (state, neighbor, jnp.asarray(neighbor.did_buffer_overflow))
+        (state, nbr, overflow), (frames, energies) = jax.lax.scan(outer, start, jnp.arange(n_blocks))
+        return Segment(frames, energies, state, nbr, overflow)
+
+    return segment
+
+
+class CheckedGradient:
+    """``jax.value_and_grad`` of a loss computed from MD segments, rerun with a larger neighbour list
+    whenever a segment inside it overflowed.
+
+    ``loss_fn(params, neighbor) -> (loss, aux)``, where ``aux["overflow"]`` is the OR of the
+    segments' ``overflow`` flags. Calling the object with ``params`` returns ``(loss, aux, grads)``;
+    after an overflow it reallocates the list for ``R`` (``a2ijax.potential.reallocate``: at least
+    1.5x the capacity), keeps the larger list for later calls and recompiles once. More than
+    ``max_reallocations`` overflows in one call raise :class:`NeighborListOverflowError`.
+    """
+
+    def __init__(self, loss_fn: Callable[..., tuple[Array, dict]], neighbor_fn: partition.NeighborFn, R: Array,
+                 neighbor: partition.NeighborList, max_reallocations: int = 4):
+        self.neighbor_fn, self.R, self.neighbor = neighbor_fn, R, neighbor
+        self.max_reallocations = max_reallocations
+        self.reallocations = 0
+        self._value_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+
+    def __call__(self, params: Any) -> tuple[Array, dict, Any]:
+        for attempt in range(self.max_reallocations + 1):
+            (loss, aux), grads = self._value_and_grad(params, self.neighbor)
+            if not bool(aux["overflow"]):
+                return loss, aux, grads
+            if attempt < self.max_reallocations:
+                self.neighbor = reallocate(self.neighbor_fn, self.R, self.neighbor)
+                self.reallocations += 1
+        raise NeighborListOverflowError(
+            f"the neighbour list still overflowed inside the MD segment after {self.max_reallocations} "
+            f"reallocations (capacity {self.neighbor.idx.shape[1]})")
+
+
+# Reweighting ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """Frames sampled at ``params`` and ``kT``, with their energies there (computed the way
+    :func:`frame_values` computes them, so the weights at ``params`` are exactly uniform) and a
+    neighbour list whose capacity fits every frame (``None``: a potential without one)."""
+
+    frames: Array
+    energies: Array
+    params: Any
+    kT: float
+    neighbor: partition.NeighborList | None
+    chunk: int
+
+
+def frame_values(fn: Callable[[Array, Any], Any], frames: Array, neighbor: partition.NeighborList | None,
+                 chunk: int) -> Any:
+    """``fn(R, neighbor)`` of every frame (each frame's own list, updated from ``neighbor``), vmapped
+    over chunks of ``chunk`` frames, each chunk rematerialised: the gradient stores one chunk's
+    intermediates, not the whole trajectory's. The frames are padded to whole chunks (copies of
+    the first, cut off again)."""
+    n = frames.shape[0]
+    chunk = max(1, min(chunk, n))
+    pad = (-n) % chunk
+    padded = jnp.concatenate([frames, jnp.broadcast_to(frames[:1], (pad,) + frames.shape[1:])]) if pad else frames
+
+    def one(R):
+        return fn(R, None if neighbor is None else neighbor.update(R))
+
+    out = jax.lax.map(jax.checkpoint(jax.vmap(one)), padded.reshape((-1, chunk) + frames.shape[1:]))
+    return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:n], out)
+
+
+def sample(segment: Callable[..., Segment], energy_fn: Callable[..., Array], params: Any, R: Array,
+           neighbor: partition.NeighborList, key: Array, neighbor_fn: partition.NeighborFn, kT: float,
+           chunk: int = 16, max_reallocations: int = 4) -> tuple[Sample, Segment]:
+    """Runs ``segment`` at ``params`` without gradients (rerun with a larger neighbour list if it
+    overflowed), then finds a list capacity that fits every frame and evaluates the frames' energies.
+    Returns the :class:`Sample` and the :class:`Segment` (its ``state`` continues the trajectory)."""
+    params = jax.lax.stop_gradient(params)
+    run = jax.jit(segment)
+    for _ in range(max_reallocations + 1):
+        result = run(params, R, neighbor, key)
+        if not bool(result.overflow):
+            break
+        neighbor = reallocate(neighbor_fn, R, neighbor)
+    else:
+        raise NeighborListOverflowError(f"the sampling segment's neighbour list still overflowed after "
+                                        f"{max_reallocations} reallocations")
+    frames = result.frames
+    template = result.neighbor
+    fits = jax.jit(lambda frames, nbr: frame_values(lambda R, n: n.did_buffer_overflow, frames, nbr, chunk))
+    for _ in range(max_reallocations + 1):
+        if not bool(jnp.any(fits(frames, template))):
+            break
+        template = reallocate(neighbor_fn, frames[0], template)
+    else:
+        raise NeighborListOverflowError("no neighbour-list capacity found that fits every sampled frame")
+    return sample_from_frames(frames, energy_fn, params, kT, template, chunk), result
+
+
+def sample_from_frames(frames: Array, energy_fn: Callable[..., Array], params: Any, kT: float,
+                       neighbor: partition.NeighborList | None = None, chunk: int = 16) -> Sample:
+    """A :class:`Sample` of frames drawn at ``params`` and ``kT`` by any means (``neighbor``: a list
+    whose capacity fits every frame, or None for a potential without one)."""
+    _positive("kT", kT)
+    params = jax.lax.stop_gradient(params)
+    energies = jax.jit(lambda p, f, nbr: frame_values(lambda R, n: energy_fn(p, R, n), f, nbr, chunk))(
+        params, frames, neighbor)
+    return Sample(frames, energies, params, float(kT), neighbor, chunk)
+
+
+def weights(energy_fn: Callable[..., Array], params: Any, sample: Sample) -> tuple[Array, Array]:
+    """Boltzmann weights of the sampled frames at ``params`` (summing to 1) and ``N_eff`` (their
+    effective number, ``exp(-sum w log w)``: the number of frames at ``params == sample.params``)."""
+    energies = frame_values(lambda R, n: energy_fn(params, R, n), sample.frames, sample.neighbor, sample.chunk)
+    return _weights(energies, sample)
+
+
+def _weights(energies: Array, sample: Sample) -> tuple[Array, Array]:
+    w = jax.nn.softmax(-(energies - sample.energies) / sample.kT)
+    return w, jnp.exp(-jnp.sum(jax.scipy.special.xlogy(w, w)))
+
+
+def reweighted_mean(observable: Callable[[Any, Array, Any], Any], energy_fn: Callable[..., Array], params: Any,
+                    sample: Sample) -> tuple[Any, Array]:
+    """``(<O>_params, N_eff)``: the Boltzmann-reweighted average of ``observable(params, R, neighbor)``
+    (a pytree of arrays; it may depend on the parameters, as the pressure does) over the sample,
+    differentiable with respect to ``params``; one pass over the frames computes energies and values."""
+    energies, values = frame_values(lambda R, n: (energy_fn(params, R, n), observable(params, R, n)),
+                                    sample.frames, sample.neighbor, sample.chunk)
+    w, n_eff = _weights(energies, sample)
+    return jax.tree.map(lambda v: jnp.tensordot(w, v, axes=1), values), n_eff
+
+
+def effective_fraction(n_eff: Array, sample: Sample) -> float:
+    """``N_eff / N``: below a threshold (DiffTRe uses about 0.9), sample anew at the current parameters."""
+    return float(n_eff) / int(np.shape(sample.frames)[0])
