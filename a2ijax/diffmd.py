@@ -72,6 +72,7 @@ def make_segment(energy_fn: Callable[..., Array], shift_fn: Callable, *, steps: 
                  tau: float | None = None) -> Callable[..., Segment]:
     """``segment(params, R, neighbor, key) -> Segment``: ``steps`` MD steps from positions ``R`` with
     velocities drawn at ``kT`` from ``key``, differentiable with respect to ``params`` (and ``R``).
+    ``neighbor`` gives the list's capacity; it is updated for ``R`` first.
 
     ``ensemble``: ``"nve"`` (velocity Verlet) or ``"nvt"`` (Nose-Hoover chain, time constant ``tau``,
     default ``100 dt``): both deterministic, so their gradients are those of one trajectory.
@@ -96,6 +97,7 @@ def make_segment(energy_fn: Callable[..., Array], shift_fn: Callable, *, steps: 
 
     def segment(params: Any, R: Array, neighbor: partition.NeighborList, key: Array) -> Segment:
         energy = partial(energy_fn, params)
+        neighbor = neighbor.update(R)  # the list may come from other positions (an earlier segment's start)
         if ensemble == "nve":
             init, apply = simulate.nve(energy, shift_fn, dt)
             state = init(key, R, kT, mass=mass, neighbor=neighbor)
@@ -131,8 +133,9 @@ class CheckedGradient:
     """``jax.value_and_grad`` of a loss computed from MD segments, rerun with a larger neighbour list
     whenever a segment inside it overflowed.
 
-    ``loss_fn(params, neighbor) -> (loss, aux)``, where ``aux["overflow"]`` is the OR of the
-    segments' ``overflow`` flags. Calling the object with ``params`` returns ``(loss, aux, grads)``;
+    ``loss_fn(params, neighbor, *args) -> (loss, aux)``, where ``aux["overflow"]`` is the OR of the
+    segments' ``overflow`` flags. Calling the object with ``params`` and ``args`` (a random key, say:
+    arguments, so that a new value does not recompile) returns ``(loss, aux, grads)``;
     after an overflow it reallocates the list for ``R`` (``a2ijax.potential.reallocate``: at least
     1.5x the capacity), keeps the larger list for later calls and recompiles once. More than
     ``max_reallocations`` overflows in one call raise :class:`NeighborListOverflowError`.
@@ -145,9 +148,9 @@ class CheckedGradient:
         self.reallocations = 0
         self._value_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
 
-    def __call__(self, params: Any) -> tuple[Array, dict, Any]:
+    def __call__(self, params: Any, *args: Any) -> tuple[Array, dict, Any]:
         for attempt in range(self.max_reallocations + 1):
-            (loss, aux), grads = self._value_and_grad(params, self.neighbor)
+            (loss, aux), grads = self._value_and_grad(params, self.neighbor, *args)
             if not bool(aux["overflow"]):
                 return loss, aux, grads
             if attempt < self.max_reallocations:
@@ -175,6 +178,10 @@ class Sample:
     chunk: int
 
 
+jax.tree_util.register_dataclass(Sample, data_fields=["frames", "energies", "params", "neighbor"],
+                                 meta_fields=["kT", "chunk"])
+
+
 def frame_values(fn: Callable[[Array, Any], Any], frames: Array, neighbor: partition.NeighborList | None,
                  chunk: int) -> Any:
     """``fn(R, neighbor)`` of every frame (each frame's own list, updated from ``neighbor``), vmapped
@@ -193,16 +200,31 @@ def frame_values(fn: Callable[[Array, Any], Any], frames: Array, neighbor: parti
     return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:n], out)
 
 
+@partial(jax.jit, static_argnums=0)
+def _run_segment(segment: Callable[..., Segment], params, R, neighbor, key) -> Segment:
+    return segment(params, R, neighbor, key)
+
+
+@partial(jax.jit, static_argnames="chunk")
+def _overflows(frames: Array, neighbor: partition.NeighborList, chunk: int) -> Array:
+    return frame_values(lambda R, n: n.did_buffer_overflow, frames, neighbor, chunk)
+
+
+@partial(jax.jit, static_argnames=("energy_fn", "chunk"))
+def _energies(energy_fn: Callable[..., Array], params, frames: Array, neighbor, chunk: int) -> Array:
+    return frame_values(lambda R, n: energy_fn(params, R, n), frames, neighbor, chunk)
+
+
 def sample(segment: Callable[..., Segment], energy_fn: Callable[..., Array], params: Any, R: Array,
            neighbor: partition.NeighborList, key: Array, neighbor_fn: partition.NeighborFn, kT: float,
            chunk: int = 16, max_reallocations: int = 4) -> tuple[Sample, Segment]:
     """Runs ``segment`` at ``params`` without gradients (rerun with a larger neighbour list if it
     overflowed), then finds a list capacity that fits every frame and evaluates the frames' energies.
-    Returns the :class:`Sample` and the :class:`Segment` (its ``state`` continues the trajectory)."""
+    Returns the :class:`Sample` and the :class:`Segment` (its ``state`` continues the trajectory).
+    Compiled once per segment, energy function and shape: call it in a loop."""
     params = jax.lax.stop_gradient(params)
-    run = jax.jit(segment)
     for _ in range(max_reallocations + 1):
-        result = run(params, R, neighbor, key)
+        result = _run_segment(segment, params, R, neighbor, key)
         if not bool(result.overflow):
             break
         neighbor = reallocate(neighbor_fn, R, neighbor)
@@ -211,9 +233,8 @@ def sample(segment: Callable[..., Segment], energy_fn: Callable[..., Array], par
                                         f"{max_reallocations} reallocations")
     frames = result.frames
     template = result.neighbor
-    fits = jax.jit(lambda frames, nbr: frame_values(lambda R, n: n.did_buffer_overflow, frames, nbr, chunk))
     for _ in range(max_reallocations + 1):
-        if not bool(jnp.any(fits(frames, template))):
+        if not bool(jnp.any(_overflows(frames, template, chunk))):
             break
         template = reallocate(neighbor_fn, frames[0], template)
     else:
@@ -227,9 +248,7 @@ def sample_from_frames(frames: Array, energy_fn: Callable[..., Array], params: A
     whose capacity fits every frame, or None for a potential without one)."""
     _positive("kT", kT)
     params = jax.lax.stop_gradient(params)
-    energies = jax.jit(lambda p, f, nbr: frame_values(lambda R, n: energy_fn(p, R, n), f, nbr, chunk))(
-        params, frames, neighbor)
-    return Sample(frames, energies, params, float(kT), neighbor, chunk)
+    return Sample(frames, _energies(energy_fn, params, frames, neighbor, chunk), params, float(kT), neighbor, chunk)
 
 
 def weights(energy_fn: Callable[..., Array], params: Any, sample: Sample) -> tuple[Array, Array]:

@@ -7,10 +7,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax_md import space
 
-from a2ijax import diffmd, observables
+from a2ijax import diffmd, fitting, observables
 from a2ijax.model import A2IConfig
 from a2ijax.potential import NeighborListOverflowError, a2i_neighbor_list
 from a2ijax.systems import diamond_positions, lattice_positions, parametric_energy, truncated_shifted_lj
@@ -226,3 +227,28 @@ def test_segment_options_are_checked(kwargs, match):
     options = dict(steps=40, dt=0.005, kT=1.0) | kwargs
     with pytest.raises(ValueError, match=match):
         diffmd.make_segment(trap_energy, lambda R, dR: R + dR, **options)
+
+
+def test_fit_by_reweighting_recovers_the_trap_stiffness(x64):
+    """DiffTRe's loop on the harmonic trap: from k = 1 to the k = 2 whose <x^2> = kT / k is the
+    target, redrawing a sample whenever N_eff / N falls below 0.9 (and only then)."""
+    kT, truth = 0.7, 2.0
+
+    def draw(params, k):
+        frames = jax.random.normal(jax.random.PRNGKey(10 + k), (2000, 8, 3)) * jnp.sqrt(kT / params["k"])
+        return diffmd.sample_from_frames(frames, trap_energy, params, kT, chunk=500)
+
+    target = kT / truth
+    fit = fitting.fit_by_reweighting({"k": 1.0}, trap_energy, draw, lambda p, R, n: dict(x2=mean_square(p, R, n)),
+                                     dict(x2=target), optax.sgd(0.3), 60, weights=dict(x2=1 / target**2),
+                                     track=lambda p: float(p["k"]))
+    assert float(fit.params["k"]) == pytest.approx(truth, rel=0.01)
+    assert 2 <= fit.samples < 60 and fit.samples == sum(row["resampled"] for row in fit.history)
+    for row, before in zip(fit.history[1:], fit.history[:-1], strict=True):
+        if row["resampled"]:
+            assert row["n_eff_fraction"] == pytest.approx(1.0)
+        else:
+            assert row["n_eff_fraction"] >= 0.9 and row["tracked"] != before["tracked"]
+    with pytest.raises(ValueError, match=r"n_eff_threshold must lie in \(0, 1\]"):
+        fitting.fit_by_reweighting({"k": 1.0}, trap_energy, draw, mean_square, {}, optax.adam(0.1), 1,
+                                   n_eff_threshold=0.0)
