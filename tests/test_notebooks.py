@@ -1,0 +1,29 @@
+"""The notebooks (jupytext percent scripts in notebooks/) run top to bottom in quick mode through
+nbclient and ipykernel, as a user would run them; each ends in assertions on its own numbers, so a
+notebook whose results go wrong fails here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9]*.py"))
+
+
+def test_every_notebook_is_collected():
+    assert len(NOTEBOOKS) >= 1
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_in_quick_mode(path, tmp_path, monkeypatch):
+    jupytext = pytest.importorskip("jupytext")
+    from nbclient import NotebookClient
+
+    notebook = jupytext.read(path)
+    assert not any(cell.get("outputs") for cell in notebook.cells)  # no stored outputs
+    monkeypatch.setenv("A2IJAX_NOTEBOOK_QUICK", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    client = NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
