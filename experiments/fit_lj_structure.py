@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--target-steps", type=int, default=20000)
     parser.add_argument("--sample-steps", type=int, default=2000)
     parser.add_argument("--segment-steps", type=int, default=400)
-    parser.add_argument("--pressure-weight", type=float, default=0.1)
+    parser.add_argument("--pressure-weight", type=float, default=0.01)
     parser.add_argument("--methods", nargs="+", default=["reweighting", "backprop"])
     args = parser.parse_args()
     if args.quick:
