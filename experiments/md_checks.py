@@ -113,7 +113,8 @@ def check(workdir: Path, args: argparse.Namespace) -> dict:
                   time_unit=system.units, parameters=parameters,
                   checkpoint=str(workdir), training_closest_pair=checkpoint.meta["statistics"].get("min_distance"),
                   nve={}, nvt={})
-    r_max = min(0.5 * float(np.min(np.diag(np.asarray(box)))), args.r_max)
+    # Half the box (the largest float below it: a pair list must see one image of each neighbour).
+    r_max = min(float(np.nextafter(0.5 * float(np.min(np.diag(np.asarray(box)))), 0.0)), args.r_max)
     rdfs = {}
     runs = [("model", args.seed), ("reference", args.seed), ("reference_seed2", args.seed + 1)]
     for label, seed in runs:
