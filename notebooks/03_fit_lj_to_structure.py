@@ -65,12 +65,12 @@ R0 = jnp.asarray(lattice_positions(N, side, jitter=0.05, seed=0))
 # One segment for every sample of this notebook (one compilation): a frame every `block` steps.
 sampler = diffmd.make_segment(energy_fn, shift, steps=100 if QUICK else 2000, dt=DT, kT=KT, block=5 if QUICK else 20)
 R, neighbor = R0, neighbor_fn.allocate(R0)
-for k in range(2 if QUICK else 3):  # equilibrate at the truth
+for k in range(1 if QUICK else 3):  # equilibrate at the truth
     drawn, ended = diffmd.sample(sampler, energy_fn, truth, R, neighbor, jax.random.fold_in(key, k), neighbor_fn, KT)
     R, neighbor = ended.frames[-1], ended.neighbor
 start_R, start_neighbor = R, neighbor
 means = []
-for k in range(3 if QUICK else 10):  # the targets: averages over several samples at the truth
+for k in range(2 if QUICK else 10):  # the targets: averages over several samples at the truth
     drawn, ended = diffmd.sample(sampler, energy_fn, truth, R, neighbor, jax.random.fold_in(key, 10 + k),
                                  neighbor_fn, KT)
     R, neighbor = ended.frames[-1], ended.neighbor

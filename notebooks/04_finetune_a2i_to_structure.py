@@ -66,12 +66,12 @@ def rdf(R, neighbor):
 
 
 ref_neighbor_fn, truth, ref_energy = parametric_energy("ka", displacement, box, species, dr_threshold=0.3)
-sampler = diffmd.make_segment(ref_energy, shift, steps=200 if QUICK else 2000, dt=DT, kT=KT, block=10 if QUICK else 50)
+sampler = diffmd.make_segment(ref_energy, shift, steps=100 if QUICK else 2000, dt=DT, kT=KT, block=5 if QUICK else 50)
 R = jnp.asarray(lattice_positions(N, side, jitter=0.05, seed=0))
 neighbor = ref_neighbor_fn.allocate(R)
 key = jax.random.PRNGKey(0)
 reference_frames = []
-for k in range(3 if QUICK else 12):  # the first samples equilibrate
+for k in range(2 if QUICK else 12):  # the first sample equilibrates
     drawn, ended = diffmd.sample(sampler, ref_energy, truth, R, neighbor, jax.random.fold_in(key, k),
                                  ref_neighbor_fn, KT)
     R, neighbor = ended.frames[-1], ended.neighbor
