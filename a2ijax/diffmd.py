@@ -217,20 +217,24 @@ def _energies(energy_fn: Callable[..., Array], params, frames: Array, neighbor, 
 
 def sample(segment: Callable[..., Segment], energy_fn: Callable[..., Array], params: Any, R: Array,
            neighbor: partition.NeighborList, key: Array, neighbor_fn: partition.NeighborFn, kT: float,
-           chunk: int = 16, max_reallocations: int = 4) -> tuple[Sample, Segment]:
+           chunk: int = 16, max_reallocations: int = 4, relax: int = 0) -> tuple[Sample, Segment]:
     """Runs ``segment`` at ``params`` without gradients (rerun with a larger neighbour list if it
     overflowed), then finds a list capacity that fits every frame and evaluates the frames' energies.
-    Returns the :class:`Sample` and the :class:`Segment` (its ``state`` continues the trajectory).
-    Compiled once per segment, energy function and shape: call it in a loop."""
+    ``relax`` segments run first and are discarded (the state relaxes to ``params``; each with its
+    own key from ``key``). Returns the :class:`Sample` and the last :class:`Segment` (its last frame
+    and list continue the trajectory). Compiled once per segment, energy function and shape."""
     params = jax.lax.stop_gradient(params)
-    for _ in range(max_reallocations + 1):
-        result = _run_segment(segment, params, R, neighbor, key)
-        if not bool(result.overflow):
-            break
-        neighbor = reallocate(neighbor_fn, R, neighbor)
-    else:
-        raise NeighborListOverflowError(f"the sampling segment's neighbour list still overflowed after "
-                                        f"{max_reallocations} reallocations")
+    for k in range(relax + 1):
+        run_key = jax.random.fold_in(key, k) if relax else key
+        for _ in range(max_reallocations + 1):
+            result = _run_segment(segment, params, R, neighbor, run_key)
+            if not bool(result.overflow):
+                break
+            neighbor = reallocate(neighbor_fn, R, neighbor)
+        else:
+            raise NeighborListOverflowError(f"the sampling segment's neighbour list still overflowed after "
+                                            f"{max_reallocations} reallocations")
+        R, neighbor = result.frames[-1], result.neighbor
     frames = result.frames
     template = result.neighbor
     for _ in range(max_reallocations + 1):

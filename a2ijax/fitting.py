@@ -48,6 +48,16 @@ def _row(step, loss, terms, extra, started, params, track, **more) -> dict:
                 seconds=time.perf_counter() - started, tracked=track(params) if track else None, **more)
 
 
+def _record_and_update(row: dict, history: list[dict], callback, optimizer: optax.GradientTransformation,
+                       grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
+    """Appends the step's row, shows it to the callback, and takes the optimiser step."""
+    history.append(row)
+    if callback is not None:
+        callback(row)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
 def strongly_typed(params: Any) -> Any:
     """``params`` with every leaf a strongly typed array: a Python float becomes a weakly typed
     array, which the first optimiser update turns strong, and the step would compile twice."""
@@ -93,11 +103,7 @@ def fit_by_reweighting(params: Any, energy_fn: Callable[..., Array], draw: Calla
             (loss, (terms, extra, n_eff)), grads = value_and_grad(params, sample)
         row = _row(step, loss, terms, extra, started, params, track,
                    n_eff_fraction=diffmd.effective_fraction(n_eff, sample), resampled=resampled)
-        history.append(row)
-        if callback is not None:
-            callback(row)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        params, opt_state = _record_and_update(row, history, callback, optimizer, grads, opt_state, params)
     return FitResult(params, history, samples)
 
 
@@ -131,11 +137,7 @@ def fit_by_backprop(params: Any, segment_loss: Callable[..., tuple[dict[str, Arr
         loss, aux, grads = gradient(params, R, jax.random.fold_in(key, step))
         R = aux["last"]
         row = _row(step, loss, aux["terms"], aux["extra"], started, params, track)
-        history.append(row)
-        if callback is not None:
-            callback(row)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        params, opt_state = _record_and_update(row, history, callback, optimizer, grads, opt_state, params)
     return FitResult(params, history, steps)
 
 

@@ -93,12 +93,9 @@ def main() -> None:
                                       block=max(1, args.sample_steps // 100))
         last = dict(R=warm.frames[-1], neighbor=warm.neighbor)
 
-        def draw(params, k):
-            # Relax at the new parameters first (a quarter of a sample), then sample.
-            relax, _ = diffmd.sample(sampler, energy_fn, params, last["R"], last["neighbor"],
-                                     jax.random.fold_in(key, 1000 + 2 * k), neighbor_fn, KT)
-            sample, segment = diffmd.sample(sampler, energy_fn, params, relax.frames[-1], relax.neighbor,
-                                            jax.random.fold_in(key, 1001 + 2 * k), neighbor_fn, KT)
+        def draw(params, k):  # relax at the new parameters for one segment, then sample
+            sample, segment = diffmd.sample(sampler, energy_fn, params, last["R"], last["neighbor"],
+                                            jax.random.fold_in(key, 1000 + k), neighbor_fn, KT, relax=1)
             last.update(R=segment.frames[-1], neighbor=segment.neighbor)
             return sample
 

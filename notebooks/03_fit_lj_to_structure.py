@@ -108,10 +108,9 @@ print("gradient by backpropagation:", {k: float(v) for k, v in grads.items()})
 # ## The same gradient by reweighting a sample drawn at the start parameters
 
 # %%
-relaxed, _ = diffmd.sample(sampler, energy_fn, start, start_R, start_neighbor, jax.random.fold_in(key, 3),
-                           neighbor_fn, KT)
-sample, _ = diffmd.sample(sampler, energy_fn, start, relaxed.frames[-1], relaxed.neighbor,
-                          jax.random.fold_in(key, 4), neighbor_fn, KT)
+# `relax=1`: one segment at the start parameters is run and discarded before the sample.
+sample, _ = diffmd.sample(sampler, energy_fn, start, start_R, start_neighbor, jax.random.fold_in(key, 3),
+                          neighbor_fn, KT, relax=1)
 
 
 def reweighted_loss(params, sample):
@@ -136,11 +135,8 @@ steps = 3 if QUICK else 60
 
 
 def draw(params, k):
-    relaxed, _ = diffmd.sample(sampler, energy_fn, params, start_R, start_neighbor,
-                               jax.random.fold_in(key, 100 + 2 * k), neighbor_fn, KT)
-    drawn, _ = diffmd.sample(sampler, energy_fn, params, relaxed.frames[-1], relaxed.neighbor,
-                             jax.random.fold_in(key, 101 + 2 * k), neighbor_fn, KT)
-    return drawn
+    return diffmd.sample(sampler, energy_fn, params, start_R, start_neighbor, jax.random.fold_in(key, 100 + k),
+                         neighbor_fn, KT, relax=1)[0]
 
 
 def track(params):

@@ -107,11 +107,9 @@ model_sampler = diffmd.make_segment(energy_fn, shift, steps=40 if QUICK else 200
 state = dict(R=start_R, neighbor=neighbor_fn.allocate(start_R))
 
 
-def draw(params, k):
-    relaxed, _ = diffmd.sample(model_sampler, energy_fn, params, state["R"], state["neighbor"],
-                               jax.random.fold_in(key, 100 + 2 * k), neighbor_fn, KT)
-    drawn, ended = diffmd.sample(model_sampler, energy_fn, params, relaxed.frames[-1], relaxed.neighbor,
-                                 jax.random.fold_in(key, 101 + 2 * k), neighbor_fn, KT)
+def draw(params, k):  # one segment to relax at the new parameters, then the sample
+    drawn, ended = diffmd.sample(model_sampler, energy_fn, params, state["R"], state["neighbor"],
+                                 jax.random.fold_in(key, 100 + k), neighbor_fn, KT, relax=1)
     state.update(R=ended.frames[-1], neighbor=ended.neighbor)
     return drawn
 

@@ -251,10 +251,16 @@ def test_energy_and_forces_continuous_through_cutoff(x64, featurization, envelop
     E_inside = energy_fn(params, system(CUTOFF - 0.5))
     E_far = energy_fn(params, system(10.0))
     assert abs(float(E_inside - E_far)) > 1e-3  # the moving atom matters inside the cutoff
+    assert_continuous_at(energy_fn, params, system, CUTOFF)
+
+
+def assert_continuous_at(energy_fn, params, system, point):
+    """E and F change no more across ``point`` (``system(d)``: positions at parameter ``d``) than
+    over an equal step just before it, for two step sizes, with non-trivial forces."""
     for eps in (1e-3, 1e-4):
-        E_in, F_in = energy_and_forces(energy_fn, params, system(CUTOFF - 3 * eps))
-        E_a, F_a = energy_and_forces(energy_fn, params, system(CUTOFF - eps))
-        E_b, F_b = energy_and_forces(energy_fn, params, system(CUTOFF + eps))
+        E_in, F_in = energy_and_forces(energy_fn, params, system(point - 3 * eps))
+        E_a, F_a = energy_and_forces(energy_fn, params, system(point - eps))
+        E_b, F_b = energy_and_forces(energy_fn, params, system(point + eps))
         assert_nontrivial(F_a)
         assert abs(float(E_b - E_a)) <= 10 * abs(float(E_a - E_in)) + 1e-11
         assert float(jnp.max(jnp.abs(F_b - F_a))) <= 10 * float(jnp.max(jnp.abs(F_a - F_in))) + 1e-9
@@ -446,13 +452,7 @@ def test_attention_range_is_smooth_where_keys_fade_and_change_rank(x64):
     shorter = pair_model(displacement, 100.0, small_config(attention_cutoff=1.05, attention_keys=2), species)[1]
     assert abs(float(energy_fn(params, system(1.1)) - shorter(params, system(1.1)))) > 1e-4
     for point in (r_att, float(jnp.linalg.norm(base[2]))):
-        for eps in (1e-3, 1e-4):
-            E_in, F_in = energy_and_forces(energy_fn, params, system(point - 3 * eps))
-            E_a, F_a = energy_and_forces(energy_fn, params, system(point - eps))
-            E_b, F_b = energy_and_forces(energy_fn, params, system(point + eps))
-            assert_nontrivial(F_a)
-            assert abs(float(E_b - E_a)) <= 10 * abs(float(E_a - E_in)) + 1e-11
-            assert float(jnp.max(jnp.abs(F_b - F_a))) <= 10 * float(jnp.max(jnp.abs(F_a - F_in))) + 1e-9
+        assert_continuous_at(energy_fn, params, system, point)
 
 
 def test_more_neighbours_inside_the_attention_range_than_keys_is_nan(x64):
