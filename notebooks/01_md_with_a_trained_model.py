@@ -50,7 +50,7 @@ print(f"{N} LJ atoms at density {point.density}, kT = {point.kT}, box {side:.3f}
 displacement, shift = space.periodic_general(box, fractional_coordinates=False)
 ref_neighbor_fn, ref_energy = system.neighbor_list(displacement, box, dr_threshold=0.2)
 R = jnp.asarray(lattice_positions(N, side, jitter=0.05, seed=0))
-warm = md.simulate(ref_energy, ref_neighbor_fn, displacement, shift, R, box, steps=500 if QUICK else 5000,
+warm = md.simulate(ref_energy, ref_neighbor_fn, displacement, shift, R, box, steps=300 if QUICK else 5000,
                    dt=system.dt, ensemble="langevin", kT=point.kT, thermo_every=100, trajectory_every=500,
                    progress=False)
 start = warm.state.position
