@@ -22,7 +22,7 @@ as atoms cross it. The learned sink logit keeps the denominator away from zero.
 
 Attention range (optional, ``attention_cutoff`` ``r_att`` and ``attention_keys`` ``M``): the keys of
 every query are the ``M`` nearest neighbours, weighted by an envelope in ``d / r_att`` instead of
-``d / r_c``, so the attention costs ``K x M`` instead of ``K^2``; tokens, values of the queries and the
+``d / r_c``, so the attention costs ``K x M`` instead of ``K^2``; the queries (every token) and the
 pooled readout keep the full cutoff.
 
 Core repulsion (optional, ``core_radii``): a fixed pair wall that is exactly zero, with its first two
@@ -72,8 +72,8 @@ class A2IConfig:
         species pair ``(i, j)``, so the radial shape (where a pair wall rises) can differ per pair.
       attention_cutoff: attention range ``r_att`` (0: the cutoff). With ``0 < r_att <= r_c``, every
         token (query) attends only to the ``attention_keys`` nearest neighbours, weighted by an
-        envelope that vanishes at ``r_att``: attention costs ``K x M`` instead of ``K^2``, while
-        tokens, values and the pooled readout still span the full cutoff.
+        envelope that vanishes at ``r_att``: attention costs ``K x M`` instead of ``K^2``, while the
+        tokens (all of them queries) and the pooled readout still span the full cutoff.
       attention_keys: ``M``, the key slots per atom when ``attention_cutoff`` is set. An atom with
         more than ``M`` neighbours inside ``r_att`` would lose keys that still carry weight (the
         energy would jump as neighbours change rank), so its energy and forces are NaN instead;
