@@ -33,12 +33,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax_md import partition, simulate
+from jax_md import partition
 
+from a2ijax.md import check_positive, integrator
 from a2ijax.potential import NeighborListOverflowError, reallocate
 
 Array = jax.Array
-ENSEMBLES = ("nve", "nvt")
+#: The deterministic integrators of ``a2ijax.md``: their gradients are those of one trajectory.
+ENSEMBLES = ("nve", "nose-hoover")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,24 +60,16 @@ jax.tree_util.register_dataclass(Segment, data_fields=["frames", "energies", "st
                                  meta_fields=[])
 
 
-def _positive(name: str, value: float) -> None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not (math.isfinite(number) and number > 0):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-
-
 def make_segment(energy_fn: Callable[..., Array], shift_fn: Callable, *, steps: int, dt: float, kT: float,
-                 mass: float = 1.0, ensemble: str = "nvt", block: int = 0, truncate: int = 0,
-                 tau: float | None = None) -> Callable[..., Segment]:
+                 mass: float = 1.0, ensemble: str = "nose-hoover", block: int = 0, truncate: int = 0,
+                 tau: float = 100.0) -> Callable[..., Segment]:
     """``segment(params, R, neighbor, key) -> Segment``: ``steps`` MD steps from positions ``R`` with
     velocities drawn at ``kT`` from ``key``, differentiable with respect to ``params`` (and ``R``).
     ``neighbor`` gives the list's capacity; it is updated for ``R`` first.
 
-    ``ensemble``: ``"nve"`` (velocity Verlet) or ``"nvt"`` (Nose-Hoover chain, time constant ``tau``,
-    default ``100 dt``): both deterministic, so their gradients are those of one trajectory.
+    ``ensemble``: ``"nve"`` (velocity Verlet) or ``"nose-hoover"`` (a chain thermostat, ``tau`` in
+    units of ``dt``, as ``a2ijax.md.simulate``): both deterministic, so their gradients are those
+    of one trajectory.
     ``block``: steps per rematerialised block (0: the divisor of ``steps`` nearest ``sqrt(steps)``);
     one frame is recorded at the end of each block. ``truncate``: if positive, the gradient does
     not flow back across every ``truncate``-th block boundary (truncated backpropagation).
@@ -83,11 +77,9 @@ def make_segment(energy_fn: Callable[..., Array], shift_fn: Callable, *, steps: 
     for name, value in (("steps", steps), ("block", block), ("truncate", truncate)):
         if not isinstance(value, int) or value < 0 or (name == "steps" and value == 0):
             raise ValueError(f"{name} must be an int >= {int(name == 'steps')}, got {value!r}")
-    _positive("dt", dt)
-    _positive("kT", kT)
-    _positive("mass", mass)
-    if ensemble not in ENSEMBLES:
-        raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
+    check_positive("kT", kT)
+    check_positive("mass", mass)
+    integrator(energy_fn, shift_fn, ensemble, dt, kT, tau=tau, ensembles=ENSEMBLES)  # checks the rest
     if block == 0:
         divisors = [b for b in range(1, steps + 1) if steps % b == 0]
         block = min(divisors, key=lambda b: abs(b - math.sqrt(steps)))
@@ -98,12 +90,8 @@ def make_segment(energy_fn: Callable[..., Array], shift_fn: Callable, *, steps: 
     def segment(params: Any, R: Array, neighbor: partition.NeighborList, key: Array) -> Segment:
         energy = partial(energy_fn, params)
         neighbor = neighbor.update(R)  # the list may come from other positions (an earlier segment's start)
-        if ensemble == "nve":
-            init, apply = simulate.nve(energy, shift_fn, dt)
-            state = init(key, R, kT, mass=mass, neighbor=neighbor)
-        else:
-            init, apply = simulate.nvt_nose_hoover(energy, shift_fn, dt, kT, tau=tau or 100 * dt)
-            state = init(key, R, mass=mass, neighbor=neighbor)
+        init, apply = integrator(energy, shift_fn, ensemble, dt, kT, tau=tau, ensembles=ENSEMBLES)
+        state = init(key, R, mass=mass, kT=kT, neighbor=neighbor)
 
         def step(carry, _):
             state, nbr, overflow = carry
@@ -129,36 +117,48 @@ def make_segment(energy_fn: Callable[..., Array], shift_fn: Callable, *, steps: 
     return segment
 
 
+def _until_it_fits(run: Callable[[partition.NeighborList], Any], overflowed: Callable[[Any], Any],
+                   neighbor_fn: partition.NeighborFn, R: Array, neighbor: partition.NeighborList,
+                   max_reallocations: int, what: str) -> tuple[Any, partition.NeighborList, int]:
+    """``run(neighbor)``, rerun with a list reallocated for ``R`` (``a2ijax.potential.reallocate``: at
+    least 1.5x the capacity) while ``overflowed(result)``; returns the result, the list it fitted
+    and the number of reallocations. More than ``max_reallocations`` overflows raise
+    :class:`NeighborListOverflowError` naming ``what``: never a result from a truncated list."""
+    for attempt in range(max_reallocations + 1):
+        result = run(neighbor)
+        if not bool(overflowed(result)):
+            return result, neighbor, attempt
+        if attempt < max_reallocations:
+            neighbor = reallocate(neighbor_fn, R, neighbor)
+    raise NeighborListOverflowError(f"{what}: the neighbour list still overflowed after {max_reallocations} "
+                                    f"reallocations (capacity {neighbor.idx.shape[1]})")
+
+
 class CheckedGradient:
     """``jax.value_and_grad`` of a loss computed from MD segments, rerun with a larger neighbour list
     whenever a segment inside it overflowed.
 
-    ``loss_fn(params, neighbor, *args) -> (loss, aux)``, where ``aux["overflow"]`` is the OR of the
-    segments' ``overflow`` flags. Calling the object with ``params`` and ``args`` (a random key, say:
-    arguments, so that a new value does not recompile) returns ``(loss, aux, grads)``;
-    after an overflow it reallocates the list for ``R`` (``a2ijax.potential.reallocate``: at least
-    1.5x the capacity), keeps the larger list for later calls and recompiles once. More than
-    ``max_reallocations`` overflows in one call raise :class:`NeighborListOverflowError`.
+    ``loss_fn(params, neighbor, R, *args) -> (loss, aux)``, where ``R`` is where the segments start
+    and ``aux["overflow"]`` is the OR of their ``overflow`` flags. Calling the object with
+    ``(params, R, *args)`` (``args``: a random key, say; arguments, so that new values do not
+    recompile) returns ``(loss, aux, grads)``; after an overflow it reallocates the list for ``R``
+    (at least 1.5x the capacity), keeps the larger list for later calls and recompiles once. More
+    than ``max_reallocations`` overflows in one call raise :class:`NeighborListOverflowError`.
     """
 
-    def __init__(self, loss_fn: Callable[..., tuple[Array, dict]], neighbor_fn: partition.NeighborFn, R: Array,
+    def __init__(self, loss_fn: Callable[..., tuple[Array, dict]], neighbor_fn: partition.NeighborFn,
                  neighbor: partition.NeighborList, max_reallocations: int = 4):
-        self.neighbor_fn, self.R, self.neighbor = neighbor_fn, R, neighbor
+        self.neighbor_fn, self.neighbor = neighbor_fn, neighbor
         self.max_reallocations = max_reallocations
         self.reallocations = 0
         self._value_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
 
-    def __call__(self, params: Any, *args: Any) -> tuple[Array, dict, Any]:
-        for attempt in range(self.max_reallocations + 1):
-            (loss, aux), grads = self._value_and_grad(params, self.neighbor, *args)
-            if not bool(aux["overflow"]):
-                return loss, aux, grads
-            if attempt < self.max_reallocations:
-                self.neighbor = reallocate(self.neighbor_fn, self.R, self.neighbor)
-                self.reallocations += 1
-        raise NeighborListOverflowError(
-            f"the neighbour list still overflowed inside the MD segment after {self.max_reallocations} "
-            f"reallocations (capacity {self.neighbor.idx.shape[1]})")
+    def __call__(self, params: Any, R: Array, *args: Any) -> tuple[Array, dict, Any]:
+        ((loss, aux), grads), self.neighbor, grown = _until_it_fits(
+            lambda nbr: self._value_and_grad(params, nbr, R, *args), lambda out: out[0][1]["overflow"],
+            self.neighbor_fn, R, self.neighbor, self.max_reallocations, "the MD segment's gradient")
+        self.reallocations += grown
+        return loss, aux, grads
 
 
 # Reweighting ---------------------------------------------------------------------------------------
@@ -223,26 +223,16 @@ def sample(segment: Callable[..., Segment], energy_fn: Callable[..., Array], par
     ``relax`` segments run first and are discarded (the state relaxes to ``params``; each with its
     own key from ``key``). Returns the :class:`Sample` and the last :class:`Segment` (its last frame
     and list continue the trajectory). Compiled once per segment, energy function and shape."""
-    params = jax.lax.stop_gradient(params)
     for k in range(relax + 1):
         run_key = jax.random.fold_in(key, k) if relax else key
-        for _ in range(max_reallocations + 1):
-            result = _run_segment(segment, params, R, neighbor, run_key)
-            if not bool(result.overflow):
-                break
-            neighbor = reallocate(neighbor_fn, R, neighbor)
-        else:
-            raise NeighborListOverflowError(f"the sampling segment's neighbour list still overflowed after "
-                                            f"{max_reallocations} reallocations")
+        result, _, _ = _until_it_fits(lambda nbr, R=R, key=run_key: _run_segment(segment, params, R, nbr, key),
+                                      lambda out: out.overflow, neighbor_fn, R, neighbor, max_reallocations,
+                                      "the sampling segment")
         R, neighbor = result.frames[-1], result.neighbor
     frames = result.frames
-    template = result.neighbor
-    for _ in range(max_reallocations + 1):
-        if not bool(jnp.any(_overflows(frames, template, chunk))):
-            break
-        template = reallocate(neighbor_fn, frames[0], template)
-    else:
-        raise NeighborListOverflowError("no neighbour-list capacity found that fits every sampled frame")
+    _, template, _ = _until_it_fits(lambda nbr: jnp.any(_overflows(frames, nbr, chunk)), lambda out: out,
+                                    neighbor_fn, frames[0], result.neighbor, max_reallocations,
+                                    "a list for every sampled frame")
     return sample_from_frames(frames, energy_fn, params, kT, template, chunk), result
 
 
@@ -250,16 +240,9 @@ def sample_from_frames(frames: Array, energy_fn: Callable[..., Array], params: A
                        neighbor: partition.NeighborList | None = None, chunk: int = 16) -> Sample:
     """A :class:`Sample` of frames drawn at ``params`` and ``kT`` by any means (``neighbor``: a list
     whose capacity fits every frame, or None for a potential without one)."""
-    _positive("kT", kT)
+    check_positive("kT", kT)
     params = jax.lax.stop_gradient(params)
     return Sample(frames, _energies(energy_fn, params, frames, neighbor, chunk), params, float(kT), neighbor, chunk)
-
-
-def weights(energy_fn: Callable[..., Array], params: Any, sample: Sample) -> tuple[Array, Array]:
-    """Boltzmann weights of the sampled frames at ``params`` (summing to 1) and ``N_eff`` (their
-    effective number, ``exp(-sum w log w)``: the number of frames at ``params == sample.params``)."""
-    energies = frame_values(lambda R, n: energy_fn(params, R, n), sample.frames, sample.neighbor, sample.chunk)
-    return _weights(energies, sample)
 
 
 def _weights(energies: Array, sample: Sample) -> tuple[Array, Array]:

@@ -129,11 +129,10 @@ def fit_by_backprop(params: Any, segment_loss: Callable[..., tuple[dict[str, Arr
         return loss + extra, dict(terms=terms, extra=extra, overflow=segment.overflow,
                                   last=jax.lax.stop_gradient(segment.frames[-1]))
 
-    gradient = diffmd.CheckedGradient(total, neighbor_fn, R, neighbor)
+    gradient = diffmd.CheckedGradient(total, neighbor_fn, neighbor)
     opt_state = optimizer.init(params)
     history, started = [], time.perf_counter()
     for step in range(steps):
-        gradient.R = R  # a reallocation sizes the list for the segment's start
         loss, aux, grads = gradient(params, R, jax.random.fold_in(key, step))
         R = aux["last"]
         row = _row(step, loss, aux["terms"], aux["extra"], started, params, track)

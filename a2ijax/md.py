@@ -275,6 +275,36 @@ class _Output:
             os.fsync(f.fileno())
 
 
+def check_positive(name: str, value: Any) -> None:
+    """A ``ValueError`` naming ``name`` unless ``value`` is a finite number > 0."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not (np.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def integrator(energy_fn: Callable[..., jax.Array], shift_fn: Callable, ensemble: str, dt: float,
+               kT: float | None, *, tau: float = 100.0, friction: float = 1.0,
+               ensembles: tuple[str, ...] = ENSEMBLES) -> tuple[Callable, Callable]:
+    """jax-md's ``(init, apply)`` for ``ensemble`` (one of ``ensembles``): ``"nve"`` (velocity
+    Verlet), ``"nose-hoover"`` (a chain thermostat, ``tau`` in units of ``dt``) or ``"langevin"``
+    (``friction`` in inverse time units); ``init(key, R, mass=, kT=, neighbor=)``. The numbers are
+    checked first."""
+    if ensemble not in ensembles:
+        raise ValueError(f"ensemble must be one of {ensembles}, got {ensemble!r}")
+    for name, value in (("dt", dt), ("tau", tau), ("friction", friction)):
+        check_positive(name, value)
+    from jax_md import simulate as integrators
+
+    if ensemble == "nve":
+        return integrators.nve(energy_fn, shift_fn, dt)
+    if ensemble == "nose-hoover":
+        return integrators.nvt_nose_hoover(energy_fn, shift_fn, dt, kT, tau=tau * dt)
+    return integrators.nvt_langevin(energy_fn, shift_fn, dt, kT, gamma=friction)
+
+
 def check_output_steps(steps: int, thermo_every: int, trajectory_every: int) -> None:
     """Raises unless ``steps``, ``thermo_every`` and ``trajectory_every`` are positive integers and
     ``steps`` and ``trajectory_every`` multiples of ``thermo_every`` (what :func:`simulate` needs)."""
@@ -307,24 +337,12 @@ def simulate(energy_fn: Callable[..., jax.Array], neighbor_fn: partition.Neighbo
         ``trajectory_every`` steps), both appended and flushed after every chunk: if the run stops
         (NaN positions raise ``FloatingPointError`` naming the step), what was written stays.
     """
-    if ensemble not in ENSEMBLES:
-        raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
+    init, apply = integrator(energy_fn, shift_fn, ensemble, dt, kT, tau=tau, friction=friction)  # checks them
     check_output_steps(steps, thermo_every, trajectory_every)
-    for name, value in (("dt", dt), ("tau", tau), ("friction", friction)):
-        if not np.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
     if kT is not None and (not np.isfinite(kT) or kT < 0):
         raise ValueError(f"kT must be >= 0, got {kT!r}")
     if ensemble != "nve" and kT is None:
         raise ValueError(f"the {ensemble} thermostat needs kT")
-    from jax_md import simulate as integrators
-
-    if ensemble == "nve":
-        init, apply = integrators.nve(energy_fn, shift_fn, dt)
-    elif ensemble == "nose-hoover":
-        init, apply = integrators.nvt_nose_hoover(energy_fn, shift_fn, dt, kT, tau=tau * dt)
-    else:
-        init, apply = integrators.nvt_langevin(energy_fn, shift_fn, dt, kT, gamma=friction)
     n = R.shape[0]
     neighbor, reallocations = neighbor_fn.allocate(R), 0
     while bool(neighbor.did_buffer_overflow):  # a capacity_multiplier below 1: grow before the first force call

@@ -344,8 +344,8 @@ class A2ITransformer(nn.Module):
             # The M nearest slots are the keys, weighted by an envelope that vanishes at r_att: a
             # neighbour entering or leaving them at r_att carries no weight, so the energy stays smooth.
             r_att = jnp.asarray(cfg.attention_cutoff, d.dtype)
-            keys = jax.lax.top_k(-d, min(cfg.attention_keys, k))[1]  # [n, M]
-            c_keys = envelope(_gather_slots(d, keys) / r_att, cfg.envelope, cfg.envelope_exponent)  # [n, M]
+            minus_d, keys = jax.lax.top_k(-d, min(cfg.attention_keys, k))  # [n, M] each
+            c_keys = envelope(-minus_d / r_att, cfg.envelope, cfg.envelope_exponent)  # [n, M]
             crowded = jnp.sum(d < r_att, -1) > cfg.attention_keys  # [n]: keys with weight were cut off
         for layer in range(cfg.layers):
             tokens = Block(cfg, self.dtype, name=f"block_{layer}")(tokens, c_keys, angular, keys)  # [n, K, D]

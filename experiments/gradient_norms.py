@@ -63,12 +63,12 @@ def main() -> None:
             segment = diffmd.make_segment(energy_fn, shift, steps=length, dt=DT, kT=KT,
                                           block=min(args.block, length), truncate=truncate)
 
-            def loss(params, nbr, segment=segment):
-                result = segment(params, start, nbr, jax.random.fold_in(key, 2))
+            def loss(params, nbr, R, segment=segment):
+                result = segment(params, R, nbr, jax.random.fold_in(key, 2))
                 return jnp.mean(result.energies) / N, dict(overflow=result.overflow)
 
             t = time.perf_counter()
-            _, _, grads = diffmd.CheckedGradient(loss, neighbor_fn, start, neighbor)(truth)
+            _, _, grads = diffmd.CheckedGradient(loss, neighbor_fn, neighbor)(truth, start)
             row = dict(length=length, truncate=truncate, sigma=float(grads["sigma"]), epsilon=float(grads["epsilon"]),
                        norm=float(np.hypot(grads["sigma"], grads["epsilon"])), seconds=time.perf_counter() - t)
             rows.append(row)

@@ -99,7 +99,7 @@ def loss_fn(params, neighbor, R, key):
     return loss, dict(terms=terms, overflow=result.overflow)
 
 
-gradient = diffmd.CheckedGradient(loss_fn, neighbor_fn, start_R, start_neighbor)
+gradient = diffmd.CheckedGradient(loss_fn, neighbor_fn, start_neighbor)
 loss, aux, grads = gradient(start, start_R, jax.random.fold_in(key, 2))
 print(f"loss {float(loss):.4g} (g(r) {float(aux['terms']['rdf']):.3g}, pressure {float(aux['terms']['pressure']):.3g})")
 print("gradient by backpropagation:", {k: float(v) for k, v in grads.items()})

@@ -27,8 +27,8 @@ def lj_box(x64_ready, jitter=0.05, seed=0, density=0.8):
     return R, box, displacement, shift
 
 
-def segment_loss(segment, R, key):
-    def loss(params, neighbor):
+def segment_loss(segment, key):
+    def loss(params, neighbor, R):
         result = segment(params, R, neighbor, key)
         return jnp.mean(result.energies) / R.shape[0], dict(overflow=result.overflow)
     return loss
@@ -41,11 +41,11 @@ def test_backprop_through_md_matches_finite_differences_for_lj_parameters(x64):
     R, box, displacement, shift = lj_box(True)
     neighbor_fn, params, energy_fn = parametric_energy("lj", displacement, box, dr_threshold=0.3)
     segment = diffmd.make_segment(energy_fn, shift, steps=40, dt=0.005, kT=1.0, ensemble="nve", block=5)
-    loss = segment_loss(segment, R, jax.random.PRNGKey(0))
-    gradient = diffmd.CheckedGradient(loss, neighbor_fn, R, neighbor_fn.allocate(R))
-    _, aux, grads = gradient(params)
+    loss = segment_loss(segment, jax.random.PRNGKey(0))
+    gradient = diffmd.CheckedGradient(loss, neighbor_fn, neighbor_fn.allocate(R))
+    _, aux, grads = gradient(params, R)
     assert not bool(aux["overflow"])
-    value = jax.jit(lambda p: loss(p, gradient.neighbor)[0])
+    value = jax.jit(lambda p: loss(p, gradient.neighbor, R)[0])
     h = 1e-6
     for name in ("sigma", "epsilon"):
         fd = (value({**params, name: params[name] + h}) - value({**params, name: params[name] - h})) / (2 * h)
@@ -61,16 +61,16 @@ def test_backprop_through_md_matches_finite_differences_for_a2i_parameters(x64):
     neighbor_fn, init_fn, energy_fn = a2i_neighbor_list(displacement, box, config, dr_threshold=0.3)
     neighbor = neighbor_fn.allocate(R)
     params = init_fn(jax.random.PRNGKey(1), R, neighbor)
-    segment = diffmd.make_segment(energy_fn, shift, steps=16, dt=0.005, kT=1.0, ensemble="nvt")
-    loss = segment_loss(segment, R, jax.random.PRNGKey(2))
-    _, aux, grads = diffmd.CheckedGradient(loss, neighbor_fn, R, neighbor)(params)
+    segment = diffmd.make_segment(energy_fn, shift, steps=16, dt=0.005, kT=1.0, ensemble="nose-hoover")
+    loss = segment_loss(segment, jax.random.PRNGKey(2))
+    _, aux, grads = diffmd.CheckedGradient(loss, neighbor_fn, neighbor)(params, R)
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
     direction = jax.tree.unflatten(tree, [jax.random.normal(k, x.shape, x.dtype)
                                           for k, x in zip(keys, leaves, strict=True)])
     directional = sum(float(jnp.vdot(g, d))
                       for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction), strict=True))
-    value = jax.jit(lambda t: loss(jax.tree.map(lambda p, d: p + t * d, params, direction), neighbor)[0])
+    value = jax.jit(lambda t: loss(jax.tree.map(lambda p, d: p + t * d, params, direction), neighbor, R)[0])
     h = 1e-5
     fd = float(value(h) - value(-h)) / (2 * h)
     assert abs(directional) > 1e-3
@@ -87,16 +87,16 @@ def test_overflow_inside_a_differentiated_segment_is_rerun_with_a_larger_list(x6
     lattice = jnp.asarray(lattice_positions(N_LJ, float(box[0, 0]), jitter=0.0))
     tight = neighbor_fn.allocate(lattice)
     segment = diffmd.make_segment(energy_fn, shift, steps=10, dt=0.005, kT=1.0, ensemble="nve")
-    loss = segment_loss(segment, R, jax.random.PRNGKey(0))
-    checked = diffmd.CheckedGradient(loss, neighbor_fn, R, tight)
-    value, _, grads = checked(params)
+    loss = segment_loss(segment, jax.random.PRNGKey(0))
+    checked = diffmd.CheckedGradient(loss, neighbor_fn, tight)
+    value, _, grads = checked(params, R)
     assert checked.reallocations >= 1 and checked.neighbor.idx.shape[1] > tight.idx.shape[1]
     ample = neighbor_fn.allocate(R, extra_capacity=10)
-    value2, _, grads2 = diffmd.CheckedGradient(loss, neighbor_fn, R, ample)(params)
+    value2, _, grads2 = diffmd.CheckedGradient(loss, neighbor_fn, ample)(params, R)
     np.testing.assert_allclose(value, value2, rtol=1e-12)
     np.testing.assert_allclose(grads["sigma"], grads2["sigma"], rtol=1e-10)
     with pytest.raises(NeighborListOverflowError, match="still overflowed"):
-        diffmd.CheckedGradient(loss, neighbor_fn, R, tight, max_reallocations=0)(params)
+        diffmd.CheckedGradient(loss, neighbor_fn, tight, max_reallocations=0)(params, R)
 
 
 # Reweighting ---------------------------------------------------------------------------------------
