@@ -48,14 +48,25 @@ def _row(step, loss, terms, extra, started, params, track, **more) -> dict:
                 seconds=time.perf_counter() - started, tracked=track(params) if track else None, **more)
 
 
-def _record_and_update(row: dict, history: list[dict], callback, optimizer: optax.GradientTransformation,
-                       grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
+def _compiled_update(optimizer: optax.GradientTransformation) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
+    """The optimiser step ``(grads, opt_state, params) -> (params, opt_state)`` as one compiled
+    program (run op by op, each of optax's updates would compile on its own)."""
+
+    @jax.jit
+    def update(grads, opt_state, params):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return update
+
+
+def _record_and_update(row: dict, history: list[dict], callback, update, grads: Any, opt_state: Any,
+                       params: Any) -> tuple[Any, Any]:
     """Appends the step's row, shows it to the callback, and takes the optimiser step."""
     history.append(row)
     if callback is not None:
         callback(row)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    return update(grads, opt_state, params)
 
 
 def strongly_typed(params: Any) -> Any:
@@ -91,7 +102,7 @@ def fit_by_reweighting(params: Any, energy_fn: Callable[..., Array], draw: Calla
         return loss + extra, (terms, extra, n_eff)
 
     value_and_grad = jax.jit(jax.value_and_grad(total, has_aux=True))
-    opt_state = optimizer.init(params)
+    update, opt_state = _compiled_update(optimizer), optimizer.init(params)
     sample, samples, history, started = None, 0, [], time.perf_counter()
     for step in range(steps):
         resampled = sample is None
@@ -103,7 +114,7 @@ def fit_by_reweighting(params: Any, energy_fn: Callable[..., Array], draw: Calla
             (loss, (terms, extra, n_eff)), grads = value_and_grad(params, sample)
         row = _row(step, loss, terms, extra, started, params, track,
                    n_eff_fraction=diffmd.effective_fraction(n_eff, sample), resampled=resampled)
-        params, opt_state = _record_and_update(row, history, callback, optimizer, grads, opt_state, params)
+        params, opt_state = _record_and_update(row, history, callback, update, grads, opt_state, params)
     return FitResult(params, history, samples)
 
 
@@ -130,13 +141,13 @@ def fit_by_backprop(params: Any, segment_loss: Callable[..., tuple[dict[str, Arr
                                   last=jax.lax.stop_gradient(segment.frames[-1]))
 
     gradient = diffmd.CheckedGradient(total, neighbor_fn, neighbor)
-    opt_state = optimizer.init(params)
+    update, opt_state = _compiled_update(optimizer), optimizer.init(params)
     history, started = [], time.perf_counter()
     for step in range(steps):
         loss, aux, grads = gradient(params, R, jax.random.fold_in(key, step))
         R = aux["last"]
         row = _row(step, loss, aux["terms"], aux["extra"], started, params, track)
-        params, opt_state = _record_and_update(row, history, callback, optimizer, grads, opt_state, params)
+        params, opt_state = _record_and_update(row, history, callback, update, grads, opt_state, params)
     return FitResult(params, history, steps)
 
 
@@ -144,9 +155,11 @@ def force_matching_loss(energy_fn: Callable[..., Array], batch: dict[str, Array]
                         weights: tuple[float, float] = (1.0, 1.0)) -> Callable[[Any], Array]:
     """``params -> loss`` of the training loss (``a2ijax.loss``: energies and forces over their
     frames' scales) on one padded ``batch`` of labelled frames (``a2ijax.batching``): the term that
-    keeps a model fine-tuned on observables close to its forces."""
+    keeps a model fine-tuned on observables close to its forces. Compiled; inside a fit it is traced
+    into the step's program."""
     predict = predict_fn(energy_fn)
 
+    @jax.jit
     def loss(params):
         return normalised_loss(batch_errors(predict, params, batch), weights)
 

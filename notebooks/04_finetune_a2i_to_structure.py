@@ -102,8 +102,8 @@ print(f"force-matching term of the shipped model on {len(labelled)} fresh frames
 # %%
 neighbor_fn, _, energy_fn = a2i_neighbor_list(displacement, box, checkpoint.config.model, species,
                                               dr_threshold=0.3)
-model_sampler = diffmd.make_segment(energy_fn, shift, steps=40 if QUICK else 2000, dt=DT, kT=KT,
-                                    block=5 if QUICK else 50)
+model_sampler = diffmd.make_segment(energy_fn, shift, steps=24 if QUICK else 2000, dt=DT, kT=KT,
+                                    block=3 if QUICK else 50)
 state = dict(R=start_R, neighbor=neighbor_fn.allocate(start_R))
 
 
@@ -134,7 +134,9 @@ print("mean |g_model - g_reference| before:", differences(before["rdf"]))
 # ## Fine-tuning: g(r) loss + force matching, Adam, a new sample when N_eff / N < 0.9
 
 # %%
-fit = fitting.fit_by_reweighting(checkpoint.params, energy_fn, draw, observe, targets, optax.adam(3e-4),
+# The fit's first sample is the one above (drawn at the same parameters); later ones are new.
+fit = fitting.fit_by_reweighting(checkpoint.params, energy_fn, lambda params, k: first if k == 0 else draw(params, k),
+                                 observe, targets, optax.adam(3e-4),
                                  1 if QUICK else 40, weights=dict(rdf=10.0), extra_loss=force_matching)
 # The structure after fine-tuning: a new sample at the final parameters (quick mode: reweighted from
 # the last sample, which is close enough after one small step).

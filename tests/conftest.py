@@ -59,6 +59,18 @@ def compilation_cache(tmp_path_factory):
     jax.config.update("jax_compilation_cache_dir", None)
 
 
+def child_env(**variables: str) -> dict[str, str]:
+    """The environment for a fresh interpreter the suite starts (a notebook's kernel, a worker on
+    several devices or processes): this one's, plus ``variables``, plus the suite's cache, from
+    which the child takes every program however small (importing jax-md alone compiles ~120 small
+    ones in every interpreter)."""
+    env = dict(os.environ, **variables)
+    if jax.config.jax_compilation_cache_dir:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return env
+
+
 @pytest.fixture
 def x64():
     """float64 for one test; the global config is restored afterwards."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,9 +25,6 @@ if mode == "processes":
     from a2ijax.parallel import initialize
 
     initialize(f"127.0.0.1:{sys.argv[5]}", 2, int(sys.argv[4]))
-if os.environ.get("A2IJAX_TEST_CACHE"):
-    jax.config.update("jax_compilation_cache_dir", os.environ["A2IJAX_TEST_CACHE"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 import jax.numpy as jnp  # noqa: E402
 from conftest import MODEL, TRAIN_ATOM_CHUNK, jittered_lattice, random_species, small_config, tiny_config  # noqa: E402
@@ -90,7 +86,7 @@ def first_step(mesh: Mesh, reference: Mesh) -> None:
 
 def atom_sharded_md(mesh: Mesh) -> None:
     """Energy, per-atom energies, forces and stress (the ``box`` and ``perturbation`` arguments
-    through the split) against one device, and the per-device work of the compiled program; 500 NVE
+    through the split) against one device, and the per-device work of the compiled program; 200 NVE
     steps through :func:`a2ijax.md.run`; replicas split over devices (float64)."""
     R = jittered_lattice((4, 4, 4), 4.6 / 4, 0.2, seed=0)[:63]  # 63 atoms: not a multiple of 2 devices
     species = random_species(63)
@@ -134,12 +130,12 @@ def atom_sharded_md(mesh: Mesh) -> None:
     from jax_md import simulate as integrators
 
     final = []
-    for name in ("one", "split"):  # 500 NVE steps, the list updated inside the compiled chunk
+    for name in ("one", "split"):  # 200 NVE steps, the list updated inside the compiled chunk
         energy_fn = built[name][2]
         init, apply = integrators.nve(lambda R, neighbor=None, energy_fn=energy_fn, **kw:
                                       energy_fn(params, R, neighbor, **kw), shift, 0.002)
         state = init(jax.random.PRNGKey(1), R, kT=1.0, neighbor=neighbor)
-        md = run(apply, state, neighbor_fn, neighbor, 500, chunk_steps=500)
+        md = run(apply, state, neighbor_fn, neighbor, 200, chunk_steps=200)
         final.append(np.asarray(md.state.position))
         results[f"md_reallocations_{name}"] = md.reallocations
     results["md_max_dR"] = float(np.max(np.abs(final[0] - final[1])))

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import child_env
+
 PACKAGE = Path(__file__).resolve().parents[1] / "a2ijax"
 
 
@@ -80,4 +82,4 @@ def test_import_a2ijax_gives_the_md_driver_without_starting_jax():
     code = ("import a2ijax, a2ijax.cli, a2ijax.parallel; from jax._src import xla_bridge; "
             "assert not xla_bridge.backends_are_initialized(), 'the backend started on import'; "
             "assert callable(a2ijax.md.run) and callable(a2ijax.a2i_neighbor_list)")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=child_env())

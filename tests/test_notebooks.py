@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import child_env
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9]*.py"))
 
@@ -22,8 +23,8 @@ def test_notebook_runs_in_quick_mode(path, tmp_path, monkeypatch):
 
     notebook = jupytext.read(path)
     assert not any(cell.get("outputs") for cell in notebook.cells)  # no stored outputs
-    monkeypatch.setenv("A2IJAX_NOTEBOOK_QUICK", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    for name, value in child_env(A2IJAX_NOTEBOOK_QUICK="1", MPLBACKEND="Agg").items():
+        monkeypatch.setenv(name, value)  # the kernel inherits this process's environment
     client = NotebookClient(notebook, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}})
     client.execute()

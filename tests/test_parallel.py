@@ -11,7 +11,6 @@ runs once per test session (shared by the xdist workers) and the tests below rea
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import shared_directory
+from conftest import child_env, shared_directory
 
 from a2ijax import parallel
 from a2ijax.checkpoint import load_checkpoint
@@ -32,11 +31,7 @@ RESUME_AT = 16  # a periodic checkpoint of the shared trained model (conftest: t
 
 
 def worker_env(devices: int) -> dict[str, str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    cache = jax.config.jax_compilation_cache_dir  # the suite's shared cache (conftest)
-    if cache:
-        env["A2IJAX_TEST_CACHE"] = str(cache)
-    return env
+    return child_env(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
 def check_finished(processes: list[subprocess.Popen], logs: list[Path]) -> None:
@@ -143,7 +138,7 @@ def test_atom_split_program_computes_only_its_own_atoms(two_devices):
 
 
 def test_atom_split_nve_trajectory_equals_one_device(two_devices):
-    """500 NVE steps through a2ijax.md.run, the neighbour list updated inside the compiled chunk."""
+    """200 NVE steps through a2ijax.md.run, the neighbour list updated inside the compiled chunk."""
     assert two_devices["md_moved"] > 0.1
     assert two_devices["md_max_dR"] <= 1e-10
     assert two_devices["md_reallocations_one"] == two_devices["md_reallocations_split"]
