@@ -22,9 +22,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from a2ijax import diffmd
+from a2ijax.batching import prepare
+from a2ijax.checkpoint import Checkpoint, a2i_builder
+from a2ijax.dataset import Dataset
 from a2ijax.loss import batch_errors, normalised_loss, predict_fn
 from a2ijax.observables import observable_loss
 
@@ -164,3 +168,21 @@ def force_matching_loss(energy_fn: Callable[..., Array], batch: dict[str, Array]
         return normalised_loss(batch_errors(predict, params, batch), weights)
 
     return loss
+
+
+def checkpoint_force_matching(checkpoint: Checkpoint, dataset: Dataset, frames: np.ndarray,
+                              weights: tuple[float, float] = (0.0, 1.0)) -> Callable[[Any], Array]:
+    """:func:`force_matching_loss` of an A2I ``checkpoint``'s model on ``frames`` (indices) of a
+    labelled ``dataset`` (read with the checkpoint's symbols), in one padded batch, each frame's
+    scales from the checkpoint's training statistics: the term that keeps the model, fine-tuned,
+    close to the forces it was trained on. ``weights``: (energy, force), forces only by default."""
+    frames = np.asarray(frames, int)
+    if not frames.size:
+        raise ValueError("no frames to match forces on")
+    train = dataclasses.replace(checkpoint.config.train, neighbor_buckets=1, size_buckets=1)
+    data = prepare(dataset, dataclasses.replace(checkpoint.config, train=train),
+                   statistics=checkpoint.meta["statistics"], splits={"train": frames})
+    bucket = data.buckets["train"][0]
+    batch = {k: jnp.asarray(v) for k, v in bucket.batch(np.arange(len(bucket)), len(bucket)).items()}
+    _, energy_fn = a2i_builder(checkpoint.config.model, atom_chunk=0)
+    return force_matching_loss(energy_fn, batch, weights)

@@ -6,7 +6,8 @@
 The target: the reference LJ fluid (``a2ijax.systems``, sigma = epsilon = 1) at rho = 0.84,
 kT = 0.85 (Nose-Hoover NVT, 256 atoms): its smoothed g(r) (``a2ijax.observables.pair_correlation``)
 and pressure averaged over ``--target-steps`` steps. The fit starts from sigma = 1.12, epsilon = 0.88
-(12% off each) and minimises ``sum (g - g_target)^2 / G + w_P (P - P_target)^2`` with Adam, by
+(12% off each) and minimises ``sum (g - g_target)^2 / G + w_P (P - P_target)^2`` with Adam (its learning rate
+decayed from ``--lr`` to ``--final-lr`` along a cosine), by
 
 * **reweighting** (DiffTRe, ``a2ijax.fitting.fit_by_reweighting``): samples of ``--sample-steps``
   steps drawn at the current parameters whenever N_eff / N falls below 0.9;
@@ -60,7 +61,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/fit_lj"))
     parser.add_argument("--quick", action="store_true", help="a few steps of everything")
     parser.add_argument("--steps", type=int, default=60, help="optimiser steps per method")
-    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--lr", type=float, default=0.01, help="Adam's first learning rate")
+    parser.add_argument("--final-lr", type=float, default=0.001,
+                        help="the learning rate at the last step (cosine decay from --lr; equal: constant)")
     parser.add_argument("--target-steps", type=int, default=20000)
     parser.add_argument("--sample-steps", type=int, default=2000)
     parser.add_argument("--segment-steps", type=int, default=400)
@@ -69,6 +72,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.steps, args.target_steps, args.sample_steps, args.segment_steps = 3, 1000, 200, 40
+    for name in ("steps", "lr", "final_lr", "target_steps", "sample_steps", "segment_steps", "pressure_weight"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.final_lr > args.lr:
+        parser.error(f"--final-lr ({args.final_lr}) must not exceed --lr ({args.lr})")
+    schedule = optax.cosine_decay_schedule(args.lr, args.steps, alpha=args.final_lr / args.lr)
     side, box, shift, neighbor_fn, truth, energy_fn, observe, grid = setup()
     key = jax.random.PRNGKey(0)
     R0 = jnp.asarray(lattice_positions(N, side, jitter=0.05, seed=0))
@@ -100,7 +109,7 @@ def main() -> None:
             return sample
 
         t = time.perf_counter()
-        fit = fitting.fit_by_reweighting(start, energy_fn, draw, observe, targets, optax.adam(args.lr), args.steps,
+        fit = fitting.fit_by_reweighting(start, energy_fn, draw, observe, targets, optax.adam(schedule), args.steps,
                                          weights=weights, callback=progress("reweighting"), track=floats)
         results["reweighting"] = summary(fit, time.perf_counter() - t, truth)
 
@@ -114,7 +123,7 @@ def main() -> None:
 
         t = time.perf_counter()
         fit = fitting.fit_by_backprop(start, segment_loss, neighbor_fn, warm.frames[-1], warm.neighbor, targets,
-                                      optax.adam(args.lr), args.steps, key=jax.random.fold_in(key, 2),
+                                      optax.adam(schedule), args.steps, key=jax.random.fold_in(key, 2),
                                       weights=weights, callback=progress("backprop"), track=floats)
         results["backprop"] = summary(fit, time.perf_counter() - t, truth)
 

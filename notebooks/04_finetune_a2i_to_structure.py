@@ -23,7 +23,6 @@
 # checks the gradients; the full mode runs the fine-tuning.
 
 # %%
-import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -36,8 +35,6 @@ import optax
 from jax_md import space
 
 from a2ijax import diffmd, fitting, observables, pretrained
-from a2ijax.batching import prepare
-from a2ijax.checkpoint import a2i_builder
 from a2ijax.dataset import read_dataset, write_dataset
 from a2ijax.potential import a2i_neighbor_list
 from a2ijax.sampling import label
@@ -86,13 +83,8 @@ for atoms in labelled:
     atoms.info.update(split="train", state_point=point.name, system="ka")
 path = Path(tempfile.mkdtemp()) / "labelled.xyz"
 write_dataset(path, labelled)
-one_bucket = dataclasses.replace(checkpoint.config,
-                                 train=dataclasses.replace(checkpoint.config.train, neighbor_buckets=1))
-data = prepare(read_dataset(path, symbols=checkpoint.meta["symbols"]), one_bucket,
-               statistics=checkpoint.meta["statistics"], splits={"train": np.arange(len(labelled))})
-batch = {k: jnp.asarray(v) for k, v in data.buckets["train"][0].batch(np.arange(len(labelled)), len(labelled)).items()}
-_, training_energy = a2i_builder(checkpoint.config.model, atom_chunk=0)
-force_matching = fitting.force_matching_loss(training_energy, batch, (0.0, 1.0))
+force_matching = fitting.checkpoint_force_matching(
+    checkpoint, read_dataset(path, symbols=checkpoint.meta["symbols"]), np.arange(len(labelled)))
 print(f"force-matching term of the shipped model on {len(labelled)} fresh frames: "
       f"{float(force_matching(checkpoint.params)):.3f} (squared force error over the force std squared)")
 

@@ -18,7 +18,7 @@ from a2ijax import train as train_module
 from a2ijax.batching import epoch_batches, fit_energy_shift, frame_pairs, frame_scales, prepare
 from a2ijax.checkpoint import CheckpointError, a2i_builder, load_checkpoint, restore, step_directory
 from a2ijax.config import load_config
-from a2ijax.dataset import Dataset, fluctuations, read_dataset, write_dataset
+from a2ijax.dataset import Dataset, fluctuations, read_dataset, split_indices, state_point_groups, write_dataset
 from a2ijax.geometry import closest_distance, minimum_image
 from a2ijax.loss import batch_errors, normalised_loss, predict_fn, rotate_batch
 from a2ijax.parallel import global_batch, make_mesh, replicate
@@ -200,6 +200,30 @@ def test_evaluate_command_prints_the_report(trained, tiny_data, capsys, tmp_path
     assert json.loads((tmp_path / "report.json").read_text())["frames"] == 4
     assert cli.main(["evaluate", str(tmp_path / "nothing"), str(tiny_data)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_force_matching_term_and_evaluation_of_other_parameters_agree(trained, tiny_data):
+    """``fitting.checkpoint_force_matching`` (one padded batch, the loss's scales) and
+    ``report.evaluate(params=...)`` (the evaluation's batches) on the same frames of one state point:
+    the loss's ratio between perturbed and stored parameters is the squared ratio of the force
+    RMSEs (the state point's scale cancels), and the perturbation changes both."""
+    from a2ijax.fitting import checkpoint_force_matching
+    from a2ijax.report import evaluate
+
+    _, workdir = trained
+    checkpoint = load_checkpoint(workdir)
+    dataset = read_dataset(tiny_data, checkpoint.symbols)
+    test = np.intersect1d(split_indices(dataset, (0.8, 0.1, 0.1), 0)["test"], state_point_groups(dataset)["n125"])
+    assert len(test) == 3
+    loss = checkpoint_force_matching(checkpoint, dataset, test)
+    perturbed = jax.tree.map(lambda x: 1.1 * x, checkpoint.params)
+    rmse = [evaluate(workdir, tiny_data, split="test", params=p)[0]["state_points"]["n125"]["force_rmse"]
+            for p in (checkpoint.params, perturbed)]
+    ratio = float(loss(perturbed)) / float(loss(checkpoint.params))
+    assert abs(ratio - 1) > 1e-2
+    np.testing.assert_allclose(ratio, (rmse[1] / rmse[0]) ** 2, rtol=1e-4)
+    with pytest.raises(ValueError, match="no frames"):
+        checkpoint_force_matching(checkpoint, dataset, [])
 
 
 @pytest.mark.parametrize("text,match", [
