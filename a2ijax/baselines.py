@@ -76,6 +76,7 @@ def _nnx_params(energy_fn: Callable) -> tuple[Callable, dict]:
 def baseline_neighbor_list(name: str, displacement_fn: Callable, box: Any, *, cutoff: float,
                            species: Array | np.ndarray | None = None, n_species: int = 1,
                            avg_neighbors: float = 32.0, key: Array | None = None,
+                           nequip_sizes: dict[str, Any] | None = None,
                            **nl_kwargs) -> tuple[partition.NeighborFn, Callable, Callable]:
     """``(neighbor_fn, init_fn, energy_fn)`` of jax-md's potential ``name`` (one of :data:`BASELINES`).
 
@@ -83,8 +84,11 @@ def baseline_neighbor_list(name: str, displacement_fn: Callable, box: Any, *, cu
     ``species=`` at a call is an error, never silently ignored); ``nequip`` takes ``species=`` at
     every call too. The nnx models draw their weights from ``key`` when built
     (``init_fn`` returns those); NequIP draws them from ``init_fn``'s key. ``energy_fn`` accepts a
-    Dense list for every model (NequIP's is converted to Sparse inside).
+    Dense list for every model (NequIP's is converted to Sparse inside). ``nequip_sizes``: fields of
+    ``nequip.default_config()`` to change (``graph_net_steps``, ``hidden_irreps``, ...); NequIP only.
     """
+    if nequip_sizes and name != "nequip":
+        raise ValueError(f"nequip_sizes are NequIP's; {name!r} keeps jax-md's default sizes")
     key = jax.random.PRNGKey(0) if key is None else key
     dr_threshold = nl_kwargs.pop("dr_threshold", 0.0)
     if name == "nequip":
@@ -93,6 +97,11 @@ def baseline_neighbor_list(name: str, displacement_fn: Callable, box: Any, *, cu
         cfg = nequip.default_config()
         cfg.r_max, cfg.n_elements, cfg.n_neighbors = float(cutoff), int(n_species), float(avg_neighbors)
         cfg.shift, cfg.scale = 0.0, 1.0  # jax-md takes these from a named dataset otherwise
+        for field, value in (nequip_sizes or {}).items():
+            if field not in cfg or field in ("r_max", "n_elements", "n_neighbors", "shift", "scale"):
+                raise ValueError(f"nequip_sizes: {field!r} is not a size of jax-md's NequIP config "
+                                 "(the cutoff, species and scales come from the other arguments)")
+            cfg[field] = value
         neighbor_fn, init, apply = energy.nequip_neighbor_list(displacement_fn, box, cfg,
                                                                 dr_threshold=dr_threshold, **nl_kwargs)
         fixed = species

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from a2ijax.batching import Bucket, PreparedData, batches_in_order, prepare
-from a2ijax.checkpoint import fixed_species, load_checkpoint, potential_builder
+from a2ijax.checkpoint import Checkpoint, fixed_species, load_checkpoint, potential_builder
 from a2ijax.dataset import Dataset, fluctuations, read_dataset, split_indices, state_point_groups
 from a2ijax.loss import predict_fn
 
@@ -222,16 +222,17 @@ def write_report(out: Path, report: dict, dataset: Dataset, predictions: Predict
     return text
 
 
-def evaluate(checkpoint_path: str | Path, data_path: str | Path, split: str | None = None,
-             out: str | Path | None = None, batch_size: int = 4, atom_chunk: int | None = None,
-             params: Any = None) -> tuple[dict, str]:
-    """Error report of a checkpoint on any labelled dataset (all frames, or one ``split``).
+def evaluate(checkpoint: str | Path | Checkpoint, data_path: str | Path, split: str | None = None,
+             out: str | Path | None = None, batch_size: int = 4, atom_chunk: int | None = None) -> tuple[dict, str]:
+    """Error report of a checkpoint (a path, or a loaded :class:`a2ijax.checkpoint.Checkpoint`: a
+    pretrained model, or one with fine-tuned parameters put in) on any labelled dataset (all
+    frames, or one ``split``).
 
     Fluctuations are taken from every frame of the file at each state point. ``atom_chunk``: see
-    :func:`a2ijax.a2i_neighbor_list`. ``params``: other parameters of the checkpoint's model to
-    evaluate (fine-tuned ones, ``a2ijax.fitting``) instead of the stored ones.
+    :func:`a2ijax.a2i_neighbor_list`.
     """
-    checkpoint = load_checkpoint(checkpoint_path)
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = load_checkpoint(checkpoint)
     config = checkpoint.config
     dataset = read_dataset(data_path, checkpoint.symbols)
     if split is not None:
@@ -243,8 +244,8 @@ def evaluate(checkpoint_path: str | Path, data_path: str | Path, split: str | No
     data = prepare(dataset, config, statistics=checkpoint.meta["statistics"],
                    splits=dict(train=np.zeros(0, int), valid=np.zeros(0, int), test=indices))
     _, energy_fn, per_atom = potential_builder(config, fixed_species(dataset, config), atom_chunk=atom_chunk)
-    predictions = predict_buckets(jax.jit(predict_fn(energy_fn, per_atom)),
-                                  checkpoint.params if params is None else params, data.buckets["test"], batch_size)
+    predictions = predict_buckets(jax.jit(predict_fn(energy_fn, per_atom)), checkpoint.params, data.buckets["test"],
+                                 batch_size)
     report = error_report(dataset, predictions, fluctuations(dataset))
     report.update(split=split or "all", checkpoint=str(checkpoint.path), step=checkpoint.step)
     text = format_report(report, checkpoint.meta.get("units", ""))

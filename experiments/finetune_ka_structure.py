@@ -13,7 +13,7 @@ redrawn when N_eff / N < ``--n-eff``) on ``--rdf-weight * sum (g - g_ref)^2 / G`
 on ``--force-frames`` frames of the model's training split of ``--data``
 (``fitting.checkpoint_force_matching``). Before and after: the model's g_ab(r) from a fresh sample
 (mean |g - g_ref| per pair against the noise floor) and its force error on the test split of
-``--data`` at this state point (``a2ijax.report.evaluate``).
+``--data`` at this state point (``a2ijax.report.evaluate`` of the checkpoint with the new parameters).
 
 Writes ``<out>/finetune.json`` and ``<out>/finetune.png`` (g_ab before / after / reference, loss and
 N_eff per step).
@@ -22,6 +22,7 @@ N_eff per step).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -134,7 +135,7 @@ def main() -> None:
     force_matching = fitting.checkpoint_force_matching(checkpoint, dataset, chosen)
 
     def test_force_error(params):
-        report, _ = evaluate(checkpoint.path, args.data, split="test", params=params)
+        report, _ = evaluate(dataclasses.replace(checkpoint, params=params), args.data, split="test")
         return report["state_points"][POINT]["force_rmse"]
 
     before = dict(force_rmse=test_force_error(checkpoint.params),

@@ -173,6 +173,7 @@ def test_smoothed_pair_correlation_equals_all_pairs_and_is_one_for_an_ideal_gas(
     side = float(box[0, 0])
     grid, smearing = jnp.linspace(0.6, 2.2, 81), 0.05
 
+    @jax.jit
     def g_of(R, neighbor):
         return observables.pair_correlation(R, neighbor, displacement, side**3, grid, smearing, species, 2)
 
@@ -189,10 +190,13 @@ def test_smoothed_pair_correlation_equals_all_pairs_and_is_one_for_an_ideal_gas(
             norm = np.sum(s == a) * (np.sum(s == b) - (a == b)) * 4 * np.pi * x**2
             # rtol: pairs beyond the list's cutoff (2.5) add at most exp(-18) at the grid's end.
             np.testing.assert_allclose(g[a, b], side**3 * gauss.sum(1) / norm, rtol=1e-7, atol=1e-12)
-    grad = jax.grad(lambda R: jnp.sum(g_of(R, neighbor) ** 2))(R)
+    grad = jax.jit(jax.grad(lambda R: jnp.sum(g_of(R, neighbor) ** 2)))(R)
     assert bool(jnp.all(jnp.isfinite(grad))) and float(jnp.max(jnp.abs(grad))) > 1e-3
     gas = jax.random.uniform(jax.random.PRNGKey(5), (20, N_LJ, 3)) * side
-    mean = np.mean([np.asarray(g_of(frame, neighbor_fn.allocate(frame))) for frame in gas], 0)
+    roomy = neighbor_fn.allocate(gas[0], extra_capacity=16)  # one capacity for every frame: one compilation
+    lists = [roomy.update(frame) for frame in gas]
+    assert not any(bool(n.did_buffer_overflow) for n in lists)
+    mean = np.mean([np.asarray(g_of(frame, n)) for frame, n in zip(gas, lists, strict=True)], 0)
     inner = (x > 1.0) & (x < 2.0)
     np.testing.assert_allclose(mean[:, :, inner].mean(-1), 1.0, rtol=0.05)
 

@@ -204,7 +204,8 @@ def test_evaluate_command_prints_the_report(trained, tiny_data, capsys, tmp_path
 
 def test_force_matching_term_and_evaluation_of_other_parameters_agree(trained, tiny_data):
     """``fitting.checkpoint_force_matching`` (one padded batch, the loss's scales) and
-    ``report.evaluate(params=...)`` (the evaluation's batches) on the same frames of one state point:
+    ``report.evaluate`` of a loaded checkpoint with other parameters (the evaluation's batches) on
+    the same frames of one state point:
     the loss's ratio between perturbed and stored parameters is the squared ratio of the force
     RMSEs (the state point's scale cancels), and the perturbation changes both."""
     from a2ijax.fitting import checkpoint_force_matching
@@ -217,8 +218,8 @@ def test_force_matching_term_and_evaluation_of_other_parameters_agree(trained, t
     assert len(test) == 3
     loss = checkpoint_force_matching(checkpoint, dataset, test)
     perturbed = jax.tree.map(lambda x: 1.1 * x, checkpoint.params)
-    rmse = [evaluate(workdir, tiny_data, split="test", params=p)[0]["state_points"]["n125"]["force_rmse"]
-            for p in (checkpoint.params, perturbed)]
+    rmse = [evaluate(c, tiny_data, split="test")[0]["state_points"]["n125"]["force_rmse"]
+            for c in (workdir, dataclasses.replace(checkpoint, params=perturbed))]
     ratio = float(loss(perturbed)) / float(loss(checkpoint.params))
     assert abs(ratio - 1) > 1e-2
     np.testing.assert_allclose(ratio, (rmse[1] / rmse[0]) ** 2, rtol=1e-4)
