@@ -35,6 +35,7 @@ from jax_md import space
 
 from a2ijax import diffmd, fitting, observables, pretrained
 from a2ijax.checkpoint import load_checkpoint
+from a2ijax.cli import POSITIVE, POSITIVE_INT
 from a2ijax.dataset import read_dataset, split_indices, state_point_groups
 from a2ijax.files import atomic_write
 from a2ijax.potential import a2i_neighbor_list
@@ -52,20 +53,17 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="", help="a checkpoint directory (default: the shipped KA model)")
     parser.add_argument("--data", default="data/ka.xyz", help="the model's labelled data (a2ijax generate ka)")
     parser.add_argument("--quick", action="store_true", help="a few short steps of everything")
-    parser.add_argument("--atoms", type=int, default=250)
-    parser.add_argument("--steps", type=int, default=8, help="optimiser steps")
-    parser.add_argument("--lr", type=float, default=3e-4, help="Adam's learning rate")
-    parser.add_argument("--sample-steps", type=int, default=500)
-    parser.add_argument("--target-samples", type=int, default=8)
-    parser.add_argument("--rdf-weight", type=float, default=10.0)
-    parser.add_argument("--force-frames", type=int, default=16)
-    parser.add_argument("--n-eff", type=float, default=0.5, help="redraw a sample below this N_eff / N")
+    parser.add_argument("--atoms", type=POSITIVE_INT, default=250)
+    parser.add_argument("--steps", type=POSITIVE_INT, default=8, help="optimiser steps")
+    parser.add_argument("--lr", type=POSITIVE, default=3e-4, help="Adam's learning rate")
+    parser.add_argument("--sample-steps", type=POSITIVE_INT, default=500)
+    parser.add_argument("--target-samples", type=POSITIVE_INT, default=8)
+    parser.add_argument("--rdf-weight", type=POSITIVE, default=10.0)
+    parser.add_argument("--force-frames", type=POSITIVE_INT, default=16)
+    parser.add_argument("--n-eff", type=POSITIVE, default=0.5, help="redraw a sample below this N_eff / N")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.sample_steps, args.target_samples, args.force_frames = 2, 50, 2, 2
-    for name in ("atoms", "steps", "lr", "sample_steps", "target_samples", "rdf_weight", "force_frames"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.target_samples < 2:
         parser.error("--target-samples must be >= 2 (the noise floor compares two halves)")
     if args.sample_steps % FRAMES_PER_SAMPLE:

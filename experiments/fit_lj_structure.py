@@ -33,6 +33,7 @@ import optax
 from jax_md import space
 
 from a2ijax import diffmd, fitting, observables
+from a2ijax.cli import POSITIVE, POSITIVE_INT
 from a2ijax.files import atomic_write
 from a2ijax.systems import lattice_positions, parametric_energy
 
@@ -60,21 +61,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/fit_lj"))
     parser.add_argument("--quick", action="store_true", help="a few steps of everything")
-    parser.add_argument("--steps", type=int, default=60, help="optimiser steps per method")
-    parser.add_argument("--lr", type=float, default=0.01, help="Adam's first learning rate")
-    parser.add_argument("--final-lr", type=float, default=0.001,
+    parser.add_argument("--steps", type=POSITIVE_INT, default=60, help="optimiser steps per method")
+    parser.add_argument("--lr", type=POSITIVE, default=0.01, help="Adam's first learning rate")
+    parser.add_argument("--final-lr", type=POSITIVE, default=0.001,
                         help="the learning rate at the last step (cosine decay from --lr; equal: constant)")
-    parser.add_argument("--target-steps", type=int, default=20000)
-    parser.add_argument("--sample-steps", type=int, default=2000)
-    parser.add_argument("--segment-steps", type=int, default=400)
-    parser.add_argument("--pressure-weight", type=float, default=0.01)
+    parser.add_argument("--target-steps", type=POSITIVE_INT, default=20000)
+    parser.add_argument("--sample-steps", type=POSITIVE_INT, default=2000)
+    parser.add_argument("--segment-steps", type=POSITIVE_INT, default=400)
+    parser.add_argument("--pressure-weight", type=POSITIVE, default=0.01)
     parser.add_argument("--methods", nargs="+", default=["reweighting", "backprop"])
     args = parser.parse_args()
     if args.quick:
         args.steps, args.target_steps, args.sample_steps, args.segment_steps = 3, 1000, 200, 40
-    for name in ("steps", "lr", "final_lr", "target_steps", "sample_steps", "segment_steps", "pressure_weight"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.final_lr > args.lr:
         parser.error(f"--final-lr ({args.final_lr}) must not exceed --lr ({args.lr})")
     schedule = optax.cosine_decay_schedule(args.lr, args.steps, alpha=args.final_lr / args.lr)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax_md import space
 
 from a2ijax import diffmd
+from a2ijax.cli import POSITIVE_INT
 from a2ijax.files import atomic_write
 from a2ijax.systems import lattice_positions, parametric_energy
 
@@ -34,10 +35,8 @@ N, DENSITY, KT, DT = 256, 0.84, 0.85, 0.005
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/remat_memory"))
-    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024, 4096])
+    parser.add_argument("--lengths", type=POSITIVE_INT, nargs="+", default=[64, 256, 1024, 4096])
     args = parser.parse_args()
-    if any(n < 1 for n in args.lengths):
-        parser.error(f"--lengths must be positive, got {args.lengths}")
     side = (N / DENSITY) ** (1 / 3)
     box = jnp.eye(3) * side
     displacement, shift = space.periodic_general(box, fractional_coordinates=False)
