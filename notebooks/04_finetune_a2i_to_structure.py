@@ -100,9 +100,9 @@ model_sampler = diffmd.make_segment(energy_fn, shift, steps=24 if QUICK else 500
 state = dict(R=start_R, neighbor=neighbor_fn.allocate(start_R))
 
 
-def draw(params, k):  # one segment to relax at the new parameters, then the sample
+def draw(params, k):  # one segment to relax at the new parameters (full mode), then the sample
     drawn, ended = diffmd.sample(model_sampler, energy_fn, params, state["R"], state["neighbor"],
-                                 jax.random.fold_in(key, 100 + k), neighbor_fn, KT, relax=1)
+                                 jax.random.fold_in(key, 100 + k), neighbor_fn, KT, relax=0 if QUICK else 1)
     state.update(R=ended.frames[-1], neighbor=ended.neighbor)
     return drawn
 
