@@ -180,8 +180,9 @@ def checkpoint_force_matching(checkpoint: Checkpoint, dataset: Dataset, frames: 
     if not frames.size:
         raise ValueError("no frames to match forces on")
     train = dataclasses.replace(checkpoint.config.train, neighbor_buckets=1, size_buckets=1)
-    data = prepare(dataset, dataclasses.replace(checkpoint.config, train=train),
-                   statistics=checkpoint.meta["statistics"], splits={"train": frames})
+    # Only these frames: prepare's neighbour search would otherwise run over the whole dataset.
+    data = prepare(dataset.subset(frames), dataclasses.replace(checkpoint.config, train=train),
+                   statistics=checkpoint.meta["statistics"], splits={"train": np.arange(frames.size)})
     bucket = data.buckets["train"][0]
     batch = {k: jnp.asarray(v) for k, v in bucket.batch(np.arange(len(bucket)), len(bucket)).items()}
     _, energy_fn = a2i_builder(checkpoint.config.model, atom_chunk=0)
