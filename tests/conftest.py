@@ -12,17 +12,24 @@ import json
 import os
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+# Before JAX starts its backend, for this process and every child the suite starts: LLVM at -O1
+# instead of -O2 halves the time XLA takes to compile the suite's programs (the shared trained
+# model: 53 -> 29 s; docs/design.md, "Decisions and why"). The suite checks numbers, not speed; what
+# it changes is rounding in the last bit (tests/test_checkpoint.py).
+SUITE_XLA_FLAGS = "--xla_backend_optimization_level=1"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SUITE_XLA_FLAGS}".strip()
 
-from a2ijax import A2IConfig
-from a2ijax.config import DataConfig, ExperimentConfig, TrainConfig
-from a2ijax.dataset import write_dataset
-from a2ijax.sampling import label
-from a2ijax.systems import get_system, lattice_positions
-from a2ijax.train import train_and_evaluate
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from a2ijax import A2IConfig  # noqa: E402
+from a2ijax.config import DataConfig, ExperimentConfig, TrainConfig  # noqa: E402
+from a2ijax.dataset import write_dataset  # noqa: E402
+from a2ijax.sampling import label  # noqa: E402
+from a2ijax.systems import get_system, lattice_positions  # noqa: E402
+from a2ijax.train import train_and_evaluate  # noqa: E402
 
 CUTOFF = 2.0
 N_SPECIES = 3

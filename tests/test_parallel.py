@@ -11,6 +11,7 @@ runs once per test session (shared by the xdist workers) and the tests below rea
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -31,7 +32,8 @@ RESUME_AT = 16  # a periodic checkpoint of the shared trained model (conftest: t
 
 
 def worker_env(devices: int) -> dict[str, str]:
-    return child_env(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    return child_env(JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
 
 
 def check_finished(processes: list[subprocess.Popen], logs: list[Path]) -> None:
