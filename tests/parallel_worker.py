@@ -138,23 +138,24 @@ def atom_sharded_md(mesh: Mesh) -> None:
         return integrators.nve(lambda R, neighbor=None, **kw: energy_fn(params, R, neighbor, **kw), shift, 0.002)
 
     init, apply = nve(built["one"][2])
-    lists = allocate_replicas(neighbor_fn, replicas)
-    states = jax.vmap(lambda R, nbr: init(jax.random.PRNGKey(1), R, kT=1.0, neighbor=nbr))(replicas, lists)
-    one = run(apply, states, neighbor_fn, lists, steps, chunk_steps=steps, replicas=True)
+
+    def replicas_run(on=None):  # a fresh start for each run: md.run may donate the state's buffers
+        lists = allocate_replicas(neighbor_fn, replicas)
+        states = jax.vmap(lambda R, nbr: init(jax.random.PRNGKey(1), R, kT=1.0, neighbor=nbr))(replicas, lists)
+        return run(apply, states, neighbor_fn, lists, steps, chunk_steps=steps, replicas=True, mesh=on)
+
+    one = replicas_run()
     lap("md: one device")
 
-    init, apply = nve(built["split"][2])  # the list updated inside the compiled chunk
-    state = init(jax.random.PRNGKey(1), R, kT=1.0, neighbor=neighbor)
-    split = run(apply, state, neighbor_fn, neighbor, steps, chunk_steps=steps)
+    split_init, split_apply = nve(built["split"][2])  # the list updated inside the compiled chunk
+    state = split_init(jax.random.PRNGKey(1), R, kT=1.0, neighbor=neighbor)
+    split = run(split_apply, state, neighbor_fn, neighbor, steps, chunk_steps=steps)
     results["md_max_dR"] = float(np.max(np.abs(np.asarray(split.state.position) - np.asarray(one.state.position[0]))))
     results["md_moved"] = float(np.max(np.abs(np.asarray(split.state.position) - np.asarray(R))))
     results["md_reallocations_one"], results["md_reallocations_split"] = one.reallocations, split.reallocations
     lap("md: nve")
 
-    init, apply = nve(built["one"][2])
-    lists = allocate_replicas(neighbor_fn, replicas)
-    states = jax.vmap(lambda R, nbr: init(jax.random.PRNGKey(1), R, kT=1.0, neighbor=nbr))(replicas, lists)
-    final = run(apply, states, neighbor_fn, lists, steps, chunk_steps=steps, replicas=True, mesh=mesh).state.position
+    final = replicas_run(mesh).state.position
     results["replicas_max_dR"] = float(np.max(np.abs(np.asarray(one.state.position) - np.asarray(final))))
     results["replicas_sharding"] = str(final.sharding.spec)
     lap("md: replicas")

@@ -95,7 +95,7 @@ def test_overflow_inside_a_differentiated_segment_is_rerun_with_a_larger_list(x6
     value, _, grads = checked(params, R)
     assert checked.reallocations >= 1 and checked.neighbor.idx.shape[1] > tight.idx.shape[1]
     # a list of the capacity the rerun reached, built for the start (one program for both runs)
-    ample = neighbor_fn.allocate(R, extra_capacity=checked.neighbor.idx.shape[1] - neighbor_fn.allocate(R).idx.shape[1])
+    ample = checked.neighbor.update(R)
     assert ample.idx.shape == checked.neighbor.idx.shape
     fresh = diffmd.CheckedGradient(loss, neighbor_fn, ample)
     value2, _, grads2 = fresh(params, R)
