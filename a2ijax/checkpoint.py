@@ -109,6 +109,24 @@ def potential_builder(config: ExperimentConfig, species: np.ndarray | None = Non
     return init_fn, energy_fn, False
 
 
+def periodic_potential(model: A2IConfig, box: Any, species: Array | None = None, **settings
+                       ) -> tuple[Any, Callable[..., Array], Callable, Callable]:
+    """``(neighbor_fn, energy_fn(params, R, neighbor, **kw), displacement_fn, shift_fn)`` of the A2I
+    potential in a periodic ``box`` (``[3, 3]``, lattice vectors as columns; real coordinates);
+    ``settings`` are the run settings and neighbour-list options of :func:`a2ijax.a2i_neighbor_list`."""
+    box = jnp.asarray(box, jnp.result_type(float))
+    displacement, shift = space.periodic_general(box, fractional_coordinates=False)
+    if not np.allclose(np.asarray(box), np.diag(np.diag(np.asarray(box)))):
+        settings.setdefault("disable_cell_list", True)  # jax-md's cell list assumes an orthorhombic box
+    neighbor_fn, _, energy_fn = a2i_neighbor_list(displacement, box, model, species=species, **settings)
+    return neighbor_fn, energy_fn, displacement, shift
+
+
+def default_float(params: Any) -> Any:
+    """``params`` cast to JAX's default float (float64 under ``jax_enable_x64``)."""
+    return jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.result_type(float)), params)
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading
 
@@ -144,13 +162,9 @@ class Checkpoint:
         Parameters are cast to JAX's default float (float64 under ``jax_enable_x64``).
         """
         self.require_a2i("Checkpoint.potential (MD)")
-        box = jnp.asarray(box, jnp.result_type(float))
-        displacement, shift = space.periodic_general(box, fractional_coordinates=False)
-        if not np.allclose(np.asarray(box), np.diag(np.diag(np.asarray(box)))):
-            nl_kwargs.setdefault("disable_cell_list", True)  # jax-md's cell list assumes an orthorhombic box
-        neighbor_fn, _, energy_fn = a2i_neighbor_list(displacement, box, self.config.model, species=species,
-                                                      atom_chunk=atom_chunk, dtype=dtype, mesh=mesh, **nl_kwargs)
-        params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.result_type(float)), self.params)
+        neighbor_fn, energy_fn, displacement, shift = periodic_potential(
+            self.config.model, box, species, atom_chunk=atom_chunk, dtype=dtype, mesh=mesh, **nl_kwargs)
+        params = default_float(self.params)
 
         def energy(R: Array, neighbor: Any = None, **kwargs) -> Array:
             return energy_fn(params, R, neighbor=neighbor, **kwargs)

@@ -66,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="experiment TOML with [data], [model] and [train] tables")
     p.add_argument("--workdir", help="checkpoints, metrics, report and plots (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the latest periodic checkpoint")
+    p.add_argument("--members", type=POSITIVE_INT, default=1, help="train a committee of this many models (seeds "
+                   "seed, seed+1, ...; a2ijax.committee) into WORKDIR/member_<k>")
     p.add_argument("--stop-after", type=POSITIVE_INT, help="stop and checkpoint after this many steps")
     p.add_argument("--atom-chunk", type=COUNT, help="atoms per rematerialised chunk (0: all; default per backend)")
     p.add_argument("--devices", type=POSITIVE_INT, help="local devices to split batches over (default: all devices "
@@ -85,7 +87,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="quickstart", help="directory for the dataset, run, MD output and plots")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart run in --out")
     p = commands.add_parser("md", help="molecular dynamics with a trained potential")
-    p.add_argument("checkpoint", nargs="?", help="a work directory, checkpoint directory or checkpoint step directory")
+    p.add_argument("checkpoint", nargs="?", help="a work directory, checkpoint directory or checkpoint step directory; "
+                   "a committee's work directory (train --members) runs committee MD")
     p.add_argument("--model", help="a pretrained model shipped with the package instead of a checkpoint: "
                    "lj, sw or ka (a2ijax.pretrained)")
     start = p.add_mutually_exclusive_group(required=True)
@@ -155,10 +158,18 @@ def run_command(args: argparse.Namespace) -> None:
         initialize(args.coordinator, args.num_processes, args.process_id)  # before jax-md starts the backend
         from a2ijax.config import load_config
         from a2ijax.report import format_report
-        from a2ijax.train import train_and_evaluate
+        from a2ijax.train import train_and_evaluate, train_committee
 
         config = load_config(args.config)
         workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
+        if args.members > 1:
+            results = train_committee(config, workdir, args.members, resume=args.resume, stop_after=args.stop_after,
+                                      atom_chunk=args.atom_chunk, devices=args.devices)
+            if is_main_process():
+                done = sum(r is None or r.report is not None for r in results)
+                print(f"committee in {workdir}: {done} of {args.members} members trained "
+                      f"({workdir}/member_<k>/report.md); MD with `a2ijax md {workdir} ...`")
+            return
         result = train_and_evaluate(config, workdir, resume=args.resume, stop_after=args.stop_after,
                                     atom_chunk=args.atom_chunk, devices=args.devices)
         if not is_main_process():

@@ -154,6 +154,8 @@ def run(apply_fn: Callable, state: Any, neighbor_fn: partition.NeighborFn, neigh
 
 ENSEMBLES = ("nve", "nose-hoover", "langevin")
 THERMO_COLUMNS = ("step", "time", "potential", "kinetic", "total", "temperature", "pressure", "min_distance")
+#: Extra thermo columns of a run with a committee's force disagreement (``simulate(disagreement=)``).
+DISAGREEMENT_COLUMNS = ("disagreement_max", "disagreement_mean")
 
 
 @dataclasses.dataclass
@@ -161,9 +163,11 @@ class Simulation:
     """What :func:`simulate` returns.
 
     ``thermo`` holds one row per ``thermo_every`` steps (columns ``THERMO_COLUMNS``; temperature is
-    k_B T in energy units, pressure from the virial), ``positions`` ``[F, N, 3]`` the frames written
-    to the trajectory (one per ``trajectory_every`` steps), ``drift`` the linear-fit slope of the total
-    energy per atom per unit time, ``rate`` the atom-steps per second after compilation.
+    k_B T in energy units, pressure from the virial; with a committee also ``DISAGREEMENT_COLUMNS``,
+    the largest and the mean per-atom force disagreement), ``positions`` ``[F, N, 3]`` the frames
+    written to the trajectory (one per ``trajectory_every`` steps) and ``disagreement`` ``[F, N]``
+    their per-atom force disagreement (None without a committee), ``drift`` the linear-fit slope of
+    the total energy per atom per unit time, ``rate`` the atom-steps per second after compilation.
     """
 
     state: Any
@@ -174,20 +178,27 @@ class Simulation:
     rate: float
     reallocations: int
     seconds: float
+    disagreement: np.ndarray | None = None
 
 
-def thermo_observables(energy_fn: Callable[..., jax.Array], displacement_fn: Callable, box: Any
-                       ) -> Callable[..., dict[str, jax.Array]]:
-    """Per-record potential, kinetic and total energy, temperature, virial pressure and closest pair."""
+def thermo_observables(energy_fn: Callable[..., jax.Array], displacement_fn: Callable, box: Any,
+                       disagreement: Callable[..., jax.Array] | None = None) -> Callable[..., dict[str, jax.Array]]:
+    """Per-record potential, kinetic and total energy, temperature, virial pressure and closest pair;
+    with ``disagreement(R, neighbor) -> [N]`` (:meth:`a2ijax.committee.Committee.disagreement`) also
+    the per-atom force disagreement (``disagreement``) and its largest and mean value."""
 
     def observe(state, neighbor):
         R = state.position
         potential = energy_fn(R, neighbor=neighbor)
         kinetic = quantity.kinetic_energy(momentum=state.momentum, mass=state.mass)
         pressure = quantity.pressure(energy_fn, R, box, kinetic_energy=kinetic, neighbor=neighbor)
-        return dict(potential=potential, kinetic=kinetic, total=potential + kinetic,
-                    temperature=quantity.temperature(momentum=state.momentum, mass=state.mass), pressure=pressure,
-                    min_distance=closest_neighbor(R, neighbor, displacement_fn, box))
+        records = dict(potential=potential, kinetic=kinetic, total=potential + kinetic,
+                       temperature=quantity.temperature(momentum=state.momentum, mass=state.mass), pressure=pressure,
+                       min_distance=closest_neighbor(R, neighbor, displacement_fn, box))
+        if disagreement is not None:
+            sigma = disagreement(R, neighbor=neighbor)
+            records.update(disagreement=sigma, disagreement_max=jnp.max(sigma), disagreement_mean=jnp.mean(sigma))
+        return records
 
     return observe
 
@@ -247,17 +258,19 @@ def rdf_difference(r: np.ndarray, g: dict, g_reference: dict) -> dict[tuple[int,
 
 
 class _Output:
-    """Thermo CSV and extended-XYZ trajectory, appended and flushed after every chunk."""
+    """Thermo CSV and extended-XYZ trajectory, appended and flushed after every chunk; with a committee
+    the thermo rows have ``DISAGREEMENT_COLUMNS`` and the frames a per-atom ``disagreement`` array."""
 
-    def __init__(self, out: str | None, symbols: list[str], box: np.ndarray):
+    def __init__(self, out: str | None, symbols: list[str], box: np.ndarray, columns: tuple[str, ...]):
         self.out = None if out is None else Path(out)
-        self.symbols, self.cell = symbols, np.asarray(box, np.float64).T
+        self.symbols, self.cell, self.columns = symbols, np.asarray(box, np.float64).T, columns
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "thermo.csv").write_text(",".join(THERMO_COLUMNS) + "\n")
+            (self.out / "thermo.csv").write_text(",".join(columns) + "\n")
             (self.out / "trajectory.extxyz").write_text("")
 
-    def write(self, rows: dict[str, np.ndarray], R: np.ndarray, step: int, time: float) -> None:
+    def write(self, rows: dict[str, np.ndarray], R: np.ndarray, step: int, time: float,
+              disagreement: np.ndarray | None = None) -> None:
         if self.out is None:
             return
         import ase
@@ -265,10 +278,12 @@ class _Output:
 
         with open(self.out / "thermo.csv", "a") as f:
             for k in range(len(rows["step"])):
-                f.write(",".join(f"{rows[c][k]:.10g}" for c in THERMO_COLUMNS) + "\n")
+                f.write(",".join(f"{rows[c][k]:.10g}" for c in self.columns) + "\n")
             f.flush()
             os.fsync(f.fileno())
         atoms = ase.Atoms(symbols=self.symbols, positions=R, cell=self.cell, pbc=True, info=dict(step=step, time=time))
+        if disagreement is not None:
+            atoms.arrays["disagreement"] = np.asarray(disagreement, np.float64)
         with open(self.out / "trajectory.extxyz", "a") as f:
             ase.io.write(f, atoms, format="extxyz")
             f.flush()
@@ -320,7 +335,8 @@ def simulate(energy_fn: Callable[..., jax.Array], neighbor_fn: partition.Neighbo
              shift_fn: Callable, R: jax.Array, box: Any, *, steps: int, dt: float, ensemble: str = "nve",
              kT: float | None = None, mass: Any = 1.0, seed: int = 0, thermo_every: int = 10,
              trajectory_every: int = 100, tau: float = 100.0, friction: float = 1.0, out: str | None = None,
-             symbols: list[str] | None = None, progress: bool = True, time_unit: str = "time unit") -> Simulation:
+             symbols: list[str] | None = None, progress: bool = True, time_unit: str = "time unit",
+             disagreement: Callable[..., jax.Array] | None = None) -> Simulation:
     """Molecular dynamics with a potential on a Dense neighbour list updated every step.
 
     Args:
@@ -336,6 +352,10 @@ def simulate(energy_fn: Callable[..., jax.Array], neighbor_fn: partition.Neighbo
       out: directory for ``thermo.csv`` and ``trajectory.extxyz`` (positions every
         ``trajectory_every`` steps), both appended and flushed after every chunk: if the run stops
         (NaN positions raise ``FloatingPointError`` naming the step), what was written stays.
+      disagreement: a committee's ``fn(R, neighbor) -> [N]`` per-atom force disagreement
+        (:meth:`a2ijax.committee.Committee.disagreement`), recorded with every thermo row (its
+        largest and mean value) and every trajectory frame (per atom); ``energy_fn`` is then the
+        committee's mean energy (:meth:`a2ijax.committee.Committee.potential`).
     """
     init, apply = integrator(energy_fn, shift_fn, ensemble, dt, kT, tau=tau, friction=friction)  # checks them
     check_output_steps(steps, thermo_every, trajectory_every)
@@ -350,8 +370,9 @@ def simulate(energy_fn: Callable[..., jax.Array], neighbor_fn: partition.Neighbo
             raise RuntimeError("the neighbour list still overflows after 10 reallocations at the start")
         neighbor, reallocations = reallocate(neighbor_fn, R, neighbor), reallocations + 1
     state = init(jax.random.PRNGKey(seed), R, mass=mass, kT=0.0 if kT is None else kT, neighbor=neighbor)
-    output = _Output(out, symbols or ["X"] * n, np.asarray(box))
-    positions, rows = [], []
+    columns = THERMO_COLUMNS + (DISAGREEMENT_COLUMNS if disagreement is not None else ())
+    output = _Output(out, symbols or ["X"] * n, np.asarray(box), columns)
+    positions, rows, sigmas = [], [], []
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -367,7 +388,9 @@ def simulate(energy_fn: Callable[..., jax.Array], neighbor_fn: partition.Neighbo
         rows.append(records)
         R = np.asarray(state.position, np.float64)
         positions.append(R)
-        output.write(records, R, done, done * dt)
+        sigma = None if disagreement is None else records["disagreement"][-1]
+        sigmas.append(sigma)
+        output.write(records, R, done, done * dt, sigma)
         now = time.perf_counter()
         if t_first is None:
             t_first = (now, done)  # the first chunk includes compilation
@@ -380,15 +403,16 @@ def simulate(energy_fn: Callable[..., jax.Array], neighbor_fn: partition.Neighbo
 
     try:
         md = run(apply, state, neighbor_fn, neighbor, steps, chunk_steps=trajectory_every, stride=thermo_every,
-                 observe=thermo_observables(energy_fn, displacement_fn, box), on_chunk=on_chunk)
+                 observe=thermo_observables(energy_fn, displacement_fn, box, disagreement), on_chunk=on_chunk)
     finally:
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
-    thermo = {c: np.concatenate([r[c] for r in rows]) for c in THERMO_COLUMNS} if rows else {}
+    thermo = {c: np.concatenate([r[c] for r in rows]) for c in columns} if rows else {}
     rate = float("nan")
     if t_first is not None and steps > t_first[1]:
         rate = n * (steps - t_first[1]) / (t0 + seconds - t_first[0])
     drift = energy_drift(thermo["time"], thermo["total"], n) if thermo else float("nan")
     return Simulation(md.state, md.neighbor, thermo, np.asarray(positions), drift, rate,
-                      reallocations + md.reallocations, seconds)
+                      reallocations + md.reallocations, seconds,
+                      None if disagreement is None else np.asarray(sigmas))

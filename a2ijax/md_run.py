@@ -3,7 +3,8 @@
 The structure is checked against the checkpoint (species it knows, a periodic cell wide enough for
 the cutoff), a warning says when atoms are closer than any pair in the training data (the model
 extrapolates there), and :func:`a2ijax.md.simulate` runs with ``thermo.csv`` and
-``trajectory.extxyz`` written as it goes.
+``trajectory.extxyz`` written as it goes. A committee (:mod:`a2ijax.committee`) drives the MD with
+its mean force and records the members' force disagreement in both files.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import ase
 import ase.io
 import jax.numpy as jnp
 
-from a2ijax.checkpoint import Checkpoint, load_checkpoint
+from a2ijax.checkpoint import Checkpoint
+from a2ijax.committee import Committee, load_potential
 from a2ijax.dataset import check_cutoff, structure_dataset
 from a2ijax.geometry import closest_distance
 from a2ijax.md import Simulation, check_output_steps, simulate
@@ -33,9 +35,10 @@ def read_structure(path: str) -> ase.Atoms:
         raise ValueError(f"{path}: cannot read a structure: {error}") from error
 
 
-def run_md(checkpoint: Checkpoint, atoms: ase.Atoms, *, steps: int, dt: float, kT: float | None, ensemble: str,
-           mass: Any = 1.0, thermo_every: int = 10, trajectory_every: int = 100, skin: float | None = None,
-           capacity_multiplier: float = 1.25, atom_chunk: int | None = None, devices: int = 1, seed: int = 0,
+def run_md(checkpoint: Checkpoint | Committee, atoms: ase.Atoms, *, steps: int, dt: float, kT: float | None,
+           ensemble: str, mass: Any = 1.0, thermo_every: int = 10, trajectory_every: int = 100,
+           skin: float | None = None, capacity_multiplier: float = 1.25, atom_chunk: int | None = None,
+           devices: int = 1, seed: int = 0,
            out: str | None = None, progress: bool = True) -> Simulation:
     """Checks ``atoms`` against the checkpoint, runs :func:`a2ijax.md.simulate`, prints a summary.
 
@@ -43,7 +46,7 @@ def run_md(checkpoint: Checkpoint, atoms: ase.Atoms, *, steps: int, dt: float, k
     ``capacity_multiplier`` the neighbour slots over the densest atom's count (an overflow reruns the
     chunk at a larger capacity); ``atom_chunk`` a run setting of the potential; ``devices`` > 1
     splits the atoms over that many local devices (:func:`a2ijax.parallel.make_mesh`; the same
-    trajectory up to float rounding).
+    trajectory up to float rounding; one device for a committee).
     """
     cutoff = checkpoint.config.model.cutoff
     skin = 0.1 * cutoff if skin is None else skin
@@ -60,14 +63,18 @@ def run_md(checkpoint: Checkpoint, atoms: ase.Atoms, *, steps: int, dt: float, k
     dtype = jnp.result_type(float)
     box = jnp.asarray(atoms.cell[:].T, dtype)
     species = jnp.asarray(frame.species[0])
+    committee = isinstance(checkpoint, Committee)
+    if committee and devices != 1:
+        raise ValueError("committee MD runs on one device (devices=1)")
     mesh = make_mesh(devices, "atoms") if devices != 1 else None
     neighbor_fn, energy_fn, displacement, shift = checkpoint.potential(
         box, species, atom_chunk=atom_chunk, mesh=mesh, dr_threshold=skin, capacity_multiplier=capacity_multiplier)
+    disagreement = checkpoint.disagreement(box, species, atom_chunk=atom_chunk) if committee else None
     try:
         result = simulate(energy_fn, neighbor_fn, displacement, shift, jnp.asarray(atoms.get_positions(), dtype),
                           box, steps=steps, dt=dt, ensemble=ensemble, kT=kT, mass=mass, seed=seed,
                           thermo_every=thermo_every, trajectory_every=trajectory_every, out=out,
-                          symbols=atoms.get_chemical_symbols(), progress=progress)
+                          symbols=atoms.get_chemical_symbols(), progress=progress, disagreement=disagreement)
     except FloatingPointError as error:
         model = checkpoint.config.model
         if not model.attention_keys:
@@ -81,6 +88,9 @@ def run_md(checkpoint: Checkpoint, atoms: ase.Atoms, *, steps: int, dt: float, k
     print(f"{ensemble} MD: {n} atoms, {steps} steps of {dt:g} in {result.seconds:.1f} s "
           f"({result.rate:.4g} atom-steps/s after compilation, {result.reallocations} reallocations)")
     print(f"  neighbour slots per atom (K): {result.neighbor.idx.shape[-1]}")
+    if committee:
+        print(f"  committee of {checkpoint.size}: per-atom force disagreement mean "
+              f"{thermo['disagreement_mean'].mean():.4g}, largest {thermo['disagreement_max'].max():.4g} (force units)")
     print(f"  temperature (kT) mean {thermo['temperature'].mean():.5g}, pressure mean {thermo['pressure'].mean():.5g}")
     print(f"  total energy per atom: start {thermo['total'][0] / n:.6g}, end {thermo['total'][-1] / n:.6g}, "
           f"drift {result.drift:.3g} per atom per time unit")
@@ -89,11 +99,12 @@ def run_md(checkpoint: Checkpoint, atoms: ase.Atoms, *, steps: int, dt: float, k
     return result
 
 
-def md_from_checkpoint(checkpoint: str | Checkpoint, *, structure: str | None = None, state_point: str | None = None,
-                       equilibrate: int = 5000, steps: int, dt: float | None = None, kT: float | None = None,
+def md_from_checkpoint(checkpoint: str | Checkpoint | Committee, *, structure: str | None = None,
+                       state_point: str | None = None, equilibrate: int = 5000, steps: int, dt: float | None = None,
+                       kT: float | None = None,
                        thermo_every: int = 10, trajectory_every: int = 100, seed: int = 0, **kwargs) -> Simulation:
-    """``a2ijax md``: MD with ``checkpoint`` (a path, or a loaded one such as
-    ``a2ijax.pretrained.load(name)``) from a ``structure`` file, or from
+    """``a2ijax md``: MD with ``checkpoint`` (a path: a work directory, checkpoint or committee's work
+    directory; or a loaded one such as ``a2ijax.pretrained.load(name)``) from a ``structure`` file, or from
     a ``state_point`` of the checkpoint's reference system equilibrated with the reference potential
     for ``equilibrate`` steps (a lattice start would melt and heat up under the model). ``dt`` and
     ``kT`` default to the reference system's; other keywords go to :func:`run_md`."""
@@ -102,8 +113,8 @@ def md_from_checkpoint(checkpoint: str | Checkpoint, *, structure: str | None = 
     if equilibrate < 0:
         raise ValueError(f"equilibrate must be >= 0, got {equilibrate}")
     check_output_steps(steps, thermo_every, trajectory_every)  # before any MD
-    if not isinstance(checkpoint, Checkpoint):
-        checkpoint = load_checkpoint(checkpoint)
+    if not isinstance(checkpoint, (Checkpoint, Committee)):
+        checkpoint = load_potential(checkpoint)
     system_name = checkpoint.meta.get("system", "")
     system = get_system(system_name) if system_name in SYSTEMS else None
     if structure is not None:

@@ -257,7 +257,8 @@ def a2i_neighbor_list(
             raise ValueError("a2i_neighbor_list energy needs neighbor=neighbor_fn.allocate(R)")
         if neighbor.format is not partition.Dense:
             raise ValueError(f"neighbour list must be Dense, got {neighbor.format}")
-        if _is_concrete(neighbor.idx) and bool(neighbor.did_buffer_overflow):
+        overflow = neighbor.did_buffer_overflow  # traced inside jit, even for a list closed over
+        if _is_concrete(overflow) and bool(overflow):
             raise NeighborListOverflowError(
                 f"neighbour list overflowed its capacity of {neighbor.idx.shape[1]} slots per atom: "
                 "reallocate it with a2ijax.potential.reallocate(neighbor_fn, R, neighbor)")

@@ -340,3 +340,53 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, resume:
     if step == train.steps:
         report = final_report(workdir, data, predict, rows_per_batch, write=main)
     return TrainResult(state, report, workdir, time.perf_counter() - t_start)
+
+
+def train_committee(config: ExperimentConfig, workdir: str | Path, members: int, *, resume: bool = False,
+                    dataset: Dataset | None = None, **kwargs) -> list[TrainResult | None]:
+    """Trains a committee (:mod:`a2ijax.committee`): ``members`` runs of ``config`` with the seeds
+    ``seed, seed + 1, ...`` (initial parameters and data order), each in ``workdir/member_<k>``, and
+    ``workdir/committee.json`` naming them. With ``resume``, members with a report are kept (None in
+    the result) and the others continue from their periodic checkpoints. The members must share
+    their splits, so the frames need split headers (``a2ijax generate`` writes them) or a
+    ``max_train_frames`` subset would differ too: both are checked before training. Other keywords
+    go to :func:`train_and_evaluate`.
+    """
+    from a2ijax.committee import INDEX
+    from a2ijax.dataset import split_indices
+
+    if isinstance(members, bool) or not isinstance(members, int) or members < 2:
+        raise ValueError(f"a committee needs members >= 2, got {members!r}")
+    workdir = Path(workdir)
+    if dataset is None:
+        dataset = read_dataset(config.data.path, config.data.symbols or None)
+    seeds = [config.train.seed + k for k in range(members)]
+    splits = [split_indices(dataset, config.data.split_fractions, seed) for seed in seeds]
+    if config.data.max_train_frames or any(
+            any(not np.array_equal(s[name], splits[0][name]) for name in s) for s in splits[1:]):
+        raise ValueError(f"{dataset.path}: committee members would get different splits (the frames have no split "
+                         "headers, or [data] max_train_frames draws a subset per seed); give the frames split "
+                         "headers and drop max_train_frames, so that every member is tested on the same frames")
+    names = [f"member_{k}" for k in range(members)]
+    index = dict(members=names, seeds=seeds, config=config.to_dict())
+    if (workdir / INDEX).exists():
+        stored = json.loads((workdir / INDEX).read_text())
+        if not resume:
+            raise CheckpointError(f"{workdir} already holds a committee: pass resume (--resume) to continue, or use a "
+                                  "new work directory")
+        if stored != json.loads(json.dumps(index)):
+            raise CheckpointError(f"{workdir / INDEX} describes another committee (members, seeds or config differ)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    atomic_write(workdir / INDEX, lambda f: json.dump(index, f, indent=1))
+    results: list[TrainResult | None] = []
+    for name, seed in zip(names, seeds, strict=True):
+        member = workdir / name
+        if (member / "report.json").exists():
+            results.append(None)
+            continue
+        member_config = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
+        periodic = member / "checkpoints" / "periodic"
+        started = periodic.is_dir() and any(periodic.iterdir())
+        results.append(train_and_evaluate(member_config, member, resume=resume and started, dataset=dataset,
+                                          **kwargs))
+    return results

@@ -29,7 +29,7 @@ from a2ijax.config import DataConfig, ExperimentConfig, TrainConfig  # noqa: E40
 from a2ijax.dataset import write_dataset  # noqa: E402
 from a2ijax.sampling import label  # noqa: E402
 from a2ijax.systems import get_system, lattice_positions  # noqa: E402
-from a2ijax.train import train_and_evaluate  # noqa: E402
+from a2ijax.train import train_committee  # noqa: E402
 
 CUTOFF = 2.0
 N_SPECIES = 3
@@ -186,11 +186,20 @@ TRAIN_ATOM_CHUNK = 0
 
 
 @pytest.fixture(scope="session")
-def trained(tiny_data, tmp_path_factory) -> tuple[dict, Path]:
-    """``(report, workdir)`` of the tiny model trained on ``tiny_data`` (24 steps), built once per
-    test run and shared by the xdist workers."""
+def trained_committee(tiny_data, tmp_path_factory) -> Path:
+    """The work directory of a committee of two tiny models trained on ``tiny_data`` (24 steps each,
+    seeds 0 and 1; ``a2ijax train --members 2``), built once per test run and shared by the xdist
+    workers. Member 0 is the suite's single trained model (:func:`trained`); member 1 costs one
+    more training run, but no compilation (the seed changes data, not programs)."""
     with shared_directory(tmp_path_factory, "trained") as (directory, ready):
-        workdir = directory / "run"
+        workdir = directory / "committee"
         if not ready:
-            train_and_evaluate(tiny_config(tiny_data), workdir, progress=False, atom_chunk=TRAIN_ATOM_CHUNK)
+            train_committee(tiny_config(tiny_data), workdir, 2, progress=False, atom_chunk=TRAIN_ATOM_CHUNK)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def trained(trained_committee) -> tuple[dict, Path]:
+    """``(report, workdir)`` of the tiny model trained on ``tiny_data`` (24 steps, seed 0)."""
+    workdir = trained_committee / "member_0"
     return json.loads((workdir / "report.json").read_text()), workdir
