@@ -20,6 +20,10 @@ key in the softmax, ``w_jk = c_k exp(s_jk) / (exp(s_sink) + sum_k c_k exp(s_jk))
 in the pooling. A neighbour at the cutoff has no influence, so energies and forces stay continuous
 as atoms cross it. The learned sink logit keeps the denominator away from zero.
 
+Attention weights (:mod:`a2ijax.analysis`): ``model.apply(..., mutable=["intermediates"])`` returns, per
+block, the weights ``w_jk`` ``[n, H, K, M]`` and the sink's share ``[n, H, K]`` (the two sum to one
+over the keys), and the key slots ``[n, M]`` when the attention range is limited.
+
 Attention range (optional, ``attention_cutoff`` ``r_att`` and ``attention_keys`` ``M``): the keys of
 every query are the ``M`` nearest neighbours, weighted by an envelope in ``d / r_att`` instead of
 ``d / r_c``, so the attention costs ``K x M`` instead of ``K^2``; the queries (every token) and the
@@ -267,6 +271,9 @@ class SelfAttention(nn.Module):
         mx = jax.lax.stop_gradient(jnp.maximum(jnp.max(lw, -1, keepdims=True), sink))
         e = jnp.exp(lw - mx)  # [n, H, K, M], each <= 1; exactly 0 for dead keys
         denominator = jnp.exp(sink - mx) + jnp.sum(e, -1, keepdims=True)  # [n, H, K, 1], >= 1
+        if self.is_mutable_collection("intermediates"):  # for a2ijax.analysis: the weights and the sink's share
+            self.sow("intermediates", "weights", e / denominator)  # [n, H, K, M]
+            self.sow("intermediates", "sink", (jnp.exp(sink - mx) / denominator)[..., 0])  # [n, H, K]
         # Normalise after the value product: a [n, K, H, dh] division instead of a [n, H, K, M] one.
         out = jnp.einsum("nhqk,nkhd->nqhd", e, v) / jnp.moveaxis(denominator, 1, 2)
         out = out.reshape(n, k, d)
@@ -347,6 +354,7 @@ class A2ITransformer(nn.Module):
             minus_d, keys = jax.lax.top_k(-d, min(cfg.attention_keys, k))  # [n, M] each
             c_keys = envelope(-minus_d / r_att, cfg.envelope, cfg.envelope_exponent)  # [n, M]
             crowded = jnp.sum(d < r_att, -1) > cfg.attention_keys  # [n]: keys with weight were cut off
+            self.sow("intermediates", "keys", keys)  # for a2ijax.analysis; nothing unless asked for
         for layer in range(cfg.layers):
             tokens = Block(cfg, self.dtype, name=f"block_{layer}")(tokens, c_keys, angular, keys)  # [n, K, D]
         tokens = nn.LayerNorm(name="norm_out", **dense)(tokens)

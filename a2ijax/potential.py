@@ -133,7 +133,7 @@ def _check_inputs(config: A2IConfig, R: Array, species: Array | None, mask: Arra
             raise ValueError(f"mask must be boolean (True for real atoms), got dtype {mask.dtype}")
 
 
-def _model_inputs(R: Array, idx: Array, displacement_fn: DisplacementFn, species: Array | None,
+def model_inputs(R: Array, idx: Array, displacement_fn: DisplacementFn, species: Array | None,
                   mask: Array | None, centers: Array | None = None, **kwargs) -> tuple[Array, Array, Array, Array]:
     """The model's per-atom inputs from a Dense neighbour index ``idx [n, K]`` (empty slots hold ``N``).
 
@@ -157,7 +157,7 @@ def _a2i_energy(model: A2ITransformer, atom_chunk: int, params: Any, R: Array, i
                 displacement_fn: DisplacementFn, species: Array | None, mask: Array | None,
                 per_atom: bool, **kwargs) -> Array:
     """Total (or per-atom) energy from a Dense neighbour index ``idx [N, K]``."""
-    inputs = _model_inputs(R, idx, displacement_fn, species, mask, **kwargs)
+    inputs = model_inputs(R, idx, displacement_fn, species, mask, **kwargs)
     energies = per_atom_energies(model, params, *inputs, atom_chunk=atom_chunk)
     if mask is not None:
         energies = jnp.where(mask, energies, 0.0)
@@ -187,7 +187,7 @@ def _sharded_energy(model: A2ITransformer, atom_chunk: int, params: Any, R: Arra
     kwargs = {k: jnp.asarray(v) for k, v in kwargs.items()}
 
     def block(params, R, idx, centers, real, species, mask, kwargs):
-        inputs = _model_inputs(R, idx, displacement_fn, species, mask, centers, **kwargs)
+        inputs = model_inputs(R, idx, displacement_fn, species, mask, centers, **kwargs)
         energies = jnp.where(real, per_atom_energies(model, params, *inputs, atom_chunk=atom_chunk), 0.0)
         return energies if per_atom else jax.lax.psum(jnp.sum(energies), axis)
 
@@ -200,7 +200,7 @@ def _sharded_energy(model: A2ITransformer, atom_chunk: int, params: Any, R: Arra
 def _init(model: A2ITransformer, key: Array, R: Array, idx: Array, displacement_fn: DisplacementFn,
           species: Array | None) -> Any:
     """Parameters from a few atoms: their shapes do not depend on ``N`` or ``K``."""
-    inputs = _model_inputs(R, idx[: min(R.shape[0], 4)], displacement_fn, species, None)
+    inputs = model_inputs(R, idx[: min(R.shape[0], 4)], displacement_fn, species, None)
     return jax.jit(model.init)(key, *inputs)
 
 

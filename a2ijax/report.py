@@ -222,17 +222,10 @@ def write_report(out: Path, report: dict, dataset: Dataset, predictions: Predict
     return text
 
 
-def evaluate(checkpoint: str | Path | Checkpoint, data_path: str | Path, split: str | None = None,
-             out: str | Path | None = None, batch_size: int = 4, atom_chunk: int | None = None) -> tuple[dict, str]:
-    """Error report of a checkpoint (a path, or a loaded :class:`a2ijax.checkpoint.Checkpoint`: a
-    pretrained model, or one with fine-tuned parameters put in) on any labelled dataset (all
-    frames, or one ``split``).
-
-    Fluctuations are taken from every frame of the file at each state point. ``atom_chunk``: see
-    :func:`a2ijax.a2i_neighbor_list`.
-    """
-    if not isinstance(checkpoint, Checkpoint):
-        checkpoint = load_checkpoint(checkpoint)
+def predict_dataset(checkpoint: Checkpoint, data_path: str | Path, split: str | None = None, batch_size: int = 4,
+                    atom_chunk: int | None = None) -> tuple[Dataset, Predictions]:
+    """A checkpoint's predictions for the frames of a labelled dataset (all, or one ``split``, as
+    the checkpoint's config splits the file); ``atom_chunk``: see :func:`a2ijax.a2i_neighbor_list`."""
     config = checkpoint.config
     dataset = read_dataset(data_path, checkpoint.symbols)
     if split is not None:
@@ -245,7 +238,21 @@ def evaluate(checkpoint: str | Path | Checkpoint, data_path: str | Path, split: 
                    splits=dict(train=np.zeros(0, int), valid=np.zeros(0, int), test=indices))
     _, energy_fn, per_atom = potential_builder(config, fixed_species(dataset, config), atom_chunk=atom_chunk)
     predictions = predict_buckets(jax.jit(predict_fn(energy_fn, per_atom)), checkpoint.params, data.buckets["test"],
-                                 batch_size)
+                                  batch_size)
+    return dataset, predictions
+
+
+def evaluate(checkpoint: str | Path | Checkpoint, data_path: str | Path, split: str | None = None,
+             out: str | Path | None = None, batch_size: int = 4, atom_chunk: int | None = None) -> tuple[dict, str]:
+    """Error report of a checkpoint (a path, or a loaded :class:`a2ijax.checkpoint.Checkpoint`: a
+    pretrained model, or one with fine-tuned parameters put in) on any labelled dataset (all
+    frames, or one ``split``; :func:`predict_dataset`).
+
+    Fluctuations are taken from every frame of the file at each state point.
+    """
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = load_checkpoint(checkpoint)
+    dataset, predictions = predict_dataset(checkpoint, data_path, split, batch_size, atom_chunk)
     report = error_report(dataset, predictions, fluctuations(dataset))
     report.update(split=split or "all", checkpoint=str(checkpoint.path), step=checkpoint.step)
     text = format_report(report, checkpoint.meta.get("units", ""))
