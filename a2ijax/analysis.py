@@ -169,7 +169,7 @@ def per_atom_energies(checkpoint: Checkpoint, data_path: str | Path, split: str 
     """The model's per-atom energies on a labelled dataset (``split`` of it, or all frames with
     None) against the exact ones stored with it: ``model``, ``exact`` and ``species`` (flat over
     atoms) and the report's ``pearson`` (and ``pearson_gauge_fixed`` for several species)."""
-    dataset, predictions = predict_dataset(checkpoint, data_path, split, atom_chunk=atom_chunk)
+    dataset, (predictions,) = predict_dataset(checkpoint, data_path, split, atom_chunk=atom_chunk)
     if dataset.per_atom_energies is None or predictions.per_atom is None:
         raise ValueError(f"{data_path}: the frames carry no per-atom energies (the exact decomposition)")
     frames = predictions.frame_index

@@ -1,7 +1,8 @@
 """The ``a2ijax`` command: a thin argument layer over the library.
 
 ``demo`` (:mod:`a2ijax.demo`), ``generate`` (:func:`a2ijax.sampling.write_reference_dataset`),
-``train`` (:func:`a2ijax.train.train_and_evaluate`), ``evaluate`` (:func:`a2ijax.report.evaluate`),
+``train`` (:func:`a2ijax.train.train_and_evaluate`; ``--members``: :func:`a2ijax.train.train_committee`),
+``learn`` (:func:`a2ijax.learn.learn`), ``evaluate`` (:func:`a2ijax.report.evaluate`),
 ``quickstart`` (:mod:`a2ijax.quickstart`), ``md`` (:func:`a2ijax.md_run.md_from_checkpoint`) and
 ``bench`` (:mod:`a2ijax.bench`). Every numeric option is checked when the arguments are parsed,
 before any work starts; bad input ends in a one-line message and exit status 2, not a traceback.
@@ -76,6 +77,10 @@ def parser() -> argparse.ArgumentParser:
                    " Slurm and Open MPI launches are detected without it)")
     p.add_argument("--num-processes", type=POSITIVE_INT, help="number of processes (with --coordinator)")
     p.add_argument("--process-id", type=COUNT, help="this process's rank, 0..num-processes-1 (with --coordinator)")
+    p = commands.add_parser("learn", help="active learning: label the frames where a committee disagrees most "
+                            "(a TOML config with a [learn] table; rerun to continue after an interruption)")
+    p.add_argument("config", help="experiment TOML with [data], [model], [train] and [learn] tables")
+    p.add_argument("--workdir", help="rounds, labelled frames and learning curve (default: runs/<config name>)")
     p = commands.add_parser("evaluate", help="error report of a checkpoint on a labelled dataset")
     p.add_argument("checkpoint", help="a work directory, checkpoint directory or checkpoint step directory")
     p.add_argument("data", help="labelled frames (extended XYZ or any ASE-readable file)")
@@ -180,6 +185,17 @@ def run_command(args: argparse.Namespace) -> None:
         else:
             print(f"trained {config.train.steps} steps in {result.seconds:.0f} s; test report ({workdir}/report.md):")
             print(format_report(result.report, result.report.get("units", "")))
+    elif args.command == "learn":
+        from a2ijax.learn import learn, load_learn_config
+
+        config, learn_config = load_learn_config(args.config)
+        workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
+        curve = learn(config, learn_config, workdir, progress=True)
+        print(f"active learning in {workdir} ({learn_config.selection} selection); test errors of the committee mean "
+              "(worst state point, ratios to the MD fluctuation and the force std):")
+        for row in curve:
+            print(f"  round {row['round']}: {row['train_frames']} training frames, energy "
+                  f"{100 * row['worst_energy_ratio']:.1f}%, force {100 * row['worst_force_ratio']:.1f}%")
     elif args.command == "evaluate":
         from a2ijax.report import evaluate
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -223,9 +223,12 @@ def write_report(out: Path, report: dict, dataset: Dataset, predictions: Predict
 
 
 def predict_dataset(checkpoint: Checkpoint, data_path: str | Path, split: str | None = None, batch_size: int = 4,
-                    atom_chunk: int | None = None) -> tuple[Dataset, Predictions]:
+                    atom_chunk: int | None = None, params: Sequence[Any] | None = None
+                    ) -> tuple[Dataset, list[Predictions]]:
     """A checkpoint's predictions for the frames of a labelled dataset (all, or one ``split``, as
-    the checkpoint's config splits the file); ``atom_chunk``: see :func:`a2ijax.a2i_neighbor_list`."""
+    the checkpoint's config splits the file), one :class:`Predictions` per parameter set in ``params``
+    (default: the checkpoint's own; a committee's members share its architecture, data preparation
+    and compiled program); ``atom_chunk``: see :func:`a2ijax.a2i_neighbor_list`."""
     config = checkpoint.config
     dataset = read_dataset(data_path, checkpoint.symbols)
     if split is not None:
@@ -237,9 +240,9 @@ def predict_dataset(checkpoint: Checkpoint, data_path: str | Path, split: str | 
     data = prepare(dataset, config, statistics=checkpoint.meta["statistics"],
                    splits=dict(train=np.zeros(0, int), valid=np.zeros(0, int), test=indices))
     _, energy_fn, per_atom = potential_builder(config, fixed_species(dataset, config), atom_chunk=atom_chunk)
-    predictions = predict_buckets(jax.jit(predict_fn(energy_fn, per_atom)), checkpoint.params, data.buckets["test"],
-                                  batch_size)
-    return dataset, predictions
+    predict = jax.jit(predict_fn(energy_fn, per_atom))
+    params = [checkpoint.params] if params is None else params
+    return dataset, [predict_buckets(predict, p, data.buckets["test"], batch_size) for p in params]
 
 
 def evaluate(checkpoint: str | Path | Checkpoint, data_path: str | Path, split: str | None = None,
@@ -252,7 +255,7 @@ def evaluate(checkpoint: str | Path | Checkpoint, data_path: str | Path, split: 
     """
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = load_checkpoint(checkpoint)
-    dataset, predictions = predict_dataset(checkpoint, data_path, split, batch_size, atom_chunk)
+    dataset, (predictions,) = predict_dataset(checkpoint, data_path, split, batch_size, atom_chunk)
     report = error_report(dataset, predictions, fluctuations(dataset))
     report.update(split=split or "all", checkpoint=str(checkpoint.path), step=checkpoint.step)
     text = format_report(report, checkpoint.meta.get("units", ""))
