@@ -19,10 +19,12 @@ not from a re-implementation, so they are exactly what the energy used.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
 import ase
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -84,8 +86,8 @@ def attention_maps(checkpoint: Checkpoint, atoms: ase.Atoms, centers: Any = None
     rows = jnp.asarray(centers, jnp.int32)
     dR, species_center, species_neighbor, pair_mask = model_inputs(R, idx[rows], displacement, species, None,
                                                                    centers=rows)
-    _, state = A2ITransformer(config).apply(default_float(checkpoint.params), dR, species_center, species_neighbor,
-                                            pair_mask, mutable=["intermediates"])
+    apply = jax.jit(functools.partial(A2ITransformer(config).apply, mutable=["intermediates"]))
+    _, state = apply(default_float(checkpoint.params), dR, species_center, species_neighbor, pair_mask)
     found = state["intermediates"]
     blocks = [found[f"block_{layer}"]["attention"] for layer in range(config.layers)]
     weights = np.stack([np.asarray(b["weights"][0]) for b in blocks])
