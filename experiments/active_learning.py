@@ -6,7 +6,8 @@ Writes the start set (``[data] path``) from ``data/lj.xyz`` if it is missing: pe
 first ``--train-frames`` training frames and one validation frame, split headers kept. Then runs
 ``a2ijax learn`` twice from it, selecting the candidates of the committee MD by disagreement and at
 random (the same number of frames from the same kind of MD), and plots the committee mean's test
-error (worst state point, and the force RMSE) against the number of training frames. Rerunning continues both loops where they stopped.
+error (worst state point, and the force RMSE) against the number of training frames. Rerunning
+continues both loops where they stopped.
 """
 
 from __future__ import annotations
