@@ -55,7 +55,8 @@ def test_what_each_layer_may_know():
     assert graph["model"][0] == set() and graph["model"][1] <= {"__future__", "dataclasses", "math", "typing", "flax",
                                                                   "jax"}
     assert graph["geometry"][0] == set() and graph["geometry"][1] <= {"__future__", "itertools", "numpy"}
-    for loader in ("checkpoint", "calculator", "md_run", "md", "potential", "report", "pretrained"):
+    for loader in ("checkpoint", "calculator", "md_run", "md", "potential", "report", "pretrained", "committee",
+                   "analysis"):
         reached = reachable(graph, loader) | {loader}
         assert "train" not in reached, f"{loader} reaches the trainer"
         assert not any("optax" in graph[m][1] for m in reached), f"{loader} imports optax"
