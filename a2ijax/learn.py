@@ -176,7 +176,7 @@ def committee_candidates(group: Any, start: ase.Atoms, kT: float, dt: float, mas
     state = init(jax.random.PRNGKey(seed), R, mass=mass, neighbor=nbrs)
     frames: list[ase.Atoms] = []
 
-    def keep(done: int, state: Any, records: dict[str, np.ndarray]) -> None:
+    def keep(done: int, state: Any, neighbor: Any, records: dict[str, np.ndarray]) -> None:
         for k, (R, sigma) in enumerate(zip(records["position"], records["disagreement"], strict=True)):
             atoms = ase.Atoms(start.get_chemical_symbols(), positions=np.mod(R, np.diag(start.cell[:])),
                               cell=start.cell, pbc=True)

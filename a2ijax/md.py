@@ -88,14 +88,14 @@ def allocate_replicas(neighbor_fn: partition.NeighborFn, R: jax.Array, capacity:
 def run(apply_fn: Callable, state: Any, neighbor_fn: partition.NeighborFn, neighbor: partition.NeighborList,
         n_steps: int, *, chunk_steps: int = 100, stride: int = 1, observe: Callable | None = None,
         max_reallocations: int = 10, progress: Callable[[int], Any] | None = None,
-        on_chunk: Callable[[int, Any, dict[str, np.ndarray]], Any] | None = None, replicas: bool = False,
+        on_chunk: Callable[[int, Any, Any, dict[str, np.ndarray]], Any] | None = None, replicas: bool = False,
         mesh: Mesh | None = None, **kwargs) -> MDRun:
     """Advances ``state`` by ``n_steps`` integrator steps, ``chunk_steps`` per compiled chunk.
 
     ``observe`` is recorded every ``stride`` steps (``n_steps`` and ``chunk_steps`` are multiples of
     it). With ``replicas``, state and list carry a leading replica axis (see
     :func:`allocate_replicas`) and observables are ``[B, n_records]``. ``progress(steps)`` and
-    ``on_chunk(steps_done, state, records)`` are called after each accepted chunk (to write output
+    ``on_chunk(steps_done, state, neighbor, records)`` are called after each accepted chunk (to write output
     as the run goes, so that an interrupted run keeps it). Raises ``FloatingPointError`` naming the
     chunk if positions become NaN or inf (the returned state is never a poisoned one), and
     ``RuntimeError`` after ``max_reallocations`` overflows.
@@ -141,7 +141,7 @@ def run(apply_fn: Callable, state: Any, neighbor_fn: partition.NeighborFn, neigh
         records.append(jax.tree.map(np.asarray, record))
         done += length
         if on_chunk is not None:
-            on_chunk(done, state, records[-1])
+            on_chunk(done, state, neighbor, records[-1])
         if progress is not None:
             progress(length)
     axis = 1 if replicas else 0
@@ -185,7 +185,8 @@ def thermo_observables(energy_fn: Callable[..., jax.Array], displacement_fn: Cal
                        disagreement: Callable[..., jax.Array] | None = None) -> Callable[..., dict[str, jax.Array]]:
     """Per-record potential, kinetic and total energy, temperature, virial pressure and closest pair;
     with ``disagreement(R, neighbor) -> [N]`` (:meth:`a2ijax.committee.Committee.disagreement`) also
-    the per-atom force disagreement (``disagreement``) and its largest and mean value."""
+    the largest and the mean per-atom force disagreement (per-atom values are not kept per record:
+    that memory would grow with N times the records)."""
 
     def observe(state, neighbor):
         R = state.position
@@ -197,7 +198,7 @@ def thermo_observables(energy_fn: Callable[..., jax.Array], displacement_fn: Cal
                        min_distance=closest_neighbor(R, neighbor, displacement_fn, box))
         if disagreement is not None:
             sigma = disagreement(R, neighbor=neighbor)
-            records.update(disagreement=sigma, disagreement_max=jnp.max(sigma), disagreement_mean=jnp.mean(sigma))
+            records.update(disagreement_max=jnp.max(sigma), disagreement_mean=jnp.mean(sigma))
         return records
 
     return observe
@@ -380,7 +381,10 @@ def simulate(energy_fn: Callable[..., jax.Array], neighbor_fn: partition.Neighbo
         bar = tqdm(total=steps, unit="step", desc=f"md {ensemble}", dynamic_ncols=True)
     t0, t_first = time.perf_counter(), None
 
-    def on_chunk(done: int, state: Any, records: dict[str, np.ndarray]) -> None:
+    frame_disagreement = None if disagreement is None else jax.jit(
+        lambda R, neighbor: disagreement(R, neighbor=neighbor))
+
+    def on_chunk(done: int, state: Any, neighbor: Any, records: dict[str, np.ndarray]) -> None:
         nonlocal t_first
         k = len(records["potential"])
         records = dict(records, step=done - thermo_every * (k - 1 - np.arange(k)))
@@ -388,7 +392,7 @@ def simulate(energy_fn: Callable[..., jax.Array], neighbor_fn: partition.Neighbo
         rows.append(records)
         R = np.asarray(state.position, np.float64)
         positions.append(R)
-        sigma = None if disagreement is None else records["disagreement"][-1]
+        sigma = None if disagreement is None else np.asarray(frame_disagreement(state.position, neighbor))
         sigmas.append(sigma)
         output.write(records, R, done, done * dt, sigma)
         now = time.perf_counter()
