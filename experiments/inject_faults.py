@@ -99,6 +99,23 @@ FAULTS = [
      'batch["weight"] = (np.arange(size) < len(rows)).astype(np.float32)',
      'batch["weight"] = np.ones(size, np.float32)',
      ["tests/test_parallel.py::test_split_batch_first_step_equals_one_device"]),
+    ("committee-first-member-only", "17 committee", "a2ijax/committee.py",
+     "return jnp.mean(jax.vmap(lambda p: energy_fn(p, R, neighbor=neighbor, **kwargs))(params))",
+     "return jax.vmap(lambda p: energy_fn(p, R, neighbor=neighbor, **kwargs))(params)[0]",
+     ["tests/test_committee.py::test_member_forces_are_each_models_own_the_mean_force_their_mean"]),
+    ("disagreement-population-std", "17 committee", "a2ijax/committee.py",
+     "jnp.var(forces, axis=0, ddof=1)", "jnp.var(forces, axis=0)",
+     ["tests/test_committee.py::test_member_forces_are_each_models_own_the_mean_force_their_mean"]),
+    ("attention-sink-unnormalised", "18 attention maps", "a2ijax/model.py",
+     'self.sow("intermediates", "weights", e / denominator)',
+     'self.sow("intermediates", "weights", e / jnp.sum(e, -1, keepdims=True))',
+     ["tests/test_analysis.py::test_attention_weights_sum_to_one_minus_the_sink_and_vanish_beyond_the_cutoff"]),
+    ("learn-relabels", "19 active learning", "a2ijax/learn.py",
+     "for i in chosen[len(done):]:", "for i in chosen:",
+     ["tests/test_learn.py::test_two_rounds_add_exactly_the_selected_frames_and_resume_without_relabelling"]),
+    ("learn-selects-least", "19 active learning", "a2ijax/learn.py",
+     "chosen = np.argsort(-score, kind=\"stable\")[:count]", "chosen = np.argsort(score, kind=\"stable\")[:count]",
+     ["tests/test_learn.py::test_two_rounds_add_exactly_the_selected_frames_and_resume_without_relabelling"]),
 ]
 
 
