@@ -8,7 +8,7 @@ from; its frames need split headers (``a2ijax generate`` writes them). Each roun
 1. train a committee (:func:`a2ijax.train.train_committee`) on ``WORKDIR/labelled.xyz``, the
    labelled set so far, and test its mean on the test frames (``test.json``);
 2. unless it is the last round, run committee MD (Langevin, each state point's temperature, from
-   the last labelled frame of that state point) and keep a candidate frame every
+   the last training frame of that state point: never a test frame) and keep a candidate frame every
    ``candidate_every`` steps, with its per-atom force disagreement (``candidates.extxyz``);
 3. select ``frames_per_round`` candidates: the largest disagreement of any atom (``selection =
    "disagreement"``) or at random (``"random"``, the baseline) (``selected.json``);
@@ -234,10 +234,11 @@ def learn(config: ExperimentConfig, learn_config: LearnConfig, workdir: str | Pa
             continue  # this round's frames are labelled and added already
         if not (here / "selected.json").exists():
             candidates, notes = [], []
-            groups = state_point_groups(read_dataset(labelled_path, group.symbols))
+            groups = {name: [i for i in indices if labelled[i].info.get("split") == "train"]
+                      for name, indices in state_point_groups(read_dataset(labelled_path, group.symbols)).items()}
             for point_name in learn_config.state_points or sorted(groups):
-                if point_name not in groups:
-                    raise ValueError(f"[learn] state point {point_name!r} has no labelled frame to start MD from")
+                if not groups.get(point_name):
+                    raise ValueError(f"[learn] state point {point_name!r} has no training frame to start MD from")
                 point = system.state_point(point_name)
                 start = labelled[groups[point_name][-1]]
                 frames, note = committee_candidates(group, start, point.kT, system.dt, system.mass, learn_config,

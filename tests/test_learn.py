@@ -28,7 +28,9 @@ def test_two_rounds_add_exactly_the_selected_frames_and_resume_without_relabelli
         atoms.info["state_point"] = "rho0.80_T2.0"
     write_dataset(tmp_path / "start.xyz", frames)
     config = tiny_config(tmp_path / "start.xyz", eval_every=24, checkpoint_every=24)  # the suite's programs
-    settings = LearnConfig(system="lj", rounds=1, members=2, frames_per_round=2, md_steps=20, candidate_every=5)
+    # Short MD from a training frame: its candidates keep the neighbour capacity, so round 1's committee
+    # trains on the programs round 0 compiled.
+    settings = LearnConfig(system="lj", rounds=1, members=2, frames_per_round=2, md_steps=10, candidate_every=2)
     reference = reference_labeller("lj")
     calls = []
 
@@ -51,7 +53,7 @@ def test_two_rounds_add_exactly_the_selected_frames_and_resume_without_relabelli
     for r in range(1):
         selected = json.loads((workdir / f"round_{r}" / "selected.json").read_text())
         candidates = ase.io.read(workdir / f"round_{r}" / "candidates.extxyz", index=":")
-        assert len(candidates) == 4  # one state point, 20 steps, one candidate every 5
+        assert len(candidates) == 5  # one state point, 10 steps, one candidate every 2
         score = [a.info["disagreement"] for a in candidates]
         assert selected["selected"] == list(np.argsort(score)[::-1][:2])  # the largest disagreement first
         added = [i for i, info in enumerate(labelled.info) if info.get("added_in_round") == r]
