@@ -130,6 +130,25 @@ def reference_labeller(system_name: str) -> Labeller:
     return labeller
 
 
+def calculator_labeller(calculator: Any) -> Labeller:
+    """Labels a frame with any ASE calculator (DFT, a classical potential): energy, forces, and the
+    per-atom energies where the calculator gives them."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    def labeller(atoms: ase.Atoms) -> ase.Atoms:
+        atoms = atoms.copy()
+        atoms.calc = calculator
+        results = dict(energy=atoms.get_potential_energy(), forces=atoms.get_forces())
+        try:
+            results["energies"] = atoms.get_potential_energies()
+        except Exception:  # noqa: BLE001 (calculators without per-atom energies raise various errors)
+            pass
+        atoms.calc = SinglePointCalculator(atoms, **results)
+        return atoms
+
+    return labeller
+
+
 def _append(path: Path, atoms: ase.Atoms) -> None:
     with open(path, "a") as f:
         ase.io.write(f, atoms, format="extxyz")
@@ -201,8 +220,8 @@ def learn(config: ExperimentConfig, learn_config: LearnConfig, workdir: str | Pa
           labeller: Labeller | None = None, progress: bool = False) -> list[dict[str, Any]]:
     """Runs (or continues) the active-learning loop in ``workdir`` (see the module docstring) and
     returns the learning curve: per round, the training frames and the committee's test errors.
-    ``labeller`` labels one frame (default: :func:`reference_labeller` of ``[learn] system``; any
-    ASE calculator through ``lambda atoms: ...``)."""
+    ``labeller`` labels one frame (default: :func:`reference_labeller` of ``[learn] system``; any ASE
+    calculator through :func:`calculator_labeller`)."""
     from a2ijax import committee
     from a2ijax.systems import get_system
     from a2ijax.train import train_committee

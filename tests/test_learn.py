@@ -76,3 +76,17 @@ def test_learn_config_is_checked(tmp_path, capsys):
         load_learn_config(tmp_path / "c.toml")
     assert cli.main(["learn", str(tmp_path / "c.toml")]) == 2
     assert "members must be >= 2" in capsys.readouterr().err
+
+
+def test_any_ase_calculator_labels_frames(tiny_data):
+    """``calculator_labeller``: ASE's own Lennard-Jones gives the reference's LJ labels (same sigma,
+    epsilon, cutoff and energy shift)."""
+    from ase.calculators.lj import LennardJones
+
+    from a2ijax.learn import calculator_labeller
+
+    atoms = ase.io.read(tiny_data, index="0")
+    reference = reference_labeller("lj")(atoms)
+    labelled = calculator_labeller(LennardJones(sigma=1.0, epsilon=1.0, rc=2.5, smooth=False))(atoms)
+    np.testing.assert_allclose(labelled.get_forces(), reference.get_forces(), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(labelled.get_potential_energy(), reference.get_potential_energy(), rtol=1e-9)
