@@ -59,6 +59,10 @@ class LearnConfig:
       md_steps: committee MD steps per state point and round.
       candidate_every: MD steps between candidate frames.
       selection: ``"disagreement"`` or ``"random"`` (the baseline to compare against).
+      max_disagreement: candidates whose largest per-atom disagreement is above this are not
+        selected (0: no limit): an upper trust level, as in DP-GEN, for committee MD that has left
+        the physical configurations (with a poorly trained committee, the most uncertain frames are
+        often such, and fitting them costs accuracy where it matters; BUILD_NOTES).
       friction: Langevin friction of the committee MD (inverse time units).
       test_data: labelled frames to test every round on (default: ``[data] path``), and
         ``test_split``: which of their splits (``"test"``; ``""``: all frames).
@@ -73,6 +77,7 @@ class LearnConfig:
     md_steps: int = 400
     candidate_every: int = 20
     selection: str = "disagreement"
+    max_disagreement: float = 0.0
     friction: float = 1.0
     test_data: str = ""
     test_split: str = "test"
@@ -92,6 +97,8 @@ class LearnConfig:
                              f"({self.candidate_every})")
         if self.selection not in SELECTIONS:
             raise ValueError(f"[learn] selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if not self.max_disagreement >= 0:
+            raise ValueError(f"[learn] max_disagreement must be >= 0 (0: no limit), got {self.max_disagreement}")
         if not self.friction > 0:
             raise ValueError(f"[learn] friction must be positive, got {self.friction}")
         if self.test_split not in ("", "train", "valid", "test"):
@@ -147,6 +154,17 @@ def calculator_labeller(calculator: Any) -> Labeller:
         return atoms
 
     return labeller
+
+
+def select(score: np.ndarray, learn_config: LearnConfig, round_index: int) -> np.ndarray:
+    """Indices of the candidates to label: at most ``frames_per_round`` of those with a score (largest
+    per-atom disagreement) within ``max_disagreement``, the largest first, or drawn at random."""
+    eligible = np.flatnonzero(score <= learn_config.max_disagreement) if learn_config.max_disagreement else \
+        np.arange(len(score))
+    count = min(learn_config.frames_per_round, len(eligible))
+    if learn_config.selection == "disagreement":
+        return eligible[np.argsort(-score[eligible], kind="stable")[:count]]
+    return np.random.default_rng(learn_config.seed + round_index).choice(eligible, count, replace=False)
 
 
 def _append(path: Path, atoms: ase.Atoms) -> None:
@@ -267,14 +285,12 @@ def learn(config: ExperimentConfig, learn_config: LearnConfig, workdir: str | Pa
                 candidates += frames
                 notes.append(dict(state_point=point_name, candidates=len(frames), note=note))
             score = np.asarray([a.info["disagreement"] for a in candidates])
-            count = min(learn_config.frames_per_round, len(candidates))
-            if learn_config.selection == "disagreement":
-                chosen = np.argsort(-score, kind="stable")[:count]
-            else:
-                chosen = np.random.default_rng(learn_config.seed + r).choice(len(candidates), count, replace=False)
+            chosen = select(score, learn_config, r)
             write_dataset(here / "candidates.extxyz", candidates)
             selected = dict(selection=learn_config.selection, selected=[int(i) for i in chosen],
-                            disagreement=[float(score[i]) for i in chosen], md=notes)
+                            disagreement=[float(score[i]) for i in chosen], md=notes,
+                            above_max_disagreement=int(np.sum(score > learn_config.max_disagreement))
+                            if learn_config.max_disagreement else 0)
             atomic_write(here / "selected.json", lambda f, selected=selected: json.dump(selected, f, indent=1))
         chosen = json.loads((here / "selected.json").read_text())["selected"]
         candidates = _read(here / "candidates.extxyz")

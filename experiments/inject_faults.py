@@ -114,7 +114,8 @@ FAULTS = [
      "for i in chosen[len(done):]:", "for i in chosen:",
      ["tests/test_learn.py::test_two_rounds_add_exactly_the_selected_frames_and_resume_without_relabelling"]),
     ("learn-selects-least", "19 active learning", "a2ijax/learn.py",
-     "chosen = np.argsort(-score, kind=\"stable\")[:count]", "chosen = np.argsort(score, kind=\"stable\")[:count]",
+     "return eligible[np.argsort(-score[eligible], kind=\"stable\")[:count]]",
+     "return eligible[np.argsort(score[eligible], kind=\"stable\")[:count]]",
      ["tests/test_learn.py::test_two_rounds_add_exactly_the_selected_frames_and_resume_without_relabelling"]),
 ]
 

@@ -11,7 +11,7 @@ from conftest import tiny_config
 
 from a2ijax import cli
 from a2ijax.dataset import read_dataset, write_dataset
-from a2ijax.learn import LearnConfig, learn, load_learn_config, reference_labeller
+from a2ijax.learn import LearnConfig, learn, load_learn_config, reference_labeller, select
 
 
 class Interrupted(Exception):
@@ -64,6 +64,16 @@ def test_two_rounds_add_exactly_the_selected_frames_and_resume_without_relabelli
             # Labelled by the reference: its own forces on those positions.
             np.testing.assert_allclose(labelled.forces[i], reference(candidates[c]).get_forces(), rtol=1e-6, atol=1e-6)
     assert learn(config, settings, workdir, labeller=labeller) == curve and len(calls) == 3  # all done: nothing redone
+
+
+def test_selection_takes_the_largest_disagreement_within_the_trust_level():
+    score = np.array([3.0, 9.0, 1.0, 7.0, 5.0])
+    settings = LearnConfig(system="lj", frames_per_round=2)
+    assert select(score, settings, 0).tolist() == [1, 3]
+    assert select(score, LearnConfig(system="lj", frames_per_round=2, max_disagreement=6.0), 0).tolist() == [4, 0]
+    assert select(score, LearnConfig(system="lj", frames_per_round=9, max_disagreement=2.0), 0).tolist() == [2]
+    drawn = select(score, LearnConfig(system="lj", frames_per_round=3, selection="random", max_disagreement=6.0), 1)
+    assert sorted(drawn.tolist()) == [0, 2, 4]
 
 
 def test_learn_config_is_checked(tmp_path, capsys):
