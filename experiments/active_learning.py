@@ -4,10 +4,11 @@
 
 Writes the start set (``[data] path``) from ``data/lj.xyz`` if it is missing: per state point the
 first ``--train-frames`` training frames and one validation frame, split headers kept. Then runs
-``a2ijax learn`` twice from it, selecting the candidates of the committee MD by disagreement and at
-random (the same number of frames from the same kind of MD), and plots the committee mean's test
-error (worst state point, and the force RMSE) against the number of training frames. Rerunning
-continues both loops where they stopped.
+``a2ijax learn`` from it, selecting the candidates of the committee MD by disagreement, at random
+(the same number of frames from the same kind of MD) and, with ``--max-disagreement``, by
+disagreement below an upper trust level (candidates above it are taken for unphysical), and plots
+the committee mean's test error (worst state point, and the force RMSE) against the number of
+training frames. Rerunning continues every loop where it stopped.
 """
 
 from __future__ import annotations
@@ -43,15 +44,20 @@ def main() -> None:
     parser.add_argument("--source", default="data/lj.xyz")
     parser.add_argument("--train-frames", type=int, default=1, help="training frames per state point to start with")
     parser.add_argument("--out", default="runs/active_learning")
+    parser.add_argument("--max-disagreement", type=float, nargs="*", default=[],
+                        help="also select by disagreement below each of these trust levels (one loop each)")
     args = parser.parse_args()
     config, settings = load_learn_config(args.config)
     if not Path(config.data.path).exists():
         start_set(args.source, Path(config.data.path), args.train_frames)
     out = Path(args.out)
     curves = {}
-    for selection in ("disagreement", "random"):
+    arms = {"disagreement": dict(selection="disagreement"), "random": dict(selection="random")}
+    arms.update({f"disagreement_below_{level:g}": dict(selection="disagreement", max_disagreement=level)
+                 for level in args.max_disagreement})
+    for selection, changes in arms.items():
         workdir = out / selection
-        curves[selection] = learn(config, dataclasses.replace(settings, selection=selection), workdir, progress=False)
+        curves[selection] = learn(config, dataclasses.replace(settings, **changes), workdir, progress=False)
         for row in curves[selection]:
             print(f"{selection}: round {row['round']}: {row['train_frames']} training frames, force RMSE "
                   f"{row['force_rmse']:.3f}, worst ratios energy {row['worst_energy_ratio']:.3f} force "
