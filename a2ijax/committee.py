@@ -70,7 +70,7 @@ class Committee:
         if len(self.members) < 2:
             raise ValueError(f"a committee needs at least 2 members, got {len(self.members)}")
         first = self.members[0]
-        for member in self.members[1:]:
+        for member in self.members:
             member.require_a2i("a committee")
             if member.config.model != first.config.model or member.symbols != first.symbols:
                 raise CheckpointError(f"committee member {member.path} differs from {first.path} in its model "
@@ -96,7 +96,6 @@ class Committee:
         self.members[0].warn_if_closer_than_training(closest, where)
 
     def _members(self, box: Any, species: Array | None, **settings) -> tuple[Any, Callable, Callable, Callable, Any]:
-        self.members[0].require_a2i("a committee")
         return (*periodic_potential(self.config.model, box, species, **settings), default_float(self.params))
 
     def potential(self, box: Any, species: Array | None = None, **settings
