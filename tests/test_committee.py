@@ -47,6 +47,7 @@ def test_member_forces_are_each_models_own_the_mean_force_their_mean(trained_com
     assert float(np.max(committee.force_disagreement(members(default_float(twins.params), R)))) == 0.0
 
 
+@pytest.mark.slow  # four / one MD programs compiled (python -m pytest -m slow)
 def test_committee_md_in_one_compiled_step_replicas_times_members(trained_committee):
     """Two identical members follow the single model's trajectory; B = 2 replicas x M = 2 members in
     one vmapped step follow each replica run alone, disagreement included."""
@@ -84,6 +85,7 @@ def test_committee_md_in_one_compiled_step_replicas_times_members(trained_commit
         np.testing.assert_allclose(together.observables["sigma"][b], alone.observables["sigma"], rtol=1e-4)
 
 
+@pytest.mark.slow  # four / one MD programs compiled (python -m pytest -m slow)
 def test_committee_md_from_the_command_line(tiny_data, trained_committee, tmp_path, capsys):
     """``md`` of a committee's work directory records the disagreement in thermo.csv and the
     trajectory; ``train --members --resume`` of a finished committee retrains nothing."""

@@ -18,6 +18,7 @@ class Interrupted(Exception):
     pass
 
 
+@pytest.mark.slow  # two committees trained: about 2 minutes of one worker (python -m pytest -m slow)
 def test_two_rounds_add_exactly_the_selected_frames_and_resume_without_relabelling(tiny_data, trained, tmp_path):
     """Round 0 trains a committee, runs its MD, selects and labels two frames (interrupted after the
     first and resumed); round 1 trains on the grown set. Run a third time, nothing is redone."""
