@@ -55,14 +55,14 @@ class AttentionMaps:
     weights: np.ndarray
     sink: np.ndarray
 
-    def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(mask [n, K, M], key distance [n, M], real query [n, K])``: which (query, key) entries are
-        two real, distinct neighbours."""
+    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(mask [n, K, M], key distance [n, M])``: which (query, key) entries are two real, distinct
+        neighbours, and each key's distance from the centre."""
         real = np.isfinite(self.distances)
         key_real = np.take_along_axis(real, self.keys, 1)
         distinct = self.keys[:, None, :] != np.arange(real.shape[1])[None, :, None]
         key_distance = np.take_along_axis(self.distances, self.keys, 1)
-        return real[:, :, None] & key_real[:, None, :] & distinct, key_distance, real
+        return real[:, :, None] & key_real[:, None, :] & distinct, key_distance
 
 
 def attention_maps(checkpoint: Checkpoint, atoms: ase.Atoms, centers: Any = None, neighbor_idx: Any = None,
@@ -119,7 +119,7 @@ def angle_profile(maps: AttentionMaps, bins: int = 36, max_distance: float | Non
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(theta in degrees [bins], mean weight [layers, H, bins], pairs per bin [bins])`` over every
     pair of real, distinct neighbours ``j, k`` (both within ``max_distance`` of the centre if given)."""
-    mask, key_distance, _ = maps.pairs()
+    mask, key_distance = maps.pairs()
     if max_distance is not None:
         mask = mask & (maps.distances[:, :, None] < max_distance) & (key_distance[:, None, :] < max_distance)
     edges = np.linspace(0.0, 180.0, bins + 1)
@@ -131,7 +131,7 @@ def distance_profile(maps: AttentionMaps, bins: int = 30, r_max: float | None = 
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(d_ik [bins], mean weight [layers, H, bins], pairs per bin [bins])``: the mean weight a key
     gets against its distance from the centre, over every pair of real, distinct neighbours."""
-    mask, key_distance, _ = maps.pairs()
+    mask, key_distance = maps.pairs()
     x = np.broadcast_to(key_distance[:, None, :], mask.shape)
     r_max = float(np.max(key_distance[np.isfinite(key_distance)])) if r_max is None else r_max
     edges = np.linspace(0.0, r_max, bins + 1)
