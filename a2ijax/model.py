@@ -55,6 +55,7 @@ FEATURIZATIONS = ("invariant", "coordinates")
 DEAD_KEY_LOG_WEIGHT = -1.0e4
 ENVELOPES = ("polynomial", "cosine")
 RADIAL_EMBEDDINGS = ("linear", "pair_mlp")
+READOUTS = ("pooled", "tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,11 @@ class A2IConfig:
         linear map, to which the centre's and the neighbour's species embeddings are added.
         ``"pair_mlp"``: a two-layer MLP whose hidden layer also gets an embedding of the ordered
         species pair ``(i, j)``, so the radial shape (where a pair wall rises) can differ per pair.
+      readout: how the tokens become ``E_i``. ``"pooled"``: an MLP of the envelope-weighted mean of
+        the tokens. ``"tokens"``: an MLP of every token, whose outputs are summed with the envelope
+        weights, ``E_i = sum_j c_j g(h_j) / avg_neighbors``: a sum of per-neighbour terms, which holds a
+        pair potential exactly (each term's size is free, where the pooled readout sees a mean of
+        normalised tokens).
       attention_cutoff: attention range ``r_att`` (0: the cutoff). With ``0 < r_att <= r_c``, every
         token (query) attends only to the ``attention_keys`` nearest neighbours, weighted by an
         envelope that vanishes at ``r_att``: attention costs ``K x M`` instead of ``K^2``, while the
@@ -108,6 +114,7 @@ class A2IConfig:
     mlp_ratio: int = 2
     n_radial: int = 8
     radial_embedding: str = "linear"
+    readout: str = "pooled"
     attention_cutoff: float = 0.0
     attention_keys: int = 0
     angular_order: int = 2
@@ -135,6 +142,7 @@ class A2IConfig:
              f"width ({self.width}) must be divisible by heads ({self.heads})")
         need(self.radial_embedding in RADIAL_EMBEDDINGS,
              f"radial_embedding must be one of {RADIAL_EMBEDDINGS}, got {self.radial_embedding!r}")
+        need(self.readout in READOUTS, f"readout must be one of {READOUTS}, got {self.readout!r}")
         need(0 <= float(self.attention_cutoff) <= float(self.cutoff),
              f"attention_cutoff must lie in [0, cutoff = {self.cutoff}] (0: the cutoff), got {self.attention_cutoff!r}")
         need((float(self.attention_cutoff) > 0) == (self.attention_keys > 0),
@@ -358,9 +366,15 @@ class A2ITransformer(nn.Module):
         for layer in range(cfg.layers):
             tokens = Block(cfg, self.dtype, name=f"block_{layer}")(tokens, c_keys, angular, keys)  # [n, K, D]
         tokens = nn.LayerNorm(name="norm_out", **dense)(tokens)
-        pooled = jnp.einsum("nk,nkd->nd", c.astype(tokens.dtype), tokens) / cfg.avg_neighbors  # [n, D]
-        y = nn.Dense(cfg.width, name="readout_hidden", **dense)(pooled + center.astype(pooled.dtype))
-        y = nn.Dense(1, name="readout", **dense)(nn.silu(y))[:, 0]  # [n]
+        weights = c.astype(tokens.dtype) / cfg.avg_neighbors  # [n, K]
+        if cfg.readout == "tokens":  # sum of per-token energies
+            y = nn.Dense(cfg.width, name="readout_hidden", **dense)(tokens + center[:, None, :].astype(tokens.dtype))
+            y = nn.Dense(1, name="readout", **dense)(nn.silu(y))[..., 0]  # [n, K]
+            y = jnp.sum(weights * y, -1)  # [n]
+        else:  # an MLP of the pooled tokens
+            pooled = jnp.einsum("nk,nkd->nd", weights, tokens)  # [n, D]
+            y = nn.Dense(cfg.width, name="readout_hidden", **dense)(pooled + center.astype(pooled.dtype))
+            y = nn.Dense(1, name="readout", **dense)(nn.silu(y))[:, 0]  # [n]
 
         scale = self.param("energy_scale", nn.initializers.ones, (cfg.n_species,), cfg.param_dtype)
         shift = self.param("energy_shift", nn.initializers.zeros, (cfg.n_species,), cfg.param_dtype)

@@ -97,14 +97,16 @@ CORE_RADII = (0.95, 0.85, 1.0,
 
 def small_config(featurization: str = "invariant", *, x64: bool = True, **overrides) -> A2IConfig:
     """A small model for tests: one block, width 16, three species, a core repulsion; the invariant
-    model with the pair-aware radial embedding (``pair_mlp``), the coordinates one with the linear
-    one, so the invariance, gradient and continuity tests cover both embeddings. The tests of
+    model with the pair-aware radial embedding (``pair_mlp``) and the per-token readout, the
+    coordinates one with the linear embedding and the pooled readout, so the invariance, gradient and
+    continuity tests cover both embeddings and both readouts. The tests of
     permutation, E(3) invariance, finite-difference forces and continuity at the cutoff ask for two
     blocks (``layers=2``: the second block's input is the first one's output); the others check
     what one block decides (neighbour lists, padding, chunks, stress), in half the compilation time."""
-    embedding = "pair_mlp" if featurization == "invariant" else "linear"
+    invariant = featurization == "invariant"
     values = dict(cutoff=CUTOFF, n_species=N_SPECIES, width=16, heads=2, layers=1, n_radial=6,
-                  radial_embedding=embedding, angular_order=2, avg_neighbors=16.0, featurization=featurization,
+                  radial_embedding="pair_mlp" if invariant else "linear", readout="tokens" if invariant else "pooled",
+                  angular_order=2, avg_neighbors=16.0, featurization=featurization,
                   core_radii=CORE_RADII, core_energy=0.02, param_dtype="float64" if x64 else "float32")
     values.update(overrides)
     return A2IConfig(**values)

@@ -237,6 +237,7 @@ def test_force_matching_term_and_evaluation_of_other_parameters_agree(trained, t
     ('[train]\nsync_every = 0', r"\[train\] sync_every must be >= 1, got 0"),
     ('[train]\nneighbor_buckets = 0', r"\[train\] neighbor_buckets must be >= 1, got 0"),
     ('[model]\nradial_embedding = "mlp"', r"radial_embedding must be one of \('linear', 'pair_mlp'\)"),
+    ('[model]\nreadout = "sum"', r"readout must be one of \('pooled', 'tokens'\)"),
     ('[model]\nattention_cutoff = 1.5', r"attention_cutoff \(1.5\) and attention_keys \(0\) go together"),
     ('[model]\nattention_cutoff = 3.0\nattention_keys = 8', r"attention_cutoff must lie in \[0, cutoff = 2.5\]"),
     ('[model]\nattention_cutoff = 1.5\nattention_keys = -2', r"attention_keys must be an int >= 0, got -2"),
