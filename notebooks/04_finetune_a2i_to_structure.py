@@ -13,8 +13,9 @@
 # %% [markdown]
 # # 04 — Fine-tuning an A2I model to structure by reweighting (Kob-Andersen)
 #
-# The shipped Kob-Andersen model (`a2ijax.pretrained.load("ka")`) gets the B-B structure wrong in
-# MD (BUILD_NOTES). Top-down fine-tuning: sample MD with the model, reweight the frames to nearby
+# A Kob-Andersen model fitted to energies and forces can get the structure wrong in MD: the earlier
+# KA models put B-B pairs where the reference has none (BUILD_NOTES, "MD with the trained models").
+# Top-down fine-tuning of the shipped model (`a2ijax.pretrained.load("ka")`): sample MD with the model, reweight the frames to nearby
 # parameters (DiffTRe, `a2ijax.fitting.fit_by_reweighting`), and follow the gradient of the
 # difference between the model's g_ab(r) and the reference potential's, with a force-matching term
 # on reference-labelled frames so that the model keeps its forces.
