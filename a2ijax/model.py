@@ -366,13 +366,12 @@ class A2ITransformer(nn.Module):
         for layer in range(cfg.layers):
             tokens = Block(cfg, self.dtype, name=f"block_{layer}")(tokens, c_keys, angular, keys)  # [n, K, D]
         tokens = nn.LayerNorm(name="norm_out", **dense)(tokens)
-        weights = c.astype(tokens.dtype) / cfg.avg_neighbors  # [n, K]
         if cfg.readout == "tokens":  # sum of per-token energies
             y = nn.Dense(cfg.width, name="readout_hidden", **dense)(tokens + center[:, None, :].astype(tokens.dtype))
             y = nn.Dense(1, name="readout", **dense)(nn.silu(y))[..., 0]  # [n, K]
-            y = jnp.sum(weights * y, -1)  # [n]
+            y = jnp.einsum("nk,nk->n", c.astype(y.dtype), y) / cfg.avg_neighbors  # [n]
         else:  # an MLP of the pooled tokens
-            pooled = jnp.einsum("nk,nkd->nd", weights, tokens)  # [n, D]
+            pooled = jnp.einsum("nk,nkd->nd", c.astype(tokens.dtype), tokens) / cfg.avg_neighbors  # [n, D]
             y = nn.Dense(cfg.width, name="readout_hidden", **dense)(pooled + center.astype(pooled.dtype))
             y = nn.Dense(1, name="readout", **dense)(nn.silu(y))[:, 0]  # [n]
 
