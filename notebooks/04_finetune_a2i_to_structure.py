@@ -15,10 +15,11 @@
 #
 # A Kob-Andersen model fitted to energies and forces can get the structure wrong in MD: the earlier
 # KA models put B-B pairs where the reference has none (BUILD_NOTES, "MD with the trained models").
-# Top-down fine-tuning of the shipped model (`a2ijax.pretrained.load("ka")`): sample MD with the model, reweight the frames to nearby
-# parameters (DiffTRe, `a2ijax.fitting.fit_by_reweighting`), and follow the gradient of the
-# difference between the model's g_ab(r) and the reference potential's, with a force-matching term
-# on reference-labelled frames so that the model keeps its forces.
+# Top-down fine-tuning of the shipped model (`a2ijax.pretrained.load("ka")`): sample MD with the
+# model, reweight the frames to nearby parameters (DiffTRe, `a2ijax.fitting.fit_by_reweighting`),
+# and follow the gradient of the difference between the model's g_ab(r) and the reference
+# potential's, with a force-matching term on reference-labelled frames so that the model keeps its
+# forces.
 #
 # `A2IJAX_NOTEBOOK_QUICK=1` takes one optimiser step on short samples: it shows the pieces; the full
 # mode takes 8 steps on samples of 500 steps, as `experiments/finetune_ka_structure.py` (its figures,
