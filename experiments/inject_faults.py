@@ -45,7 +45,7 @@ FAULTS = [
      "pair_mask = idx < n_atoms",
      "pair_mask = idx <= n_atoms",
      ["tests/test_invariants.py::test_neighbor_list_equals_all_pairs_periodic"]),
-    ("readout-tokens-without-envelope", "6 smooth cutoff", "a2ijax/model.py",
+    ("readout-tokens-step-at-cutoff", "6 smooth cutoff", "a2ijax/model.py",
      "y = jnp.einsum(\"nk,nk->n\", c.astype(y.dtype), y) / cfg.avg_neighbors",
      "y = jnp.einsum(\"nk,nk->n\", (x < 1.0).astype(y.dtype), y) / cfg.avg_neighbors",
      ["tests/test_invariants.py::test_energy_and_forces_continuous_through_cutoff"]),
