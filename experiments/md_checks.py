@@ -1,8 +1,10 @@
 """MD with trained models checked against the reference potentials (stability, drift, RDF).
 
     python experiments/md_checks.py runs/lj runs/sw runs/ka --out runs/md_checks
+    python experiments/md_checks.py lj sw ka --out runs/md_checks_pretrained   # the shipped models
 
-For each training work directory (its checkpoint names the reference system), at one state point:
+For each training work directory or shipped model (``a2ijax.pretrained``; the checkpoint names the
+reference system), at one state point:
 
 1. a start: the reference potential equilibrates the state point (NVT Langevin, as the dataset);
 2. NVE from that start, velocities drawn at the state point's kT, ``--steps`` steps (default
@@ -34,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax_md import space
 
-from a2ijax import md
-from a2ijax.checkpoint import load_checkpoint
+from a2ijax import md, pretrained
+from a2ijax.checkpoint import Checkpoint, load_checkpoint
 from a2ijax.files import atomic_write
 from a2ijax.sampling import SamplingConfig, sample_state_point
 from a2ijax.systems import get_system
@@ -85,8 +87,15 @@ def record(tmp: Path, run_dir: Path, settings: dict, summary: dict) -> None:
     tmp.rename(run_dir)
 
 
-def check(workdir: Path, args: argparse.Namespace) -> dict:
-    checkpoint = load_checkpoint(workdir)
+def load_model(workdir: str) -> Checkpoint:
+    """A training work directory or checkpoint, or else the shipped model of that name."""
+    if not Path(workdir).exists() and workdir in pretrained.names():
+        return pretrained.load(workdir)
+    return load_checkpoint(workdir)
+
+
+def check(workdir: str, args: argparse.Namespace) -> dict:
+    checkpoint = load_model(workdir)
     system = get_system(checkpoint.meta["system"])
     point = system.state_point(args.state_point.get(system.name, DEFAULT_POINTS[system.name]))
     out = args.out / system.name
@@ -204,7 +213,8 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("workdirs", nargs="+", type=Path, help="training work directories (or checkpoints)")
+    parser.add_argument("workdirs", nargs="+",
+                        help="training work directories (or checkpoints), or names of shipped models")
     parser.add_argument("--out", type=Path, default=Path("runs/md_checks"))
     parser.add_argument("--steps", type=int, default=20000, help="NVE steps")
     parser.add_argument("--nvt-equilibrate", type=int, default=1000, help="NVT steps discarded")

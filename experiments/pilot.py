@@ -12,6 +12,12 @@ variant gets a whole schedule), evaluating every ``steps / 4``. The figure compa
 validation split's (never the test split's) energy and force error per state point over the MD
 fluctuation, of the EMA parameters after the last step, on ``--eval-frames`` frames spread over
 the split. Results: ``<out>/pilot.json`` and one work directory per variant.
+
+``--steps N`` gives every variant the same number of steps instead (variants that cost the same per
+step but differ in data, such as the frames axis of ``learning_curves.py``):
+
+    python experiments/pilot.py experiments/configs/sw.toml --steps 1500 --out runs/frames_sw \
+        --variant f40=data.max_train_frames=40 --variant f160=data.max_train_frames=160 --variant all=
 """
 
 from __future__ import annotations
@@ -44,9 +50,12 @@ def main() -> None:
     parser.add_argument("config")
     parser.add_argument("--variant", action="append", required=True, help="NAME=table.key=value,...")
     parser.add_argument("--minutes", type=float, default=3.0)
+    parser.add_argument("--steps", type=int, default=0, help="the same steps for every variant (not equal minutes)")
     parser.add_argument("--eval-frames", type=int, default=40)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.minutes <= 0 or args.steps < 0:
+        parser.error(f"--minutes must be > 0 and --steps >= 0, got {args.minutes} and {args.steps}")
     base = load_config(args.config)
     dataset = read_dataset(base.data.path, base.data.symbols or None)
     out = Path(args.out)
@@ -55,7 +64,7 @@ def main() -> None:
         name, overrides = spec.split("=", 1)
         config = apply_overrides(base, overrides)
         seconds = step_seconds(dataset, config, steps=5)
-        steps = max(20, int(args.minutes * 60 / seconds))
+        steps = args.steps or max(20, int(args.minutes * 60 / seconds))
         every = max(1, steps // 4)
         warmup = min(config.train.warmup_steps, steps // 10)
         train = dataclasses.replace(config.train, steps=steps, eval_every=every, checkpoint_every=steps,
@@ -73,7 +82,7 @@ def main() -> None:
         print(name, json.dumps({k: v for k, v in results[name].items() if k not in ("curve", "valid_ratios")}),
               flush=True)
         atomic_write(out / "pilot.json", lambda f: json.dump(dict(config=args.config, minutes=args.minutes,
-                                                                  variants=results), f, indent=1))
+                                                                  steps=args.steps, variants=results), f, indent=1))
 
 
 if __name__ == "__main__":
