@@ -39,6 +39,7 @@ from jax_md import space
 from a2ijax import md, pretrained
 from a2ijax.checkpoint import Checkpoint, load_checkpoint
 from a2ijax.files import atomic_write
+from a2ijax.geometry import perpendicular_widths
 from a2ijax.sampling import SamplingConfig, sample_state_point
 from a2ijax.systems import get_system
 
@@ -122,8 +123,10 @@ def check(workdir: str, args: argparse.Namespace) -> dict:
                   time_unit=system.units, parameters=parameters,
                   checkpoint=str(workdir), training_closest_pair=checkpoint.meta["statistics"].get("min_distance"),
                   nve={}, nvt={})
-    # Half the box (the largest float below it: a pair list must see one image of each neighbour).
-    r_max = min(float(np.nextafter(0.5 * float(np.min(np.diag(np.asarray(box)))), 0.0)), args.r_max)
+    # Half the narrowest width of the box, as the pair search measures it (the largest float below
+    # it: a pair list must see one image of each neighbour).
+    half = 0.5 * float(np.min(perpendicular_widths(np.asarray(box, np.float64))))
+    r_max = min(float(np.nextafter(half, 0.0)), args.r_max)
     rdfs = {}
     runs = [("model", args.seed), ("reference", args.seed), ("reference_seed2", args.seed + 1)]
     for label, seed in runs:
