@@ -22,9 +22,12 @@ def test_a_checkpoint_from_before_the_run_settings_moved_loads_and_gives_its_num
     """tests/data/legacy_checkpoint was written by a2ijax with ``[model] atom_chunk = 32``, ``dtype``
     and ``energy_weight_final = -1`` in its config; the energies and forces it gave then
     (legacy_expected.json, float32) come back, with any atom chunk. With the chunk it ran with, the
-    same program: the same forces bit for bit, and the same total energy to its last bit (one unit in
-    the last place: the suite compiles at -O1 where the numbers were made at XLA's default -O2, and
-    the final sum over atoms may round the other way; tests/conftest.py)."""
+    same program: its numbers to float32 rounding. Not bit for bit: they were bit-equal on the machine
+    that wrote them, but XLA's CPU code follows the host's vector units, and on an AVX-512 AMD EPYC
+    (2026-12-01) the forces differ by up to 7.6e-7 of the largest force and the energy by one unit in
+    the last place (the suite also compiles at -O1, the numbers were made at -O2; tests/conftest.py).
+    Another summation order (other chunks) moves the forces by up to 7e-6 of the largest; a loading
+    error (a parameter or setting lost in the upgrade) moves them by orders of magnitude more."""
     checkpoint = load_checkpoint(DATA / "legacy_checkpoint")
     assert "atom_chunk" not in checkpoint.meta["config"]["model"]
     assert checkpoint.config.train.energy_weight_final is None
@@ -41,8 +44,8 @@ def test_a_checkpoint_from_before_the_run_settings_moved_loads_and_gives_its_num
             nbrs = neighbor_fn.allocate(R)
             energy, grad = jax.jit(jax.value_and_grad(energy_fn))(R, nbrs)
             if atom_chunk == 32:  # the setting it ran with then: the same program
-                np.testing.assert_array_max_ulp(np.float32(energy), np.float32(row["energy"]), maxulp=1)
-                np.testing.assert_array_equal(-np.asarray(grad), forces)
+                assert float(energy) == pytest.approx(row["energy"], rel=1e-6)
+                np.testing.assert_allclose(-np.asarray(grad), forces, rtol=0, atol=1e-5 * np.abs(forces).max())
             else:  # another summation order in float32
                 assert float(energy) == pytest.approx(row["energy"], rel=1e-6)
                 np.testing.assert_allclose(-np.asarray(grad), forces, rtol=0, atol=1e-4 * np.abs(forces).max())
