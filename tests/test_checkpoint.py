@@ -43,12 +43,11 @@ def test_a_checkpoint_from_before_the_run_settings_moved_loads_and_gives_its_num
             neighbor_fn, energy_fn, _, _ = checkpoint.potential(dataset.cells[frame].T, atom_chunk=atom_chunk)
             nbrs = neighbor_fn.allocate(R)
             energy, grad = jax.jit(jax.value_and_grad(energy_fn))(R, nbrs)
-            if atom_chunk == 32:  # the setting it ran with then: the same program
-                assert float(energy) == pytest.approx(row["energy"], rel=1e-6)
-                np.testing.assert_allclose(-np.asarray(grad), forces, rtol=0, atol=1e-5 * np.abs(forces).max())
-            else:  # another summation order in float32
-                assert float(energy) == pytest.approx(row["energy"], rel=1e-6)
-                np.testing.assert_allclose(-np.asarray(grad), forces, rtol=0, atol=1e-4 * np.abs(forces).max())
+            # The setting it ran with then is the same program; another chunk, another summation order.
+            force_tolerance = 1e-5 if atom_chunk == 32 else 1e-4
+            assert float(energy) == pytest.approx(row["energy"], rel=1e-6)
+            np.testing.assert_allclose(-np.asarray(grad), forces, rtol=0,
+                                       atol=force_tolerance * np.abs(forces).max())
 
 
 def test_run_settings_are_not_model_settings():
