@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from a2ijax.checkpoint import Checkpoint, default_float, periodic_potential
+from a2ijax.checkpoint import Checkpoint
 from a2ijax.dataset import structure_dataset
 from a2ijax.model import A2ITransformer
-from a2ijax.potential import model_inputs
+from a2ijax.potential import a2i_periodic, default_float, model_inputs, periodic_space
 from a2ijax.report import error_report, predict_dataset
 
 
@@ -78,8 +78,12 @@ def attention_maps(checkpoint: Checkpoint, atoms: ase.Atoms, centers: Any = None
     box = jnp.asarray(atoms.cell[:].T, dtype)
     species = jnp.asarray(frame.species[0])
     R = jnp.asarray(atoms.get_positions(), dtype)
-    neighbor_fn, _, displacement, _ = periodic_potential(config, box, species, capacity_multiplier=capacity_multiplier)
-    idx = neighbor_fn.allocate(R).idx if neighbor_idx is None else jnp.asarray(neighbor_idx, jnp.int32)
+    neighbor_fn, _, _ = a2i_periodic(box, config, species, capacity_multiplier=capacity_multiplier)
+    displacement, _ = periodic_space(box)
+    neighbor = neighbor_fn.allocate(R)
+    idx = neighbor.idx if neighbor_idx is None else jnp.asarray(neighbor_idx, jnp.int32)
+    if config.attention_keys:  # the key slots the list found necessary (a capacity: a2ijax.neighbors)
+        config = dataclasses.replace(config, attention_keys=max(config.attention_keys, neighbor.key_capacity))
     centers = np.arange(len(R)) if centers is None else np.asarray(centers, int).reshape(-1)
     if centers.size and (centers.min() < 0 or centers.max() >= len(R)):
         raise ValueError(f"centers must be atom indices in [0, {len(R)}), got {centers.min()}..{centers.max()}")

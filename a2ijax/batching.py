@@ -308,3 +308,17 @@ def batches_in_order(buckets: list[Bucket], batch_size: int) -> Iterator[tuple[i
     for b, bucket in enumerate(buckets):
         for i in range(0, len(bucket), batch_size):
             yield b, np.arange(i, min(i + batch_size, len(bucket)))
+
+
+def fixed_species(dataset: Any, config: ExperimentConfig) -> np.ndarray | None:
+    """The species ``[N]`` shared by every frame of ``dataset``, for a ``[baseline]`` potential (None
+    for A2I, which pads and masks atoms); frames that differ in atoms are an error naming the first."""
+    if not config.baseline.name:
+        return None
+    first = dataset.species[0]
+    for index, species in enumerate(dataset.species):
+        if len(species) != len(first) or np.any(species != first):
+            raise ValueError(f"{dataset.path}, frame {index}: jax-md's {config.baseline.name} cannot pad or mask "
+                             f"atoms, so every frame must hold the same atoms in the same order; frame 0 has "
+                             f"{len(first)} atoms, frame {index} has {len(species)} (or another species order)")
+    return first

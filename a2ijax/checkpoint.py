@@ -1,4 +1,4 @@
-"""Checkpoints: orbax save, load and resume, and the potential a checkpoint describes.
+"""Checkpoints: orbax save, load and resume.
 
 A checkpoint step directory holds three items: ``state`` (the whole train state, for resuming),
 ``params`` (the EMA parameters, what MD and ASE use) and ``meta`` (JSON: the experiment config,
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax_md import space
 
-from a2ijax.baselines import baseline_neighbor_list
 from a2ijax.config import ExperimentConfig, experiment_from_dict
-from a2ijax.model import A2IConfig
-from a2ijax.potential import a2i_neighbor_list
+from a2ijax.potential import Potential, a2i_periodic, bound, default_float
 
 Array = jax.Array
 ITEMS = ("state", "params", "meta")
@@ -39,92 +35,6 @@ class CheckpointError(ValueError):
 
 class ExtrapolationWarning(UserWarning):
     """Atoms are closer than any pair in the training data: the model is extrapolating."""
-
-
-# ----------------------------------------------------------------------------------------------
-# The potential a config describes, in the shape the trainer and the evaluators use
-
-
-def training_space(cutoff: float) -> tuple[Callable, Array]:
-    """A ``periodic_general`` displacement whose cell comes with every call as ``box=``, and a
-    placeholder cell wide enough for the builders' box checks."""
-    box = jnp.eye(3) * 4.0 * cutoff
-    return space.periodic_general(box, fractional_coordinates=False)[0], box
-
-
-def a2i_builder(config: A2IConfig, *, atom_chunk: int | None = None, dtype: Any = None) -> tuple[Callable, Callable]:
-    """``(init_fn, energy_fn)`` of the A2I potential with each frame's cell passed as ``box=``."""
-    _, init_fn, energy_fn = a2i_neighbor_list(*training_space(config.cutoff), config, atom_chunk=atom_chunk,
-                                              dtype=dtype)
-    return init_fn, energy_fn
-
-
-def fixed_species(dataset: Any, config: ExperimentConfig) -> np.ndarray | None:
-    """The species ``[N]`` shared by every frame of ``dataset``, for a ``[baseline]`` potential (None
-    for A2I, which pads and masks atoms); frames that differ in atoms are an error naming the first."""
-    if not config.baseline.name:
-        return None
-    first = dataset.species[0]
-    for index, species in enumerate(dataset.species):
-        if len(species) != len(first) or np.any(species != first):
-            raise ValueError(f"{dataset.path}, frame {index}: jax-md's {config.baseline.name} cannot pad or mask "
-                             f"atoms, so every frame must hold the same atoms in the same order; frame 0 has "
-                             f"{len(first)} atoms, frame {index} has {len(species)} (or another species order)")
-    return first
-
-
-def potential_builder(config: ExperimentConfig, species: np.ndarray | None = None, *,
-                      atom_chunk: int | None = None) -> tuple[Callable, Callable, bool]:
-    """``(init_fn, energy_fn, per_atom)`` of the potential that ``config`` trains: A2I, or the jax-md
-    potential named in ``[baseline]`` (``per_atom``: whether it gives per-atom energies).
-
-    A baseline is wrapped as ``E = s * E_net + sum_i shift[species_i]`` with the trainer's per-species
-    shift and a scale ``s``, as A2I carries them inside, so both start from the same fitted offsets.
-    ``species`` (``[N]``, from :func:`fixed_species`) is fixed into the baselines when they are built.
-    """
-    name = config.baseline.name
-    if not name:
-        return (*a2i_builder(config.model, atom_chunk=atom_chunk), True)
-    model = config.model
-    _, net_init, net_energy = baseline_neighbor_list(
-        name, *training_space(model.cutoff), cutoff=model.cutoff, species=species, n_species=model.n_species,
-        avg_neighbors=model.avg_neighbors, key=jax.random.PRNGKey(config.train.seed))
-
-    def init_fn(key, R, neighbor, species=None, box=None):
-        del species  # fixed when built
-        net = net_init(key, R, neighbor, box=box)
-        dtype = jnp.result_type(float)
-        return {"params": dict(net=net, energy_shift=jnp.zeros((model.n_species,), dtype),
-                               energy_scale=jnp.ones((1,), dtype))}
-
-    def energy_fn(params, R, neighbor, species=None, mask=None, box=None, per_atom=False):
-        del mask  # every frame has the same atoms (fixed_species checks); padding frames carry zero weight
-        if per_atom:
-            raise ValueError(f"jax-md's {name} gives no per-atom energies")
-        p = params["params"]
-        species = jnp.zeros(R.shape[:1], jnp.int32) if species is None else species
-        return p["energy_scale"][0] * net_energy(p["net"], R, neighbor, box=box) + jnp.sum(
-            p["energy_shift"][species])
-
-    return init_fn, energy_fn, False
-
-
-def periodic_potential(model: A2IConfig, box: Any, species: Array | None = None, **settings
-                       ) -> tuple[Any, Callable[..., Array], Callable, Callable]:
-    """``(neighbor_fn, energy_fn(params, R, neighbor, **kw), displacement_fn, shift_fn)`` of the A2I
-    potential in a periodic ``box`` (``[3, 3]``, lattice vectors as columns; real coordinates);
-    ``settings`` are the run settings and neighbour-list options of :func:`a2ijax.a2i_neighbor_list`."""
-    box = jnp.asarray(box, jnp.result_type(float))
-    displacement, shift = space.periodic_general(box, fractional_coordinates=False)
-    if not np.allclose(np.asarray(box), np.diag(np.diag(np.asarray(box)))):
-        settings.setdefault("disable_cell_list", True)  # jax-md's cell list assumes an orthorhombic box
-    neighbor_fn, _, energy_fn = a2i_neighbor_list(displacement, box, model, species=species, **settings)
-    return neighbor_fn, energy_fn, displacement, shift
-
-
-def default_float(params: Any) -> Any:
-    """``params`` cast to JAX's default float (float64 under ``jax_enable_x64``)."""
-    return jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.result_type(float)), params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,24 +62,19 @@ class Checkpoint:
                              f"{what} serves A2I checkpoints (build the baseline with "
                              "a2ijax.baselines.baseline_neighbor_list and load its params from the checkpoint)")
 
-    def potential(self, box: Any, species: Array | None = None, *, atom_chunk: int | None = None, dtype: Any = None,
-                  mesh: Any = None, **nl_kwargs) -> tuple[Any, Callable[..., Array], Callable, Callable]:
-        """The trained potential in a periodic ``box`` (``[3, 3]``, lattice vectors as columns; real
-        coordinates) for MD: ``(neighbor_fn, energy_fn(R, neighbor, **kw), displacement_fn, shift_fn)``.
+    def potential(self, box: Any, species: Array | None = None, **settings) -> Potential:
+        """The trained potential in a periodic ``box`` (side, sides or ``[3, 3]`` lattice vectors as
+        columns, any shape; real coordinates) for MD: a :class:`a2ijax.potential.Potential`,
+        ``(neighbor_fn, energy_fn(R, neighbor, **kw), displacement_fn, shift_fn)``, on the linear-memory
+        neighbour list of :func:`a2ijax.potential.a2i_periodic`.
 
-        ``atom_chunk``, ``dtype`` and ``mesh`` (atoms split over devices) are run settings (see
-        :func:`a2ijax.a2i_neighbor_list`).
+        ``settings``: the run settings ``atom_chunk``, ``dtype`` and ``mesh`` (atoms split over
+        devices) and the list's ``dr_threshold``, ``capacity_multiplier``, ``chunk``.
         Parameters are cast to JAX's default float (float64 under ``jax_enable_x64``).
         """
         self.require_a2i("Checkpoint.potential (MD)")
-        neighbor_fn, energy_fn, displacement, shift = periodic_potential(
-            self.config.model, box, species, atom_chunk=atom_chunk, dtype=dtype, mesh=mesh, **nl_kwargs)
-        params = default_float(self.params)
-
-        def energy(R: Array, neighbor: Any = None, **kwargs) -> Array:
-            return energy_fn(params, R, neighbor=neighbor, **kwargs)
-
-        return neighbor_fn, energy, displacement, shift
+        neighbor_fn, _, energy_fn = a2i_periodic(box, self.config.model, species, **settings)
+        return Potential.periodic(neighbor_fn, bound(energy_fn, default_float(self.params)), box)
 
     def warn_if_closer_than_training(self, closest: float, where: str) -> None:
         """Warns (:class:`ExtrapolationWarning`) if ``closest`` is below the closest pair of the training data."""

@@ -3,9 +3,10 @@
 ``demo`` (:mod:`a2ijax.demo`), ``generate`` (:func:`a2ijax.sampling.write_reference_dataset`),
 ``train`` (:func:`a2ijax.train.train_and_evaluate`; ``--members``: :func:`a2ijax.train.train_committee`),
 ``learn`` (:func:`a2ijax.learn.learn`), ``evaluate`` (:func:`a2ijax.report.evaluate`),
-``quickstart`` (:mod:`a2ijax.quickstart`), ``md`` (:func:`a2ijax.md_run.md_from_checkpoint`) and
-``bench`` (:mod:`a2ijax.bench`). Every numeric option is checked when the arguments are parsed,
-before any work starts; bad input ends in a one-line message and exit status 2, not a traceback.
+``quickstart`` (:mod:`a2ijax.quickstart`), ``md`` (:func:`a2ijax.md_run.md_from_checkpoint`),
+``relax`` (:func:`a2ijax.md_run.relax_structure`) and ``bench`` (:mod:`a2ijax.bench`). Every numeric
+option is checked when the arguments are parsed, before any work starts; bad input ends in a
+one-line message and exit status 2, not a traceback.
 """
 
 from __future__ import annotations
@@ -101,10 +102,16 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--state-point", help="start from a state point of the checkpoint's reference system, "
                        "equilibrated with the reference potential (--equilibrate steps)")
     p.add_argument("--equilibrate", type=COUNT, default=5000, help="reference-potential steps before a state point")
-    p.add_argument("--ensemble", choices=["nve", "nose-hoover", "langevin"], default="nve")
+    p.add_argument("--ensemble", choices=["nve", "nose-hoover", "langevin", "npt"], default="nve",
+                   help="npt: Nose-Hoover thermostat and isotropic barostat (jax-md's npt_nose_hoover); needs "
+                   "--pressure")
+    p.add_argument("--pressure", type=float, help="NPT target pressure (in the checkpoint's units, printed at the "
+                   "start)")
     p.add_argument("--steps", type=POSITIVE_INT, default=10000)
-    p.add_argument("--dt", type=POSITIVE, help="time step (default: the reference system's)")
-    p.add_argument("--kT", type=NON_NEGATIVE, help="temperature for initial velocities and thermostats (energy units)")
+    p.add_argument("--dt", type=POSITIVE, help="time step in the checkpoint's time unit (metal: 10.18 fs; default: "
+                   "the reference system's)")
+    p.add_argument("--kT", type=NON_NEGATIVE, help="temperature for initial velocities and thermostats, in the "
+                   "checkpoint's energy unit (eV for metal units)")
     p.add_argument("--thermo-every", type=POSITIVE_INT, default=10, help="steps between thermo rows")
     p.add_argument("--trajectory-every", type=POSITIVE_INT, default=100, help="steps between trajectory frames")
     p.add_argument("--skin", type=NON_NEGATIVE, help="neighbour-list skin, a length (default: 0.1 x the cutoff)")
@@ -115,9 +122,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=POSITIVE_INT, default=1, help="local devices to split the atoms over")
     p.add_argument("--seed", type=COUNT, default=0)
     p.add_argument("--out", default="md", help="directory for thermo.csv and trajectory.extxyz")
-    p = commands.add_parser("bench", help="MD speed, latency, compile time and memory against jax-md's potentials")
-    p.add_argument("--potentials", nargs="+", default=["lj", "a2i-small", "a2i", "a2i-large", "nequip", "graph_network",
-                                                       "behler_parrinello"], help="which potentials (a2ijax.bench)")
+    p = commands.add_parser("relax", help="minimise a structure at fixed cell with FIRE (jax-md's fire_descent)")
+    p.add_argument("checkpoint", nargs="?", help="a work directory, checkpoint directory or committee's work directory")
+    p.add_argument("--model", help="a pretrained model shipped with the package instead: lj, sw or ka")
+    p.add_argument("--structure", required=True, help="any ASE-readable file with a periodic cell (its last frame)")
+    p.add_argument("--fmax", type=POSITIVE, default=1e-3, help="stop once the largest force on an atom is below this")
+    p.add_argument("--max-steps", type=POSITIVE_INT, default=10000)
+    p.add_argument("--skin", type=NON_NEGATIVE, help="neighbour-list skin, a length (default: 0.1 x the cutoff)")
+    p.add_argument("--out", default="relaxed.extxyz", help="extended XYZ file for the relaxed structure")
+    p = commands.add_parser("bench", help="MD speed, latency, compile time and memory of the shipped models against "
+                            "jax-md's potentials, each row in its own process")
+    p.add_argument("--potentials", nargs="+",
+                   default=["lj-pretrained", "ka-pretrained", "sw-pretrained", "lj", "nequip", "graph_network", "a2i"],
+                   help="which potentials (a2ijax.bench.POTENTIALS: the shipped models X-pretrained, jax-md's lj, "
+                   "nequip, graph_network, behler_parrinello, untrained full-attention a2i-small, a2i, a2i-large)")
     p.add_argument("--sizes", nargs="+", type=ATOMS, default=[256, 1000, 4000, 16000, 64000], help="atom counts N")
     p.add_argument("--chunk", type=POSITIVE_INT, default=50, help="MD steps per compiled chunk")
     p.add_argument("--chunks", type=POSITIVE_INT, default=3, help="chunks timed after a warm-up chunk")
@@ -138,6 +156,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"a2ijax {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _checkpoint(args: argparse.Namespace):
+    """The checkpoint path, or the shipped model that ``--model`` names (exactly one of them)."""
+    if (args.checkpoint is None) == (args.model is None):
+        raise ValueError("give a checkpoint or --model NAME (a pretrained model), not both or neither")
+    if args.model is None:
+        return args.checkpoint
+    from a2ijax import pretrained
+
+    return pretrained.load(args.model)
 
 
 def run_command(args: argparse.Namespace) -> None:
@@ -209,18 +238,23 @@ def run_command(args: argparse.Namespace) -> None:
     elif args.command == "md":
         from a2ijax.md_run import md_from_checkpoint
 
-        if (args.checkpoint is None) == (args.model is None):
-            raise ValueError("give a checkpoint or --model NAME (a pretrained model), not both or neither")
-        if args.model is not None:
-            from a2ijax import pretrained
-
-        checkpoint = args.checkpoint if args.model is None else pretrained.load(args.model)
-        md_from_checkpoint(checkpoint, structure=args.structure, state_point=args.state_point,
+        if args.ensemble == "npt" and args.pressure is None:
+            raise ValueError("--ensemble npt needs --pressure")
+        if args.ensemble != "npt" and args.pressure is not None:
+            raise ValueError(f"--pressure applies to --ensemble npt, not {args.ensemble}")
+        md_from_checkpoint(_checkpoint(args), structure=args.structure, state_point=args.state_point,
                            equilibrate=args.equilibrate, steps=args.steps, dt=args.dt, kT=args.kT, seed=args.seed,
-                           ensemble=args.ensemble, thermo_every=args.thermo_every,
+                           ensemble=args.ensemble, pressure=args.pressure, thermo_every=args.thermo_every,
                            trajectory_every=args.trajectory_every, skin=args.skin,
                            capacity_multiplier=args.capacity_multiplier, atom_chunk=args.atom_chunk,
                            devices=args.devices, out=args.out)
+    elif args.command == "relax":
+        from a2ijax.committee import load_potential
+        from a2ijax.md_run import relax_structure
+
+        checkpoint = _checkpoint(args)
+        relax_structure(load_potential(checkpoint) if isinstance(checkpoint, str) else checkpoint, args.structure,
+                        max_force=args.fmax, max_steps=args.max_steps, skin=args.skin, out=args.out)
     elif args.command == "bench":
         from a2ijax import bench
 

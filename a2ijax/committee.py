@@ -27,7 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from a2ijax.checkpoint import Checkpoint, CheckpointError, default_float, load_checkpoint, periodic_potential
+from a2ijax.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from a2ijax.potential import Potential, a2i_periodic, default_float
 
 Array = jax.Array
 INDEX = "committee.json"  # in a committee's work directory: the members' work directories and seeds
@@ -95,24 +96,22 @@ class Committee:
     def warn_if_closer_than_training(self, closest: float, where: str) -> None:
         self.members[0].warn_if_closer_than_training(closest, where)
 
-    def _members(self, box: Any, species: Array | None, **settings) -> tuple[Any, Callable, Callable, Callable, Any]:
-        return (*periodic_potential(self.config.model, box, species, **settings), default_float(self.params))
-
-    def potential(self, box: Any, species: Array | None = None, **settings
-                  ) -> tuple[Any, Callable[..., Array], Callable, Callable]:
+    def potential(self, box: Any, species: Array | None = None, **settings) -> Potential:
         """As :meth:`a2ijax.checkpoint.Checkpoint.potential`, with the members' mean energy (whose
         forces are the mean of the members' forces)."""
-        neighbor_fn, energy_fn, displacement, shift, params = self._members(box, species, **settings)
+        neighbor_fn, _, energy_fn = a2i_periodic(box, self.config.model, species, **settings)
+        params = default_float(self.params)
 
         def energy(R: Array, neighbor: Any = None, **kwargs) -> Array:
             return jnp.mean(jax.vmap(lambda p: energy_fn(p, R, neighbor=neighbor, **kwargs))(params))
 
-        return neighbor_fn, energy, displacement, shift
+        return Potential.periodic(neighbor_fn, energy, box)
 
     def disagreement(self, box: Any, species: Array | None = None, **settings) -> Callable[..., Array]:
         """``fn(R, neighbor, **kw) -> [N]``: the members' force disagreement per atom
         (:func:`force_disagreement`), for the neighbour lists of :meth:`potential` with the same settings."""
-        _, energy_fn, _, _, params = self._members(box, species, **settings)
+        _, _, energy_fn = a2i_periodic(box, self.config.model, species, **settings)
+        params = default_float(self.params)
 
         def fn(R: Array, neighbor: Any = None, **kwargs) -> Array:
             return force_disagreement(member_forces(energy_fn, params, R, neighbor=neighbor, **kwargs)[1])

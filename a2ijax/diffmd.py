@@ -36,6 +36,7 @@ import numpy as np
 from jax_md import partition
 
 from a2ijax.md import check_positive, integrator
+from a2ijax.md import step as md_step
 from a2ijax.potential import NeighborListOverflowError, reallocate
 
 Array = jax.Array
@@ -90,13 +91,14 @@ def make_segment(energy_fn: Callable[..., Array], shift_fn: Callable, *, steps: 
     def segment(params: Any, R: Array, neighbor: partition.NeighborList, key: Array) -> Segment:
         energy = partial(energy_fn, params)
         neighbor = neighbor.update(R)  # the list may come from other positions (an earlier segment's start)
-        init, apply = integrator(energy, shift_fn, ensemble, dt, kT, tau=tau, ensembles=ENSEMBLES)
+        init, apply, _ = integrator(energy, shift_fn, ensemble, dt, kT, tau=tau, ensembles=ENSEMBLES)
         state = init(key, R, mass=mass, kT=kT, neighbor=neighbor)
+
+        advance = md_step(apply)
 
         def step(carry, _):
             state, nbr, overflow = carry
-            state = apply(state, neighbor=nbr)
-            nbr = nbr.update(state.position)
+            state, nbr = advance(state, nbr)
             return (state, nbr, overflow | nbr.did_buffer_overflow), None
 
         @jax.checkpoint

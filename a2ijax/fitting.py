@@ -27,10 +27,11 @@ import optax
 
 from a2ijax import diffmd
 from a2ijax.batching import prepare
-from a2ijax.checkpoint import Checkpoint, a2i_builder
+from a2ijax.checkpoint import Checkpoint
 from a2ijax.dataset import Dataset
 from a2ijax.loss import batch_errors, normalised_loss, predict_fn
 from a2ijax.observables import observable_loss
+from a2ijax.potential import a2i_builder
 
 Array = jax.Array
 

@@ -1,9 +1,16 @@
 """Running jax-md integrators in compiled chunks, with the neighbour list checked between chunks.
 
 Steps run inside ``lax.scan`` chunks; the host looks at the result once per chunk, never once per
-step. If the neighbour list overflowed anywhere in a chunk, the chunk's result is discarded, the list
-is reallocated with more capacity (:func:`a2ijax.potential.reallocate`) and the same chunk runs again
-from its starting state, so no step is lost or computed with truncated neighbours.
+step. Every driver of the package (``run`` and ``simulate`` here, :mod:`a2ijax.diffmd`,
+:mod:`a2ijax.bench`) advances by :func:`step`: the integrator steps, then the neighbour list is
+brought up to date with the new positions (and the new box, where the box changes).
+
+If the list needs reallocating anywhere in a chunk (too few neighbour slots, cell-list capacity
+or attention-key slots, or a box that narrowed below the cells: the list's error bits,
+:func:`a2ijax.neighbors.describe`), the chunk's result is discarded, the list is reallocated with
+more capacity (:func:`a2ijax.neighbors.reallocate`) and the same chunk runs again from its starting
+state, so no step is lost or computed with truncated neighbours. Positions that stop being finite
+end the run with an error naming the first step and the atoms.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +28,10 @@ import numpy as np
 from jax.sharding import Mesh
 from jax_md import partition, quantity
 
-from a2ijax.geometry import neighbor_pairs
+from a2ijax.geometry import lattice_matrix, neighbor_pairs
+from a2ijax.neighbors import describe, reallocate
 from a2ijax.parallel import split_leading
-from a2ijax.potential import reallocate
+from a2ijax.potential import Potential, masked_displacements
 
 
 @dataclasses.dataclass
@@ -48,40 +56,67 @@ def energy_observables(energy: Callable[..., jax.Array]) -> Callable[..., dict[s
     return observe
 
 
+def step(apply_fn: Callable, box_fn: Callable[[Any], Any] | None = None, **kwargs) -> Callable:
+    """``(state, neighbor) -> (state, neighbor)``: one integrator step, then the list updated for the
+    new positions (``neighbor.update(R, box=box_fn(state))`` where the box changes, e.g.
+    ``jax_md.simulate.npt_box``). The list a state is carried with always belongs to its positions."""
+
+    def advance(state: Any, neighbor: partition.NeighborList) -> tuple[Any, partition.NeighborList]:
+        state = apply_fn(state, neighbor=neighbor, **kwargs)
+        box = {} if box_fn is None else dict(box=box_fn(state))
+        return state, neighbor.update(state.position, **box)
+
+    return advance
+
+
 def make_chunk(apply_fn: Callable, n_records: int, observe: Callable | None = None, stride: int = 1,
-               replicas: bool = False, **kwargs) -> Callable:
-    """A jitted function advancing ``(state, neighbor)`` by ``n_records * stride`` steps.
+               replicas: bool = False, box_fn: Callable[[Any], Any] | None = None, **kwargs) -> Callable:
+    """A jitted ``chunk(state, neighbor) -> (state, neighbor, records, bad)`` advancing by
+    ``n_records * stride`` :func:`step` s.
 
-    The neighbour list is updated before every step; ``observe(state, neighbor)`` is recorded after
-    every ``stride`` steps, giving arrays with a leading ``[n_records]`` axis. With ``replicas``,
-    state and list carry a leading replica axis ``[B, ...]`` and the chunk is vmapped over it: all
-    replicas advance in one compiled step, and records are ``[B, n_records]``.
+    ``observe(state, neighbor)`` is recorded after every ``stride`` steps, giving arrays with a
+    leading ``[n_records]`` axis. ``bad`` is ``[step, atom]``: the first step (counted from 1 in the
+    chunk) after which an atom's position was not finite, and that atom (``[0, -1]``: none). With
+    ``replicas``, state and list carry a leading replica axis ``[B, ...]`` and the chunk is vmapped
+    over it: all replicas advance in one compiled step, and records are ``[B, n_records]``.
     """
+    advance = step(apply_fn, box_fn, **kwargs)
 
-    def one_step(_, carry):
-        state, neighbor = carry
-        neighbor = neighbor.update(state.position)
-        return apply_fn(state, neighbor=neighbor, **kwargs), neighbor
+    def one(k, carry):
+        state, neighbor, bad = carry
+        state, neighbor = advance(state, neighbor)
+        finite = jnp.all(jnp.isfinite(state.position), axis=-1)  # [N]
+        first = (bad[0] == 0) & ~jnp.all(finite)
+        bad = jnp.where(first, jnp.stack([k + 1, jnp.argmin(finite).astype(k.dtype)]), bad)
+        return state, neighbor, bad
 
     def chunk(state, neighbor):
-        def record(carry, _):
-            state, neighbor = jax.lax.fori_loop(0, stride, one_step, carry)
-            return (state, neighbor), ({} if observe is None else observe(state, neighbor))
+        def record(carry, r):
+            carry = jax.lax.fori_loop(r * stride, (r + 1) * stride, one, carry)
+            return carry, ({} if observe is None else observe(*carry[:2]))
 
-        (state, neighbor), records = jax.lax.scan(record, (state, neighbor), None, length=n_records)
-        return state, neighbor, records
+        start = (state, neighbor, jnp.asarray([0, -1], jnp.int32))
+        (state, neighbor, bad), records = jax.lax.scan(record, start, jnp.arange(n_records, dtype=jnp.int32))
+        return state, neighbor, records, bad
 
     return jax.jit(jax.vmap(chunk) if replicas else chunk)
 
 
-def allocate_replicas(neighbor_fn: partition.NeighborFn, R: jax.Array, capacity: int = 0) -> partition.NeighborList:
-    """One neighbour list per replica of ``R [B, N, dim]``, batched ``[B, N, K]`` with one capacity
-    ``K`` (the largest any replica needs, at least ``capacity``), for :func:`run` with ``replicas``."""
-    lists = [neighbor_fn.allocate(r) for r in R]
+def allocate_replicas(neighbor_fn: partition.NeighborFn, R: jax.Array,
+                      overflowed: partition.NeighborList | None = None) -> partition.NeighborList:
+    """One neighbour list per replica of ``R [B, N, dim]``, batched ``[B, N, K]`` with one set of
+    capacities, the largest any replica needs; ``overflowed``: the batched list that needed
+    reallocating, whose capacities then grow where they overflowed (:func:`a2ijax.neighbors.reallocate`)."""
+    if overflowed is None:
+        lists = [neighbor_fn.allocate(r) for r in R]
+    else:
+        lists = [reallocate(neighbor_fn, r, jax.tree.map(lambda a, b=b: a[b], overflowed)) for b, r in enumerate(R)]
     widest = max(range(len(lists)), key=lambda b: lists[b].idx.shape[1])
     base = lists[widest]
-    if base.idx.shape[1] < capacity:
-        base = neighbor_fn.allocate(R[widest], extra_capacity=capacity - base.idx.shape[1])
+    keys = max(getattr(lst, "key_capacity", 0) for lst in lists)
+    if keys > getattr(base, "key_capacity", 0):
+        base = neighbor_fn.allocate(R[widest], extra_capacity=base.idx.shape[1] - lists[widest].idx.shape[1],
+                                    key_capacity=keys)
     return jax.vmap(lambda r: base.update(r))(R)
 
 
@@ -89,16 +124,22 @@ def run(apply_fn: Callable, state: Any, neighbor_fn: partition.NeighborFn, neigh
         n_steps: int, *, chunk_steps: int = 100, stride: int = 1, observe: Callable | None = None,
         max_reallocations: int = 10, progress: Callable[[int], Any] | None = None,
         on_chunk: Callable[[int, Any, Any, dict[str, np.ndarray]], Any] | None = None, replicas: bool = False,
-        mesh: Mesh | None = None, **kwargs) -> MDRun:
+        mesh: Mesh | None = None, box_fn: Callable[[Any], Any] | None = None,
+        until: Callable[[dict[str, np.ndarray]], bool] | None = None, **kwargs) -> MDRun:
     """Advances ``state`` by ``n_steps`` integrator steps, ``chunk_steps`` per compiled chunk.
 
     ``observe`` is recorded every ``stride`` steps (``n_steps`` and ``chunk_steps`` are multiples of
     it). With ``replicas``, state and list carry a leading replica axis (see
     :func:`allocate_replicas`) and observables are ``[B, n_records]``. ``progress(steps)`` and
     ``on_chunk(steps_done, state, neighbor, records)`` are called after each accepted chunk (to write output
-    as the run goes, so that an interrupted run keeps it). Raises ``FloatingPointError`` naming the
-    chunk if positions become NaN or inf (the returned state is never a poisoned one), and
-    ``RuntimeError`` after ``max_reallocations`` overflows.
+    as the run goes, so that an interrupted run keeps it). ``box_fn(state)``: the current box of an
+    integrator whose box changes (``jax_md.simulate.npt_box``), for the list's updates.
+    ``until(records)``: after each accepted chunk, whether to stop early (a minimiser that has
+    converged); the run then ends with the steps done so far.
+
+    Raises ``FloatingPointError`` naming the first step and the atoms whose positions stopped being
+    finite (the returned state is never a poisoned one), and ``RuntimeError`` naming what
+    overflowed after ``max_reallocations`` reallocations.
 
     ``mesh`` (replicas only; :func:`a2ijax.parallel.make_mesh`): the replicas are split over its
     devices, each device advancing its own (their number a multiple of the device count). One system
@@ -122,21 +163,31 @@ def run(apply_fn: Callable, state: Any, neighbor_fn: partition.NeighborFn, neigh
     while done < n_steps:
         length = min(chunk_steps, n_steps - done)
         if length not in chunks:
-            chunks[length] = make_chunk(apply_fn, length // stride, observe, stride, replicas, **kwargs)
-        new_state, new_neighbor, record = chunks[length](state, neighbor)
+            chunks[length] = make_chunk(apply_fn, length // stride, observe, stride, replicas, box_fn, **kwargs)
+        new_state, new_neighbor, record, bad = chunks[length](state, neighbor)
         if bool(jnp.any(new_neighbor.did_buffer_overflow)):
+            cause = describe(new_neighbor.error.code)
             if reallocations == max_reallocations:
-                raise RuntimeError(f"neighbour list overflowed {reallocations} times; giving up at step {done}")
+                raise RuntimeError(f"the neighbour list needed reallocating {reallocations + 1} times, allowed "
+                                   f"{max_reallocations}; giving up at step {done}: {cause}")
             if replicas:
-                capacity = int(np.ceil(1.5 * neighbor.idx.shape[-1]))
-                neighbor = place(allocate_replicas(neighbor_fn, state.position, capacity))
-            else:
-                neighbor = reallocate(neighbor_fn, state.position, neighbor)
+                neighbor = place(allocate_replicas(neighbor_fn, state.position, new_neighbor))
+            else:  # a changing box: the new list is laid out for the box at the chunk's start
+                box = {} if box_fn is None else dict(box=box_fn(state))
+                neighbor = reallocate(neighbor_fn, state.position, new_neighbor, **box)
             reallocations += 1  # the chunk functions recompile once for the new list shape
             continue
-        if not bool(jnp.all(jnp.isfinite(new_state.position))):
-            raise FloatingPointError(f"non-finite positions in the chunk of steps {done}..{done + length}; "
-                                     f"the last good state is from step {done}")
+        bad = np.asarray(bad).reshape(-1, 2)
+        if np.any(bad[:, 0] > 0):
+            first = int(bad[bad[:, 0] > 0, 0].min())
+            atoms = sorted({int(a) for s, a in bad if s == first})
+            which = f"atom {atoms[0]}" if len(atoms) == 1 else f"atoms {atoms}"  # one per replica that broke
+            positions = np.asarray(new_state.position).reshape(-1, *np.shape(new_state.position)[-2:])
+            broken = np.flatnonzero(np.any(~np.isfinite(positions).all(-1), axis=0))
+            raise FloatingPointError(
+                f"positions stopped being finite at step {done + first} ({which}; "
+                f"{len(broken)} atoms non-finite by step {done + length}): the forces blew up; the last good state "
+                f"is from step {done}")
         state, neighbor = new_state, new_neighbor
         records.append(jax.tree.map(np.asarray, record))
         done += length
@@ -144,6 +195,8 @@ def run(apply_fn: Callable, state: Any, neighbor_fn: partition.NeighborFn, neigh
             on_chunk(done, state, neighbor, records[-1])
         if progress is not None:
             progress(length)
+        if until is not None and until(records[-1]):
+            break
     axis = 1 if replicas else 0
     observables = {key: np.concatenate([r[key] for r in records], axis) for key in (records[0] if records else {})}
     return MDRun(state, neighbor, observables, reallocations)
@@ -152,8 +205,9 @@ def run(apply_fn: Callable, state: Any, neighbor_fn: partition.NeighborFn, neigh
 # ----------------------------------------------------------------------------------------------
 # Simulations with observables and output files
 
-ENSEMBLES = ("nve", "nose-hoover", "langevin")
-THERMO_COLUMNS = ("step", "time", "potential", "kinetic", "total", "temperature", "pressure", "min_distance")
+ENSEMBLES = ("nve", "nose-hoover", "langevin", "npt")
+THERMO_COLUMNS = ("step", "time", "potential", "kinetic", "total", "temperature", "pressure", "volume",
+                  "min_distance")
 #: Extra thermo columns of a run with a committee's force disagreement (``simulate(disagreement=)``).
 DISAGREEMENT_COLUMNS = ("disagreement_max", "disagreement_mean")
 
@@ -163,41 +217,70 @@ class Simulation:
     """What :func:`simulate` returns.
 
     ``thermo`` holds one row per ``thermo_every`` steps (columns ``THERMO_COLUMNS``; temperature is
-    k_B T in energy units, pressure from the virial; with a committee also ``DISAGREEMENT_COLUMNS``,
-    the largest and the mean per-atom force disagreement), ``positions`` ``[F, N, 3]`` the frames
-    written to the trajectory (one per ``trajectory_every`` steps) and ``disagreement`` ``[F, N]``
-    their per-atom force disagreement (None without a committee), ``drift`` the linear-fit slope of
-    the total energy per atom per unit time, ``rate`` the atom-steps per second after compilation.
+    k_B T in energy units, pressure from the virial, the box's volume; with a committee also
+    ``DISAGREEMENT_COLUMNS``, the largest and the mean per-atom force disagreement), ``drift`` the
+    linear-fit slope of the total energy per atom per unit time, ``rate`` the atom-steps per second
+    after compilation. The trajectory (one frame per ``trajectory_every`` steps) is in
+    ``trajectory`` (an extended-XYZ file) when the run wrote one, else in memory: ``positions``
+    ``[F, N, 3]``, ``boxes`` ``[F, 3, 3]`` and ``disagreement`` ``[F, N]`` (a committee's per-atom
+    force disagreement; None without one) read it from wherever it is.
     """
 
     state: Any
     neighbor: partition.NeighborList
     thermo: dict[str, np.ndarray]
-    positions: np.ndarray
     drift: float
     rate: float
     reallocations: int
     seconds: float
-    disagreement: np.ndarray | None = None
+    trajectory: Path | None = None
+    frames: list[dict[str, np.ndarray]] | None = None  # in memory when there is no trajectory file
+
+    def _frames(self) -> list[dict[str, np.ndarray]]:
+        if self.frames is not None:
+            return self.frames
+        import ase.io
+
+        return [dict(positions=a.positions, box=np.asarray(a.cell[:]).T, disagreement=a.arrays.get("disagreement"))
+                for a in ase.io.iread(self.trajectory, format="extxyz")]
+
+    @property
+    def positions(self) -> np.ndarray:
+        return np.asarray([f["positions"] for f in self._frames()])
+
+    @property
+    def boxes(self) -> np.ndarray:
+        return np.asarray([f["box"] for f in self._frames()])
+
+    @property
+    def disagreement(self) -> np.ndarray | None:
+        frames = self._frames()
+        if not frames or frames[0]["disagreement"] is None:
+            return None
+        return np.asarray([f["disagreement"] for f in frames])
 
 
 def thermo_observables(energy_fn: Callable[..., jax.Array], displacement_fn: Callable, box: Any,
-                       disagreement: Callable[..., jax.Array] | None = None) -> Callable[..., dict[str, jax.Array]]:
-    """Per-record potential, kinetic and total energy, temperature, virial pressure and closest pair;
-    with ``disagreement(R, neighbor) -> [N]`` (:meth:`a2ijax.committee.Committee.disagreement`) also
+                       disagreement: Callable[..., jax.Array] | None = None,
+                       box_fn: Callable[[Any], Any] | None = None) -> Callable[..., dict[str, jax.Array]]:
+    """Per-record potential, kinetic and total energy, temperature, virial pressure, volume and closest
+    pair; ``box_fn(state)``: the current box where it changes (NPT), else ``box``. With
+    ``disagreement(R, neighbor) -> [N]`` (:meth:`a2ijax.committee.Committee.disagreement`) also
     the largest and the mean per-atom force disagreement (per-atom values are not kept per record:
     that memory would grow with N times the records)."""
 
     def observe(state, neighbor):
         R = state.position
-        potential = energy_fn(R, neighbor=neighbor)
+        now = box if box_fn is None else box_fn(state)
+        potential = energy_fn(R, neighbor=neighbor, box=now)
         kinetic = quantity.kinetic_energy(momentum=state.momentum, mass=state.mass)
-        pressure = quantity.pressure(energy_fn, R, box, kinetic_energy=kinetic, neighbor=neighbor)
+        pressure = quantity.pressure(energy_fn, R, now, kinetic_energy=kinetic, neighbor=neighbor)
         records = dict(potential=potential, kinetic=kinetic, total=potential + kinetic,
                        temperature=quantity.temperature(momentum=state.momentum, mass=state.mass), pressure=pressure,
-                       min_distance=closest_neighbor(R, neighbor, displacement_fn, box))
+                       volume=quantity.volume(R.shape[-1], now), min_distance=closest_neighbor(R, neighbor,
+                                                                                                 displacement_fn, now))
         if disagreement is not None:
-            sigma = disagreement(R, neighbor=neighbor)
+            sigma = disagreement(R, neighbor=neighbor, box=now)
             records.update(disagreement_max=jnp.max(sigma), disagreement_mean=jnp.mean(sigma))
         return records
 
@@ -206,11 +289,8 @@ def thermo_observables(energy_fn: Callable[..., jax.Array], displacement_fn: Cal
 
 def closest_neighbor(R: jax.Array, neighbor: partition.NeighborList, displacement_fn: Callable, box: Any) -> jax.Array:
     """The smallest distance between an atom and its listed neighbours (inf if none)."""
-    n = R.shape[0]
-    j = jnp.where(neighbor.idx < n, neighbor.idx, 0)
-    dR = jax.vmap(jax.vmap(lambda a, b: displacement_fn(a, b, box=box), (0, None)))(R[j], R)
-    d = jnp.sqrt(jnp.sum(dR * dR, -1))
-    return jnp.min(jnp.where(neighbor.idx < n, d, jnp.inf))
+    dR, real = masked_displacements(R, neighbor.idx, displacement_fn, box=box)
+    return jnp.sqrt(jnp.min(jnp.where(real, jnp.sum(dR * dR, -1), jnp.inf)))
 
 
 def energy_drift(time: np.ndarray, total: np.ndarray, n_atoms: int) -> float:
@@ -262,15 +342,15 @@ class _Output:
     """Thermo CSV and extended-XYZ trajectory, appended and flushed after every chunk; with a committee
     the thermo rows have ``DISAGREEMENT_COLUMNS`` and the frames a per-atom ``disagreement`` array."""
 
-    def __init__(self, out: str | None, symbols: list[str], box: np.ndarray, columns: tuple[str, ...]):
+    def __init__(self, out: str | None, symbols: list[str], columns: tuple[str, ...]):
         self.out = None if out is None else Path(out)
-        self.symbols, self.cell, self.columns = symbols, np.asarray(box, np.float64).T, columns
+        self.symbols, self.columns = symbols, columns
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "thermo.csv").write_text(",".join(columns) + "\n")
             (self.out / "trajectory.extxyz").write_text("")
 
-    def write(self, rows: dict[str, np.ndarray], R: np.ndarray, step: int, time: float,
+    def write(self, rows: dict[str, np.ndarray], R: np.ndarray, box: np.ndarray, step: int, time: float,
               disagreement: np.ndarray | None = None) -> None:
         if self.out is None:
             return
@@ -282,7 +362,8 @@ class _Output:
                 f.write(",".join(f"{rows[c][k]:.10g}" for c in self.columns) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        atoms = ase.Atoms(symbols=self.symbols, positions=R, cell=self.cell, pbc=True, info=dict(step=step, time=time))
+        atoms = ase.Atoms(symbols=self.symbols, positions=R, cell=np.asarray(box, np.float64).T, pbc=True,
+                          info=dict(step=step, time=time))
         if disagreement is not None:
             atoms.arrays["disagreement"] = np.asarray(disagreement, np.float64)
         with open(self.out / "trajectory.extxyz", "a") as f:
@@ -301,24 +382,48 @@ def check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
+class Integrator(NamedTuple):
+    """jax-md's ``init(key, R, mass=, kT=, neighbor=)`` and ``apply(state, neighbor=)`` of an ensemble, and
+    ``box_fn(state)``: the current box where the ensemble changes it (NPT), else None."""
+
+    init: Callable
+    apply: Callable
+    box_fn: Callable[[Any], Any] | None = None
+
+
 def integrator(energy_fn: Callable[..., jax.Array], shift_fn: Callable, ensemble: str, dt: float,
-               kT: float | None, *, tau: float = 100.0, friction: float = 1.0,
-               ensembles: tuple[str, ...] = ENSEMBLES) -> tuple[Callable, Callable]:
-    """jax-md's ``(init, apply)`` for ``ensemble`` (one of ``ensembles``): ``"nve"`` (velocity
-    Verlet), ``"nose-hoover"`` (a chain thermostat, ``tau`` in units of ``dt``) or ``"langevin"``
-    (``friction`` in inverse time units); ``init(key, R, mass=, kT=, neighbor=)``. The numbers are
-    checked first."""
+               kT: float | None, *, tau: float = 100.0, friction: float = 1.0, pressure: float | None = None,
+               barostat_tau: float = 1000.0, box: Any = None, ensembles: tuple[str, ...] = ENSEMBLES) -> Integrator:
+    """jax-md's integrator for ``ensemble`` (one of ``ensembles``): ``"nve"`` (velocity Verlet),
+    ``"nose-hoover"`` (a chain thermostat, ``tau`` in units of ``dt``), ``"langevin"`` (``friction``
+    in inverse time units) or ``"npt"`` (``simulate.npt_nose_hoover``: Nose-Hoover chains on the
+    particles, ``tau``, and on an isotropic barostat at ``pressure``, ``barostat_tau``, both in units
+    of ``dt``; positions in real coordinates of ``box`` at the start). The numbers are checked first."""
     if ensemble not in ensembles:
         raise ValueError(f"ensemble must be one of {ensembles}, got {ensemble!r}")
-    for name, value in (("dt", dt), ("tau", tau), ("friction", friction)):
+    for name, value in (("dt", dt), ("tau", tau), ("friction", friction), ("barostat_tau", barostat_tau)):
         check_positive(name, value)
     from jax_md import simulate as integrators
 
     if ensemble == "nve":
-        return integrators.nve(energy_fn, shift_fn, dt)
+        return Integrator(*integrators.nve(energy_fn, shift_fn, dt))
     if ensemble == "nose-hoover":
-        return integrators.nvt_nose_hoover(energy_fn, shift_fn, dt, kT, tau=tau * dt)
-    return integrators.nvt_langevin(energy_fn, shift_fn, dt, kT, gamma=friction)
+        return Integrator(*integrators.nvt_nose_hoover(energy_fn, shift_fn, dt, kT, tau=tau * dt))
+    if ensemble == "langevin":
+        return Integrator(*integrators.nvt_langevin(energy_fn, shift_fn, dt, kT, gamma=friction))
+    if pressure is None or not np.isfinite(pressure):
+        raise ValueError(f"NPT needs a finite pressure, got {pressure!r}")
+    if box is None:
+        raise ValueError("NPT needs the starting box")
+    init, apply = integrators.npt_nose_hoover(energy_fn, shift_fn, dt, pressure, kT,
+                                              barostat_kwargs=dict(tau=barostat_tau * dt),
+                                              thermostat_kwargs=dict(tau=tau * dt))
+    start = jnp.asarray(box, jnp.result_type(float))
+
+    def init_npt(key, R, mass=1.0, kT=None, **kwargs):  # kT: the integrator's own
+        return init(key, R, start, mass=mass, **kwargs)
+
+    return Integrator(init_npt, apply, integrators.npt_box)
 
 
 def check_output_steps(steps: int, thermo_every: int, trajectory_every: int) -> None:
@@ -332,33 +437,40 @@ def check_output_steps(steps: int, thermo_every: int, trajectory_every: int) -> 
                          f"thermo_every ({thermo_every})")
 
 
-def simulate(energy_fn: Callable[..., jax.Array], neighbor_fn: partition.NeighborFn, displacement_fn: Callable,
-             shift_fn: Callable, R: jax.Array, box: Any, *, steps: int, dt: float, ensemble: str = "nve",
-             kT: float | None = None, mass: Any = 1.0, seed: int = 0, thermo_every: int = 10,
-             trajectory_every: int = 100, tau: float = 100.0, friction: float = 1.0, out: str | None = None,
-             symbols: list[str] | None = None, progress: bool = True, time_unit: str = "time unit",
-             disagreement: Callable[..., jax.Array] | None = None) -> Simulation:
+def simulate(potential: Potential, R: jax.Array, box: Any, *, steps: int, dt: float, ensemble: str = "nve",
+             kT: float | None = None, pressure: float | None = None, mass: Any = 1.0, seed: int = 0,
+             thermo_every: int = 10, trajectory_every: int = 100, tau: float = 100.0, barostat_tau: float = 1000.0,
+             friction: float = 1.0, out: str | None = None, symbols: list[str] | None = None, progress: bool = True,
+             time_unit: str = "time unit", disagreement: Callable[..., jax.Array] | None = None) -> Simulation:
     """Molecular dynamics with a potential on a Dense neighbour list updated every step.
 
     Args:
-      energy_fn: ``energy_fn(R, neighbor=..., **kw)`` on a ``space.periodic_general`` displacement
-        (``kw`` reach the displacement: ``box`` and ``perturbation`` give the virial pressure).
-      neighbor_fn, displacement_fn, shift_fn: jax-md's neighbour-list builder and space for ``box``.
+      potential: a :class:`a2ijax.potential.Potential` for ``box`` (``Checkpoint.potential(box)``, or
+        any jax-md ``neighbor_fn`` and ``energy_fn(R, neighbor=..., **kw)`` with the box's
+        ``displacement_fn`` and ``shift_fn``; ``kw`` reach the displacement: ``box`` and
+        ``perturbation`` give the virial pressure, and NPT needs both, and a list that takes ``box=``).
       R: ``[N, 3]`` starting positions; velocities are drawn at ``kT`` (0 if ``kT`` is None, NVE).
+      box: the starting box, ``[3, 3]`` lattice vectors as columns (or sides).
       steps, dt: number of steps and time step. ``steps`` and ``trajectory_every`` are multiples of
         ``thermo_every``; steps run in compiled chunks of ``trajectory_every`` with the neighbour list
         checked (and reallocated, rerunning the chunk) between chunks.
-      ensemble: ``"nve"``, ``"nose-hoover"`` (chain thermostat, ``tau`` in units of ``dt``) or
-        ``"langevin"`` (``friction`` in inverse time units).
-      out: directory for ``thermo.csv`` and ``trajectory.extxyz`` (positions every
+      ensemble: ``"nve"``, ``"nose-hoover"`` (chain thermostat, ``tau`` in units of ``dt``),
+        ``"langevin"`` (``friction`` in inverse time units) or ``"npt"`` (at ``pressure``, with a
+        barostat of ``barostat_tau`` steps; the box changes and is written with every row and frame).
+      out: directory for ``thermo.csv`` and ``trajectory.extxyz`` (positions and box every
         ``trajectory_every`` steps), both appended and flushed after every chunk: if the run stops
-        (NaN positions raise ``FloatingPointError`` naming the step), what was written stays.
+        (NaN positions raise ``FloatingPointError`` naming the step), what was written stays. The
+        frames are then on disk only (``Simulation.positions`` reads them); without ``out`` they
+        are kept in memory.
       disagreement: a committee's ``fn(R, neighbor) -> [N]`` per-atom force disagreement
         (:meth:`a2ijax.committee.Committee.disagreement`), recorded with every thermo row (its
-        largest and mean value) and every trajectory frame (per atom); ``energy_fn`` is then the
+        largest and mean value) and every trajectory frame (per atom); the potential is then the
         committee's mean energy (:meth:`a2ijax.committee.Committee.potential`).
     """
-    init, apply = integrator(energy_fn, shift_fn, ensemble, dt, kT, tau=tau, friction=friction)  # checks them
+    neighbor_fn, energy_fn, displacement_fn, shift_fn = potential
+    box = jnp.asarray(lattice_matrix(box, R.shape[-1]), jnp.result_type(float))
+    dynamics = integrator(energy_fn, shift_fn, ensemble, dt, kT, tau=tau, friction=friction, pressure=pressure,
+                          barostat_tau=barostat_tau, box=box)  # checks them
     check_output_steps(steps, thermo_every, trajectory_every)
     if kT is not None and (not np.isfinite(kT) or kT < 0):
         raise ValueError(f"kT must be >= 0, got {kT!r}")
@@ -368,21 +480,24 @@ def simulate(energy_fn: Callable[..., jax.Array], neighbor_fn: partition.Neighbo
     neighbor, reallocations = neighbor_fn.allocate(R), 0
     while bool(neighbor.did_buffer_overflow):  # a capacity_multiplier below 1: grow before the first force call
         if reallocations == 10:
-            raise RuntimeError("the neighbour list still overflows after 10 reallocations at the start")
+            raise RuntimeError("the neighbour list still needs reallocating after 10 reallocations at the start: "
+                               f"{describe(neighbor.error.code)}")
         neighbor, reallocations = reallocate(neighbor_fn, R, neighbor), reallocations + 1
-    state = init(jax.random.PRNGKey(seed), R, mass=mass, kT=0.0 if kT is None else kT, neighbor=neighbor)
+    state = dynamics.init(jax.random.PRNGKey(seed), R, mass=mass, kT=0.0 if kT is None else kT, neighbor=neighbor)
     columns = THERMO_COLUMNS + (DISAGREEMENT_COLUMNS if disagreement is not None else ())
-    output = _Output(out, symbols or ["X"] * n, np.asarray(box), columns)
-    positions, rows, sigmas = [], [], []
+    output = _Output(out, symbols or ["X"] * n, columns)
+    frames: list[dict[str, np.ndarray]] = []
+    rows = []
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, unit="step", desc=f"md {ensemble}", dynamic_ncols=True)
     t0, t_first = time.perf_counter(), None
+    box_of = (lambda state: box) if dynamics.box_fn is None else dynamics.box_fn
 
     frame_disagreement = None if disagreement is None else jax.jit(
-        lambda R, neighbor: disagreement(R, neighbor=neighbor))
+        lambda R, neighbor, box: disagreement(R, neighbor=neighbor, box=box))
 
     def on_chunk(done: int, state: Any, neighbor: Any, records: dict[str, np.ndarray]) -> None:
         nonlocal t_first
@@ -390,24 +505,26 @@ def simulate(energy_fn: Callable[..., jax.Array], neighbor_fn: partition.Neighbo
         records = dict(records, step=done - thermo_every * (k - 1 - np.arange(k)))
         records["time"] = records["step"] * dt
         rows.append(records)
-        R = np.asarray(state.position, np.float64)
-        positions.append(R)
-        sigma = None if disagreement is None else np.asarray(frame_disagreement(state.position, neighbor))
-        sigmas.append(sigma)
-        output.write(records, R, done, done * dt, sigma)
-        now = time.perf_counter()
+        R, now = np.asarray(state.position, np.float64), np.asarray(box_of(state), np.float64)
+        sigma = None if disagreement is None else np.asarray(frame_disagreement(state.position, neighbor, now))
+        if out is None:
+            frames.append(dict(positions=R, box=now, disagreement=sigma))
+        output.write(records, R, now, done, done * dt, sigma)
+        stamp = time.perf_counter()
         if t_first is None:
-            t_first = (now, done)  # the first chunk includes compilation
+            t_first = (stamp, done)  # the first chunk includes compilation
         elif bar is not None:
-            rate = n * (done - t_first[1]) / (now - t_first[0])
+            rate = n * (done - t_first[1]) / (stamp - t_first[0])
             bar.set_postfix_str(f"{rate:.3g} atom-steps/s, {rate / n * dt * 86400:.3g} {time_unit}/day, "
                                 f"E {records['total'][-1] / n:.5g}/atom")
         if bar is not None:
             bar.update(done - bar.n)
 
     try:
-        md = run(apply, state, neighbor_fn, neighbor, steps, chunk_steps=trajectory_every, stride=thermo_every,
-                 observe=thermo_observables(energy_fn, displacement_fn, box, disagreement), on_chunk=on_chunk)
+        md = run(dynamics.apply, state, neighbor_fn, neighbor, steps, chunk_steps=trajectory_every,
+                 stride=thermo_every, observe=thermo_observables(energy_fn, displacement_fn, box, disagreement,
+                                                                 dynamics.box_fn),
+                 on_chunk=on_chunk, box_fn=dynamics.box_fn)
     finally:
         if bar is not None:
             bar.close()
@@ -417,6 +534,51 @@ def simulate(energy_fn: Callable[..., jax.Array], neighbor_fn: partition.Neighbo
     if t_first is not None and steps > t_first[1]:
         rate = n * (steps - t_first[1]) / (t0 + seconds - t_first[0])
     drift = energy_drift(thermo["time"], thermo["total"], n) if thermo else float("nan")
-    return Simulation(md.state, md.neighbor, thermo, np.asarray(positions), drift, rate,
-                      reallocations + md.reallocations, seconds,
-                      None if disagreement is None else np.asarray(sigmas))
+    return Simulation(md.state, md.neighbor, thermo, drift, rate, reallocations + md.reallocations, seconds,
+                      None if out is None else Path(out) / "trajectory.extxyz", frames if out is None else None)
+
+
+def relax(potential: Potential, R: jax.Array, *, max_force: float = 1e-3, max_steps: int = 10000,
+          chunk_steps: int = 100, dt_start: float = 0.1, dt_max: float = 0.4, mass: Any = 1.0) -> Relaxation:
+    """Minimises the energy of ``R`` at fixed box with jax-md's FIRE (``minimize.fire_descent``) until
+    the largest force on any atom is below ``max_force`` or ``max_steps`` have run.
+
+    Steps run in compiled chunks of ``chunk_steps`` with the neighbour list updated every step and
+    checked between chunks, as in MD. ``dt_start`` and ``dt_max`` are FIRE's time steps, in the
+    potential's time unit.
+    """
+    from jax_md import minimize
+
+    for name, value in (("max_force", max_force), ("dt_start", dt_start), ("dt_max", dt_max)):
+        check_positive(name, value)
+    for name, value in (("max_steps", max_steps), ("chunk_steps", chunk_steps)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    neighbor_fn, energy_fn, _, shift_fn = potential
+    init, apply = minimize.fire_descent(energy_fn, shift_fn, dt_start=dt_start, dt_max=dt_max)
+    neighbor = neighbor_fn.allocate(R)
+    while bool(neighbor.did_buffer_overflow):
+        neighbor = reallocate(neighbor_fn, R, neighbor)
+    state = init(R, mass=mass, neighbor=neighbor)
+
+    def observe(state, neighbor):
+        return dict(energy=energy_fn(state.position, neighbor=neighbor),
+                    max_force=jnp.sqrt(jnp.max(jnp.sum(state.force**2, -1))))
+
+    steps = -(-max_steps // chunk_steps) * chunk_steps
+    done = run(apply, state, neighbor_fn, neighbor, steps, chunk_steps=chunk_steps, stride=chunk_steps,
+               observe=observe, until=lambda records: bool(records["max_force"][-1] < max_force))
+    forces = done.observables["max_force"]
+    return Relaxation(np.asarray(done.state.position), float(done.observables["energy"][-1]), float(forces[-1]),
+                      len(forces) * chunk_steps, bool(forces[-1] < max_force))
+
+
+class Relaxation(NamedTuple):
+    """What :func:`relax` returns: the final positions, energy and largest force per atom, the steps
+    run and whether the largest force fell below the threshold."""
+
+    positions: np.ndarray
+    energy: float
+    max_force: float
+    steps: int
+    converged: bool

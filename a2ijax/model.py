@@ -87,7 +87,10 @@ class A2IConfig:
       attention_keys: ``M``, the key slots per atom when ``attention_cutoff`` is set. An atom with
         more than ``M`` neighbours inside ``r_att`` would lose keys that still carry weight (the
         energy would jump as neighbours change rank), so its energy and forces are NaN instead;
-        the trainer checks the data against ``M`` before it starts (``a2ijax.batching``).
+        the trainer checks the data against ``M`` before it starts (``a2ijax.batching``). ``M`` is
+        a capacity, not a parameter: more slots change no finite energy (the keys beyond ``r_att``
+        weigh exactly zero), so MD lists and the ASE calculator raise it where an atom needs more
+        (``a2ijax.neighbors``).
       angular_order: highest power ``l`` of ``cos(theta_jik)`` in the learned attention bias
         (``invariant`` only); adds ``sum_l 3**l`` dimensions to each query/key. 0 disables angles.
       envelope: ``"polynomial"`` (zero with vanishing first and second derivatives at ``r_c``) or
@@ -102,7 +105,7 @@ class A2IConfig:
       param_dtype: dtype of the parameters, e.g. ``"float32"`` or ``"float64"``.
 
     How a model is run (the compute dtype, atom chunking) is not part of what it is: those are
-    arguments of :class:`A2ITransformer`, :func:`per_atom_energies` and the builders in
+    arguments of :class:`A2ITransformer` and of the builders in
     ``a2ijax.potential``, so a model trained on one device runs on another with its own settings.
     """
 
@@ -387,39 +390,3 @@ class A2ITransformer(nn.Module):
             # NaN, with NaN gradients (forces), where an atom has more than M keys inside r_att.
             energy = energy * jnp.where(crowded, jnp.nan, 1.0).astype(energy.dtype)
         return energy
-
-
-def per_atom_energies(
-    model: A2ITransformer,
-    params: Any,
-    dR: Array,
-    species_center: Array,
-    species_neighbor: Array,
-    pair_mask: Array,
-    atom_chunk: int = 0,
-) -> Array:
-    """``model.apply`` over all atoms, in rematerialised chunks of ``atom_chunk`` atoms (0: all at once).
-
-    Chunking bounds peak memory by the chunk: the backward pass recomputes each chunk's forward
-    pass instead of storing its ``[n, H, K, K]`` attention weights. On a CPU small chunks are also
-    the fastest (the attention stays in cache; docs/design.md); on accelerators use thousands.
-    Atoms are padded up to a whole number of equal chunks with empty neighbour slots, and the
-    padding is cut off again.
-    """
-    n = dR.shape[0]
-    if atom_chunk == 0 or n <= atom_chunk:
-        return model.apply(params, dR, species_center, species_neighbor, pair_mask)
-    n_chunks = -(-n // atom_chunk)
-    size = -(-n // n_chunks)
-    pad = n_chunks * size - n
-
-    def split(a):
-        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-        return a.reshape((n_chunks, size) + a.shape[1:])
-
-    @jax.checkpoint
-    def one_chunk(args):
-        return model.apply(params, *args)
-
-    energies = jax.lax.map(one_chunk, tuple(split(a) for a in (dR, species_center, species_neighbor, pair_mask)))
-    return energies.reshape(-1)[:n]

@@ -12,6 +12,12 @@ Forces are only ever ``-grad E``, and stress comes from ``jax_md.quantity.stress
 arguments such as ``box=`` and ``perturbation=`` go to the displacement function). ``a2i_pair`` is
 the all-pairs variant for small systems, with the same signatures.
 
+``a2i_periodic(box, config, species)`` is the same potential in a periodic box of any shape, in real
+coordinates, on this package's linear-memory neighbour list (:mod:`a2ijax.neighbors`): what the
+trained models run on (``Checkpoint.potential``, committees, ``a2ijax md``, active learning,
+analysis). A :class:`Potential` bundles it for MD with its parameters bound: ``(neighbor_fn,
+energy_fn(R, neighbor, **kw), displacement_fn, shift_fn)``.
+
 Errors:
 * Called outside ``jit`` (concrete arrays), bad input raises a ``ValueError`` naming the problem:
   shape, dtype, species out of range, NaN/inf positions, an overflowed neighbour list.
@@ -23,18 +29,25 @@ Errors:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
-from jax_md import partition
+from jax_md import partition, space
 
+from a2ijax.baselines import baseline_neighbor_list
 from a2ijax.geometry import lattice_matrix, perpendicular_widths
-from a2ijax.model import A2IConfig, A2ITransformer, is_float_dtype, per_atom_energies
+from a2ijax.model import A2IConfig, A2ITransformer, is_float_dtype
+from a2ijax.neighbors import ListError, PeriodicNeighborList, describe, periodic_neighbor_list
+from a2ijax.neighbors import reallocate as reallocate  # re-exported: a2ijax.reallocate
+
+if TYPE_CHECKING:
+    from a2ijax.config import ExperimentConfig
 
 Array = jax.Array
 DisplacementFn = Callable[..., Array]
@@ -133,32 +146,76 @@ def _check_inputs(config: A2IConfig, R: Array, species: Array | None, mask: Arra
             raise ValueError(f"mask must be boolean (True for real atoms), got dtype {mask.dtype}")
 
 
+def masked_displacements(R: Array, idx: Array, displacement_fn: DisplacementFn, centers: Array | None = None,
+                         **kwargs) -> tuple[Array, Array]:
+    """Displacements ``r_ij = R_j - R_i`` ``[n, K, dim]`` to the neighbours in a Dense index ``idx [n, K]``
+    (empty slots hold ``N``) and the mask ``[n, K]`` of real slots (empty slots get ``r_ii = 0``).
+
+    Row ``r`` of ``idx`` lists the neighbours of atom ``centers[r]`` (default: the first ``n`` atoms);
+    ``kwargs`` (``box``, ``perturbation``) go to ``displacement_fn``.
+    """
+    n_atoms, n = R.shape[0], idx.shape[0]
+    pair_mask = idx < n_atoms
+    own = jnp.arange(n, dtype=idx.dtype) if centers is None else centers
+    j = jnp.where(pair_mask, idx, own[:, None])
+    center = R[own]
+    displacement = jax.vmap(jax.vmap(lambda Rj, Ri: displacement_fn(Rj, Ri, **kwargs), (0, None)))
+    return displacement(R[j], center), pair_mask
+
+
 def model_inputs(R: Array, idx: Array, displacement_fn: DisplacementFn, species: Array | None,
-                  mask: Array | None, centers: Array | None = None, **kwargs) -> tuple[Array, Array, Array, Array]:
+                 mask: Array | None, centers: Array | None = None, **kwargs) -> tuple[Array, Array, Array, Array]:
     """The model's per-atom inputs from a Dense neighbour index ``idx [n, K]`` (empty slots hold ``N``).
 
     Row ``r`` of ``idx`` lists the neighbours of atom ``centers[r]`` (default: the first ``n`` atoms of
     ``R``). Returns displacements ``[n, K, dim]``, centre species ``[n]``, neighbour species ``[n, K]``
-    and the pair mask ``[n, K]``.
+    and the pair mask ``[n, K]`` (:func:`masked_displacements`; padded atoms are neither centres nor
+    neighbours).
     """
-    n_atoms, n = R.shape[0], idx.shape[0]
-    species = jnp.zeros((n_atoms,), jnp.int32) if species is None else species
+    n = idx.shape[0]
+    species = jnp.zeros((R.shape[0],), jnp.int32) if species is None else species
     pick = (lambda x: x[:n]) if centers is None else (lambda x: x[centers])
-    pair_mask = idx < n_atoms
+    dR, pair_mask = masked_displacements(R, idx, displacement_fn, centers, **kwargs)
     j = jnp.where(pair_mask, idx, 0)
-    if mask is not None:  # padded atoms are neither centres nor neighbours
+    if mask is not None:
         pair_mask = pair_mask & pick(mask)[:, None] & mask[j]
-    displacement = jax.vmap(jax.vmap(lambda Rj, Ri: displacement_fn(Rj, Ri, **kwargs), (0, None)))
-    dR = displacement(R[j], pick(R))  # r_ij = R_j - R_i
     return dR, pick(species), species[j], pair_mask
+
+
+def per_atom_energies(model: A2ITransformer, params: Any, R: Array, idx: Array, displacement_fn: DisplacementFn,
+                      species: Array | None, mask: Array | None, atom_chunk: int = 0, centers: Array | None = None,
+                      **kwargs) -> Array:
+    """``[n]`` energies of the atoms whose neighbours are the rows of ``idx [n, K]`` (``centers``: which
+    atoms those are; default the first ``n``), in rematerialised chunks of ``atom_chunk`` rows (0: all).
+
+    Each chunk gathers its own displacements inside ``jax.checkpoint``, so what stays in memory
+    between the forward and the backward pass is the index and the positions, not ``[N, K, dim]``
+    inputs or the ``[chunk, H, K, M]`` attention of every chunk: memory is bounded by one chunk
+    beyond what grows with ``N``. Rows are padded to whole chunks with empty slots, and cut off again.
+    """
+    R, n = jnp.asarray(R), idx.shape[0]  # NumPy positions cannot be indexed by traced chunk rows
+    rows = jnp.arange(n, dtype=jnp.int32) if centers is None else centers
+
+    def apply(block_idx: Array, block_rows: Array) -> Array:
+        inputs = model_inputs(R, block_idx, displacement_fn, species, mask, block_rows, **kwargs)
+        return model.apply(params, *inputs)
+
+    if atom_chunk == 0 or n <= atom_chunk:
+        return apply(idx, rows)
+    n_chunks = -(-n // atom_chunk)
+    size = -(-n // n_chunks)
+    pad = n_chunks * size - n
+    idx = jnp.concatenate([idx, jnp.full((pad, idx.shape[1]), R.shape[0], idx.dtype)]).reshape(n_chunks, size, -1)
+    rows = jnp.concatenate([rows, jnp.zeros((pad,), rows.dtype)]).reshape(n_chunks, size)
+    energies = jax.lax.map(jax.checkpoint(lambda block: apply(*block)), (idx, rows))
+    return energies.reshape(-1)[:n]
 
 
 def _a2i_energy(model: A2ITransformer, atom_chunk: int, params: Any, R: Array, idx: Array,
                 displacement_fn: DisplacementFn, species: Array | None, mask: Array | None,
                 per_atom: bool, **kwargs) -> Array:
     """Total (or per-atom) energy from a Dense neighbour index ``idx [N, K]``."""
-    inputs = model_inputs(R, idx, displacement_fn, species, mask, **kwargs)
-    energies = per_atom_energies(model, params, *inputs, atom_chunk=atom_chunk)
+    energies = per_atom_energies(model, params, R, idx, displacement_fn, species, mask, atom_chunk, **kwargs)
     if mask is not None:
         energies = jnp.where(mask, energies, 0.0)
     return energies if per_atom else jnp.sum(energies)
@@ -187,8 +244,9 @@ def _sharded_energy(model: A2ITransformer, atom_chunk: int, params: Any, R: Arra
     kwargs = {k: jnp.asarray(v) for k, v in kwargs.items()}
 
     def block(params, R, idx, centers, real, species, mask, kwargs):
-        inputs = model_inputs(R, idx, displacement_fn, species, mask, centers, **kwargs)
-        energies = jnp.where(real, per_atom_energies(model, params, *inputs, atom_chunk=atom_chunk), 0.0)
+        energies = per_atom_energies(model, params, R, idx, displacement_fn, species, mask, atom_chunk, centers,
+                                     **kwargs)
+        energies = jnp.where(real, energies, 0.0)
         return energies if per_atom else jax.lax.psum(jnp.sum(energies), axis)
 
     split, whole = PartitionSpec(axis), PartitionSpec()
@@ -202,6 +260,58 @@ def _init(model: A2ITransformer, key: Array, R: Array, idx: Array, displacement_
     """Parameters from a few atoms: their shapes do not depend on ``N`` or ``K``."""
     inputs = model_inputs(R, idx[: min(R.shape[0], 4)], displacement_fn, species, None)
     return jax.jit(model.init)(key, *inputs)
+
+
+def _a2i_functions(displacement_fn: DisplacementFn, config: A2IConfig, species: Array | None, atom_chunk: int,
+                   dtype: Any, mesh: Mesh | None) -> tuple[Callable[..., Any], Callable[..., Array]]:
+    """``(init_fn, energy_fn)`` of :func:`a2i_neighbor_list` for any Dense neighbour list.
+
+    A list that carries ``key_capacity`` (:class:`a2ijax.neighbors.PeriodicNeighborList`) sets the
+    attention's key slots ``M``: a capacity like ``K``, which changes no energy that the model's own
+    ``M`` gives finite.
+    """
+    if mesh is not None and len(mesh.axis_names) != 1:
+        raise ValueError(f"mesh must have one axis (the atoms are split along it), got axes {mesh.axis_names}")
+    compute = _a2i_energy if mesh is None else functools.partial(_sharded_energy, mesh=mesh)
+    models: dict[int, A2ITransformer] = {}
+
+    def model_for(neighbor: Any) -> A2ITransformer:
+        keys = max(config.attention_keys, getattr(neighbor, "key_capacity", 0)) if config.attention_keys else 0
+        if keys not in models:
+            models[keys] = A2ITransformer(dataclasses.replace(config, attention_keys=keys) if keys else config,
+                                          dtype=dtype)
+        return models[keys]
+
+    def _neighbors(neighbor: Any) -> partition.NeighborList:
+        if neighbor is None:
+            raise ValueError("the A2I energy needs neighbor=neighbor_fn.allocate(R)")
+        if neighbor.format is not partition.Dense:
+            raise ValueError(f"neighbour list must be Dense, got {neighbor.format}")
+        overflow = neighbor.did_buffer_overflow  # traced inside jit, even for a list closed over
+        if _is_concrete(overflow) and bool(overflow):
+            raise NeighborListOverflowError(
+                f"the neighbour list overflowed ({describe(neighbor.error.code)}; {neighbor.idx.shape[1]} "
+                "slots per atom): reallocate it with a2ijax.reallocate(neighbor_fn, R, neighbor)")
+        return neighbor
+
+    def init_fn(key: Array, R: Array, neighbor: Any = None, **kwargs) -> Any:
+        s = kwargs.pop("species", species)
+        _check_inputs(config, R, s, None)
+        neighbor = _neighbors(neighbor)
+        return _init(model_for(neighbor), key, R, neighbor.idx, lambda a, b: displacement_fn(a, b, **kwargs), s)
+
+    def energy_fn(params: Any, R: Array, neighbor: Any = None, *, species: Array | None = species,
+                  mask: Array | None = None, per_atom: bool = False, **kwargs) -> Array:
+        _check_inputs(config, R, species, mask)
+        neighbor = _neighbors(neighbor)
+        if neighbor.idx.shape[0] != R.shape[0]:
+            raise ValueError(f"neighbour list is for {neighbor.idx.shape[0]} atoms, R has {R.shape[0]}")
+        energy = compute(model_for(neighbor), atom_chunk, params, R, neighbor.idx, displacement_fn, species, mask,
+                         per_atom, **kwargs)
+        # A list that needs reallocating may have lost neighbours: poison energy and forces rather than truncate.
+        return energy * jnp.where(neighbor.did_buffer_overflow, jnp.nan, 1.0).astype(energy.dtype)
+
+    return init_fn, energy_fn
 
 
 def a2i_neighbor_list(
@@ -238,6 +348,9 @@ def a2i_neighbor_list(
       ``energy_fn(params, R, neighbor, *, species=None, mask=None, per_atom=False, **kw)``. ``mask``
       ``[N]`` marks real atoms (False: padding that contributes nothing); ``**kw`` go to
       ``displacement_fn`` (e.g. ``box``, ``perturbation`` for stress).
+
+    jax-md's list gathers every atom's cell-list candidates at once (tens of KiB per atom): for large
+    periodic systems :func:`a2i_periodic` builds the same potential on a list whose memory is linear.
     """
     if "format" in nl_kwargs and nl_kwargs["format"] is not partition.Dense:
         raise ValueError("a2i_neighbor_list needs format=partition.Dense")
@@ -247,41 +360,77 @@ def a2i_neighbor_list(
     fractional = nl_kwargs.get("fractional_coordinates", False)
     check_box(displacement_fn, box, config.cutoff, fractional)
     neighbor_fn = partition.neighbor_list(displacement_fn, box, config.cutoff, format=partition.Dense, **nl_kwargs)
-    model = A2ITransformer(config, dtype=dtype)
-    if mesh is not None and len(mesh.axis_names) != 1:
-        raise ValueError(f"mesh must have one axis (the atoms are split along it), got axes {mesh.axis_names}")
-    compute = _a2i_energy if mesh is None else functools.partial(_sharded_energy, mesh=mesh)
+    return (neighbor_fn, *_a2i_functions(displacement_fn, config, species, atom_chunk, dtype, mesh))
 
-    def _neighbors(neighbor: Any) -> partition.NeighborList:
-        if neighbor is None:
-            raise ValueError("a2i_neighbor_list energy needs neighbor=neighbor_fn.allocate(R)")
-        if neighbor.format is not partition.Dense:
-            raise ValueError(f"neighbour list must be Dense, got {neighbor.format}")
-        overflow = neighbor.did_buffer_overflow  # traced inside jit, even for a list closed over
-        if _is_concrete(overflow) and bool(overflow):
-            raise NeighborListOverflowError(
-                f"neighbour list overflowed its capacity of {neighbor.idx.shape[1]} slots per atom: "
-                "reallocate it with a2ijax.potential.reallocate(neighbor_fn, R, neighbor)")
-        return neighbor
 
-    def init_fn(key: Array, R: Array, neighbor: Any = None, **kwargs) -> Any:
-        s = kwargs.pop("species", species)
-        _check_inputs(config, R, s, None)
-        idx = _neighbors(neighbor).idx
-        return _init(model, key, R, idx, lambda a, b: displacement_fn(a, b, **kwargs), s)
+def periodic_space(box: Any) -> tuple[DisplacementFn, Callable]:
+    """jax-md's ``(displacement_fn, shift_fn)`` of a periodic ``box`` (side, sides or ``[3, 3]`` lattice
+    vectors as columns) in real coordinates: ``space.periodic_general`` with ``fractional_coordinates=False``,
+    so that keyword arguments ``box=`` (a changing box) and ``perturbation=`` (stress) reach it."""
+    lattice = jnp.asarray(lattice_matrix(box, 3), jnp.result_type(float))
+    return space.periodic_general(lattice, fractional_coordinates=False)
 
-    def energy_fn(params: Any, R: Array, neighbor: Any = None, *, species: Array | None = species,
-                  mask: Array | None = None, per_atom: bool = False, **kwargs) -> Array:
-        _check_inputs(config, R, species, mask)
-        neighbor = _neighbors(neighbor)
-        if neighbor.idx.shape[0] != R.shape[0]:
-            raise ValueError(f"neighbour list is for {neighbor.idx.shape[0]} atoms, R has {R.shape[0]}")
-        energy = compute(model, atom_chunk, params, R, neighbor.idx, displacement_fn, species, mask, per_atom,
-                         **kwargs)
-        # An overflowed list has lost neighbours: poison energy and forces rather than truncate.
-        return energy * jnp.where(neighbor.did_buffer_overflow, jnp.nan, 1.0).astype(energy.dtype)
 
-    return neighbor_fn, init_fn, energy_fn
+def a2i_periodic(
+    box: Any,
+    config: A2IConfig,
+    species: Array | None = None,
+    *,
+    atom_chunk: int | None = None,
+    dtype: Any = None,
+    mesh: Mesh | None = None,
+    **nl_kwargs,
+) -> tuple[partition.NeighborFn, Callable[..., Any], Callable[..., Array]]:
+    """:func:`a2i_neighbor_list` in a periodic ``box`` of any shape, in real coordinates, on
+    :func:`a2ijax.neighbors.periodic_neighbor_list` (a cell list in every box at least three cells
+    wide, memory linear in ``N``, the box may change as ``neighbor.update(R, box=box)``).
+
+    ``box``: side, sides ``[3]`` or ``[3, 3]`` lattice vectors as columns, any orientation;
+    ``nl_kwargs``: ``dr_threshold``, ``capacity_multiplier``, ``chunk`` of the neighbour list. The
+    energy takes ``box=`` for a box that changes and ``perturbation=`` for stress, as jax-md's do;
+    positions may lie in any periodic image.
+    """
+    atom_chunk, dtype = run_settings(atom_chunk, dtype)
+    species = None if species is None else jnp.asarray(species)
+    displacement, _ = periodic_space(box)
+    check_box(displacement, lattice_matrix(box, 3), config.cutoff)
+    neighbor_fn = periodic_neighbor_list(box, config.cutoff, attention_cutoff=config.attention_cutoff,
+                                         attention_keys=config.attention_keys, **nl_kwargs)
+    return (neighbor_fn, *_a2i_functions(displacement, config, species, atom_chunk, dtype, mesh))
+
+
+class Potential(NamedTuple):
+    """A potential ready for MD in a periodic box, its parameters bound.
+
+    ``neighbor_fn`` (``allocate(R)``, ``update(R, neighbor)``), ``energy_fn(R, neighbor=..., **kw)`` (``kw``:
+    ``species``, ``mask``, ``per_atom``, ``box`` and ``perturbation``), and jax-md's real-coordinate
+    ``displacement_fn`` and ``shift_fn`` of the box. ``Checkpoint.potential`` and
+    ``Committee.potential`` return one; it unpacks as the four functions.
+    """
+
+    neighbor_fn: partition.NeighborFn
+    energy_fn: Callable[..., Array]
+    displacement_fn: DisplacementFn
+    shift_fn: Callable
+
+    @classmethod
+    def periodic(cls, neighbor_fn: partition.NeighborFn, energy_fn: Callable[..., Array], box: Any) -> Potential:
+        """The bundle of ``neighbor_fn`` and ``energy_fn`` with the space of ``box`` (:func:`periodic_space`)."""
+        return cls(neighbor_fn, energy_fn, *periodic_space(box))
+
+
+def default_float(params: Any) -> Any:
+    """``params`` cast to JAX's default float (float64 under ``jax_enable_x64``)."""
+    return jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.result_type(float)), params)
+
+
+def bound(energy_fn: Callable[..., Array], params: Any) -> Callable[..., Array]:
+    """``energy(R, neighbor=None, **kw) = energy_fn(params, R, neighbor=neighbor, **kw)``."""
+
+    def energy(R: Array, neighbor: Any = None, **kwargs) -> Array:
+        return energy_fn(params, R, neighbor=neighbor, **kwargs)
+
+    return energy
 
 
 def all_pairs_index(n: int) -> Array:
@@ -343,28 +492,71 @@ def batched_energy_and_forces(energy_fn: Callable[..., Array]) -> Callable[..., 
     return jax.vmap(one, in_axes=(None, 0, 0, 0, 0))
 
 
-def fixed_neighbor_list(idx: Array, R: Array) -> partition.NeighborList:
+def fixed_neighbor_list(idx: Array, R: Array, key_capacity: int = 0) -> partition.NeighborList:
     """A Dense jax-md ``NeighborList`` around a precomputed index ``idx [N, K]`` (empty slots hold ``N``).
 
-    For frames whose neighbours were found once on the host (training and evaluation batches): the
-    list never updates and never overflows, so its capacity must have been checked beforehand.
-    It names every field of jax-md's ``NeighborList``, which is why pyproject.toml pins the jax-md
-    version the tests ran with (``tests/test_invariants.py`` checks the fields).
+    For frames whose neighbours were found once on the host (training and evaluation batches, the
+    ASE calculator): the list never updates and never overflows, so its capacity must have been
+    checked beforehand. ``key_capacity``: attention-key slots beyond the model's own (0: the
+    model's), for atoms with more neighbours inside the attention range. It names every field of
+    jax-md's ``NeighborList``, which is why pyproject.toml pins the jax-md version the tests ran with
+    (``tests/test_invariants.py`` checks the fields).
     """
-    return partition.NeighborList(idx=idx, reference_position=R, error=partition.PartitionError(
-        jnp.zeros((), jnp.uint8)), cell_list_capacity=None, max_occupancy=idx.shape[-1], format=partition.Dense,
-        cell_size=None, cell_list_fn=None, update_fn=None)
+    return PeriodicNeighborList(idx=idx, reference_position=R, error=ListError(jnp.zeros((), jnp.uint8)),
+                                cell_list_capacity=None, max_occupancy=idx.shape[-1], format=partition.Dense,
+                                cell_size=None, cell_list_fn=None, update_fn=None, reference_box=None,
+                                key_capacity=key_capacity)
 
 
-def reallocate(neighbor_fn: partition.NeighborFn, R: Array, neighbor: partition.NeighborList,
-               growth: float = 1.5, **kwargs) -> partition.NeighborList:
-    """A new neighbour list for ``R`` with at least ``growth`` times the old capacity.
+# ----------------------------------------------------------------------------------------------
+# Frames that bring their own cells: the shape the trainer and the evaluators use
 
-    Reallocation changes the shape ``[N, K]`` and so recompiles whatever consumes it; growing
-    geometrically keeps repeated overflows to a handful of recompilations.
+
+def training_space(cutoff: float) -> tuple[Callable, Array]:
+    """A ``periodic_general`` displacement whose cell comes with every call as ``box=``, and a
+    placeholder cell wide enough for the builders' box checks."""
+    box = jnp.eye(3) * 4.0 * cutoff
+    return space.periodic_general(box, fractional_coordinates=False)[0], box
+
+
+def a2i_builder(config: A2IConfig, *, atom_chunk: int | None = None, dtype: Any = None) -> tuple[Callable, Callable]:
+    """``(init_fn, energy_fn)`` of the A2I potential with each frame's cell passed as ``box=``."""
+    _, init_fn, energy_fn = a2i_neighbor_list(*training_space(config.cutoff), config, atom_chunk=atom_chunk,
+                                              dtype=dtype)
+    return init_fn, energy_fn
+
+
+def potential_builder(config: ExperimentConfig, species: np.ndarray | None = None, *,
+                      atom_chunk: int | None = None) -> tuple[Callable, Callable, bool]:
+    """``(init_fn, energy_fn, per_atom)`` of the potential that ``config`` trains: A2I, or the jax-md
+    potential named in ``[baseline]`` (``per_atom``: whether it gives per-atom energies).
+
+    A baseline is wrapped as ``E = s * E_net + sum_i shift[species_i]`` with the trainer's per-species
+    shift and a scale ``s``, as A2I carries them inside, so both start from the same fitted offsets.
+    ``species`` (``[N]``, from :func:`a2ijax.batching.fixed_species`) is fixed into the baselines when they are built.
     """
-    fresh = neighbor_fn.allocate(R, **kwargs)
-    target = min(int(np.ceil(growth * neighbor.idx.shape[1])), R.shape[0] - 1)
-    if fresh.idx.shape[1] < target:
-        fresh = neighbor_fn.allocate(R, extra_capacity=target - fresh.idx.shape[1], **kwargs)
-    return fresh
+    name = config.baseline.name
+    if not name:
+        return (*a2i_builder(config.model, atom_chunk=atom_chunk), True)
+    model = config.model
+    _, net_init, net_energy = baseline_neighbor_list(
+        name, *training_space(model.cutoff), cutoff=model.cutoff, species=species, n_species=model.n_species,
+        avg_neighbors=model.avg_neighbors, key=jax.random.PRNGKey(config.train.seed))
+
+    def init_fn(key, R, neighbor, species=None, box=None):
+        del species  # fixed when built
+        net = net_init(key, R, neighbor, box=box)
+        dtype = jnp.result_type(float)
+        return {"params": dict(net=net, energy_shift=jnp.zeros((model.n_species,), dtype),
+                               energy_scale=jnp.ones((1,), dtype))}
+
+    def energy_fn(params, R, neighbor, species=None, mask=None, box=None, per_atom=False):
+        del mask  # every frame has the same atoms (fixed_species checks); padding frames carry zero weight
+        if per_atom:
+            raise ValueError(f"jax-md's {name} gives no per-atom energies")
+        p = params["params"]
+        species = jnp.zeros(R.shape[:1], jnp.int32) if species is None else species
+        return p["energy_scale"][0] * net_energy(p["net"], R, neighbor, box=box) + jnp.sum(
+            p["energy_shift"][species])
+
+    return init_fn, energy_fn, False

@@ -17,10 +17,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from a2ijax.batching import Bucket, PreparedData, batches_in_order, prepare
-from a2ijax.checkpoint import Checkpoint, fixed_species, load_checkpoint, potential_builder
+from a2ijax.batching import Bucket, PreparedData, batches_in_order, fixed_species, prepare
+from a2ijax.checkpoint import Checkpoint, load_checkpoint
 from a2ijax.dataset import Dataset, fluctuations, read_dataset, split_indices, state_point_groups
 from a2ijax.loss import predict_fn
+from a2ijax.potential import potential_builder
 
 
 @dataclasses.dataclass

@@ -30,14 +30,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from a2ijax.batching import PreparedData, epoch_batches, prepare, with_core_repulsion
-from a2ijax.checkpoint import CheckpointError, fixed_species, managers, potential_builder, restore_for_resume, save
+from a2ijax.batching import PreparedData, epoch_batches, fixed_species, prepare, with_core_repulsion
+from a2ijax.checkpoint import CheckpointError, managers, restore_for_resume, save
 from a2ijax.config import ExperimentConfig, TrainConfig
 from a2ijax.dataset import Dataset, read_dataset
 from a2ijax.files import atomic_write
 from a2ijax.loss import batch_errors, normalised_loss, predict_fn, rotate_batch
 from a2ijax.parallel import global_batch, is_main_process, make_mesh, padded_rows, replicate, replicated, split_leading
-from a2ijax.potential import default_atom_chunk, fixed_neighbor_list
+from a2ijax.potential import default_atom_chunk, fixed_neighbor_list, potential_builder
 from a2ijax.report import final_report, validation_errors
 
 Array = jax.Array

@@ -34,12 +34,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax_md import space
 
 from a2ijax import md, pretrained
 from a2ijax.checkpoint import Checkpoint, load_checkpoint
 from a2ijax.files import atomic_write
 from a2ijax.geometry import perpendicular_widths
+from a2ijax.potential import Potential, periodic_space
 from a2ijax.sampling import SamplingConfig, sample_state_point
 from a2ijax.systems import get_system
 
@@ -47,12 +47,12 @@ from a2ijax.systems import get_system
 DEFAULT_POINTS = {"lj": "rho0.84_T0.85", "sw": "crystal_900K", "ka": "rho1.2_T1.0"}
 
 
-def reference_potential(system, box, species, skin_fraction: float, **nl_kwargs):
+def reference_potential(system, box, species, skin_fraction: float, **nl_kwargs) -> Potential:
     """The reference potential in the same shape as ``Checkpoint.potential``."""
-    displacement, shift = space.periodic_general(box, fractional_coordinates=False)
+    displacement, shift = periodic_space(box)
     neighbor_fn, energy_fn = system.neighbor_list(displacement, box, species,
                                                   dr_threshold=skin_fraction * system.cutoff, **nl_kwargs)
-    return neighbor_fn, energy_fn, displacement, shift
+    return Potential(neighbor_fn, energy_fn, displacement, shift)
 
 
 def nve_summary(result: md.Simulation, n: int) -> dict:
@@ -130,7 +130,7 @@ def check(workdir: str, args: argparse.Namespace) -> dict:
     rdfs = {}
     runs = [("model", args.seed), ("reference", args.seed), ("reference_seed2", args.seed + 1)]
     for label, seed in runs:
-        neighbor_fn, energy_fn, displacement, shift = potentials[label.split("_")[0]]
+        potential = potentials[label.split("_")[0]]
         settings = dict(seed=seed, steps=args.steps, nvt_equilibrate=args.nvt_equilibrate, nvt_steps=args.nvt_steps,
                         rdf_every=args.rdf_every, thermo_every=args.thermo_every, equilibrate=args.equilibrate,
                         capacity_multiplier=args.capacity_multiplier, skin_fraction=args.skin_fraction,
@@ -142,7 +142,7 @@ def check(workdir: str, args: argparse.Namespace) -> dict:
             if summary is None:
                 print(f"{system.name} {point.name}: NVE with the {label}, {args.steps} steps of {system.dt}")
                 tmp = staging(run_dir)
-                nve = md.simulate(energy_fn, neighbor_fn, displacement, shift, R0, box, steps=args.steps,
+                nve = md.simulate(potential, R0, box, steps=args.steps,
                                   ensemble="nve", seed=seed, trajectory_every=1000, out=str(tmp),
                                   symbols=symbols, **common)
                 summary = nve_summary(nve, len(atoms))
@@ -154,7 +154,7 @@ def check(workdir: str, args: argparse.Namespace) -> dict:
             print(f"{system.name} {point.name}: NVT with the {label} (seed {seed}), "
                   f"{args.nvt_equilibrate} + {args.nvt_steps} steps")
             tmp = staging(run_dir)
-            nvt = md.simulate(energy_fn, neighbor_fn, displacement, shift, R0, box,
+            nvt = md.simulate(potential, R0, box,
                               steps=args.nvt_equilibrate + args.nvt_steps, ensemble="langevin", seed=seed,
                               trajectory_every=args.rdf_every, out=str(tmp), symbols=symbols, **common)
             frames = nvt.positions[args.nvt_equilibrate // args.rdf_every:]

@@ -4,7 +4,7 @@
 
 Every variant is the default A2I (``a2ijax.bench``'s ``a2i``: the LJ liquid, skin 0.3, capacity
 multiplier 1.25, atom chunks of 32 rematerialised in the backward pass, float32, a compiled scan of
-``--chunk`` NVE steps with state and list donated) with one setting changed, measured with
+``--chunk`` NVE steps through ``a2ijax.md.run``) with one setting changed, measured with
 ``a2ijax.bench.measure`` in this one process, the default first and again last (the spread of the
 two is the run's noise). Each variant's prediction comes from counts that do not depend on the
 timings (:func:`predict`):
@@ -15,7 +15,6 @@ timings (:func:`predict`):
   the forward pass no longer computed twice; a larger chunk: 1 (same FLOPs);
 * bfloat16 compute (the builders' ``dtype``: bf16 activations and matmul inputs, f32 parameters and
   energies): this device's bfloat16 over float32 time of a square 1024 matmul;
-* no donation: 1 + the time to copy the state and the list once per chunk at 10 GB/s;
 * one step per call and a host read of the overflow flag after every step: 1 + the measured
   round trip of a trivial compiled call per step over the step time (also for jax-md's LJ, whose
   steps are short enough for it to matter);
@@ -36,7 +35,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax_md import space
 
 from a2ijax import bench
 from a2ijax.files import atomic_write
@@ -50,7 +48,6 @@ VARIANTS = (  # the settings that matter on accelerators first: a time-limited G
     ("capacity multiplier 1.05", dict(capacity_multiplier=1.05)),
     ("skin 0.1", dict(skin=0.1)),
     ("skin 0.1, capacity 1.05", dict(skin=0.1, capacity_multiplier=1.05)),
-    ("no donation", dict(donate=False)),
     ("host sync every step", dict(sync_every_step=True)),
 )
 
@@ -96,23 +93,20 @@ def fused_projection(tokens: int, width: int, heads: int, n_angular: int) -> dic
 
 def forces(n: int, settings: dict, seed: int = 0) -> np.ndarray:
     """Forces of the default A2I with ``settings`` on the bench liquid (same parameters for all)."""
-    R, side = bench.liquid(n, seed)
-    displacement, _ = space.periodic(side)
-    pot = bench.build("a2i", displacement, side, R, settings.get("skin", 0.3), jax.random.PRNGKey(seed),
-                      settings.get("capacity_multiplier", 1.25), settings.get("overrides"),
-                      atom_chunk=settings.get("atom_chunk"), dtype=settings.get("dtype"))
-    nbrs = pot.neighbor_fn.allocate(R)
+    keep = ("skin", "capacity_multiplier", "overrides", "atom_chunk", "dtype")
+    built = bench.build("a2i", n, seed=seed, **{k: v for k, v in settings.items() if k in keep})
+    nbrs = built.potential.neighbor_fn.allocate(built.R)
     if bool(nbrs.did_buffer_overflow):
         raise RuntimeError(f"neighbour list overflow with {settings}")
-    return np.asarray(-jax.grad(pot.energy, argnums=1)(pot.params, R, nbrs), np.float64)
+    return np.asarray(-jax.grad(lambda R: built.potential.energy_fn(R, neighbor=nbrs))(built.R), np.float64)
 
 
 def predict(settings: dict, row: dict, reference: dict, energy_flops: float, bf16_ratio: float,
             trip_s: float) -> float:
     """The predicted time of the variant (``row``) over ``reference``'s, from counts that do not
     depend on the timings: XLA's FLOP counts of the two programs, the measured matmul and round-trip
-    times, the bytes a chunk would copy."""
-    n, ef_flops = reference["n"], reference["force_flop_per_atom"] * reference["n"]
+    times."""
+    ef_flops = reference["force_flop_per_atom"] * reference["n"]
     if "dtype" in settings:
         return bf16_ratio
     if settings.get("atom_chunk") == 0:
@@ -121,9 +115,6 @@ def predict(settings: dict, row: dict, reference: dict, energy_flops: float, bf1
         return 1.0
     if "skin" in settings or "capacity_multiplier" in settings:
         return row["force_flop_per_atom"] / reference["force_flop_per_atom"]
-    if settings.get("donate") is False:
-        copied = n * (3 * 3 + reference["neighbors"]) * 4  # positions, momenta, forces, list (float32/int32)
-        return 1 + copied / 10e9 / reference["md_chunk_s"]
     if settings.get("sync_every_step"):
         return 1 + trip_s / (reference["md_chunk_s"] / reference["chunk"])
     return 1.0  # the reference's own settings
@@ -191,7 +182,7 @@ def table(result: dict) -> str:
     lines = [f"{env['backend']} ({env['device']}), {env['dtype']}, jax {env['jax']}; N = {result['n']}; "
              f"`{env['command']}`", "",
              "| variant | K | us/atom-step | predicted / default | measured / default | E+F MFLOP/atom | "
-             "planned MiB | force change (RMS rel.) |",
+             "peak RSS MiB | force change (RMS rel.) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         if "failed" in r:
@@ -200,7 +191,7 @@ def table(result: dict) -> str:
         pred = "" if r.get("predicted") is None else f"{r['predicted']:.3f}"
         meas = "" if r.get("measured") is None else f"{r['measured']:.3f}"
         change = "" if r.get("force_change") is None else f"{r['force_change']:.1e}"
-        planned = "" if r["md_planned_mib"] is None else f"{r['md_planned_mib']:.0f}"
+        planned = "" if r["host_peak_rss_mib"] is None else f"{r['host_peak_rss_mib']:.0f}"
         lines.append(f"| {r['potential']}: {r['label']} | {r['neighbors']} | {r['us_per_atom_step']:.4g} | {pred} | "
                      f"{meas} | {r['force_flop_per_atom'] / 1e6:.3g} | {planned} | {change} |")
     fp = result.get("fused_projection")

@@ -29,9 +29,10 @@ import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
-from jax_md import simulate, space
+from jax_md import simulate
 
 from a2ijax import md, pretrained
+from a2ijax.potential import Potential, periodic_space
 from a2ijax.systems import get_system, lattice_positions
 
 QUICK = os.environ.get("A2IJAX_NOTEBOOK_QUICK") == "1"
@@ -47,10 +48,10 @@ print(f"{N} LJ atoms at density {point.density}, kT = {point.kT}, box {side:.3f}
 # ## A start equilibrated by the reference potential (Langevin NVT)
 
 # %%
-displacement, shift = space.periodic_general(box, fractional_coordinates=False)
-ref_neighbor_fn, ref_energy = system.neighbor_list(displacement, box, dr_threshold=0.2)
+displacement, shift = periodic_space(box)
+reference = Potential(*system.neighbor_list(displacement, box, dr_threshold=0.2), displacement, shift)
 R = jnp.asarray(lattice_positions(N, side, jitter=0.05, seed=0))
-warm = md.simulate(ref_energy, ref_neighbor_fn, displacement, shift, R, box, steps=300 if QUICK else 5000,
+warm = md.simulate(reference, R, box, steps=300 if QUICK else 5000,
                    dt=system.dt, ensemble="langevin", kT=point.kT, thermo_every=100, trajectory_every=500,
                    progress=False)
 start = warm.state.position
@@ -62,10 +63,10 @@ print(f"reference NVT: mean kT {warm.thermo['temperature'][-5:].mean():.3f}")
 # %%
 checkpoint = pretrained.load("lj")
 print("model:", checkpoint.meta["commands"][-1])
-neighbor_fn, energy_fn, _, _ = checkpoint.potential(box, dr_threshold=0.2)
+model = checkpoint.potential(box, dr_threshold=0.2)
 runs = {}
-for name, (nfn, efn) in dict(model=(neighbor_fn, energy_fn), reference=(ref_neighbor_fn, ref_energy)).items():
-    runs[name] = md.simulate(efn, nfn, displacement, shift, start, box, steps=STEPS, dt=system.dt, ensemble="nve",
+for name, potential in dict(model=model, reference=reference).items():
+    runs[name] = md.simulate(potential, start, box, steps=STEPS, dt=system.dt, ensemble="nve",
                              kT=point.kT, seed=1, thermo_every=20, trajectory_every=20 if QUICK else 100,
                              progress=False)
     total = runs[name].thermo["total"] / N
@@ -104,7 +105,8 @@ plt.show()
 # the neighbour lists (`md.allocate_replicas`). Here: three copies started with different velocities.
 
 # %%
-init, apply = simulate.nve(energy_fn, shift, system.dt)
+neighbor_fn, energy_fn = model.neighbor_fn, model.energy_fn
+init, apply = simulate.nve(energy_fn, model.shift_fn, system.dt)
 B = 3
 starts = jnp.stack([start] * B)
 keys = jax.random.split(jax.random.PRNGKey(2), B)

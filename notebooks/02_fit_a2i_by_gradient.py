@@ -32,11 +32,10 @@ import optax
 
 from a2ijax import A2IConfig
 from a2ijax.batching import prepare
-from a2ijax.checkpoint import a2i_builder
 from a2ijax.config import DataConfig, ExperimentConfig, TrainConfig
 from a2ijax.dataset import read_dataset, write_dataset
 from a2ijax.loss import batch_errors, normalised_loss, predict_fn
-from a2ijax.potential import fixed_neighbor_list
+from a2ijax.potential import a2i_builder, fixed_neighbor_list
 from a2ijax.sampling import label
 from a2ijax.systems import get_system, lattice_positions
 

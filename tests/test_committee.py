@@ -12,9 +12,9 @@ import pytest
 from conftest import lj_frames, tiny_config
 
 from a2ijax import cli, committee
-from a2ijax.checkpoint import default_float, periodic_potential
 from a2ijax.dataset import write_dataset
 from a2ijax.md import DISAGREEMENT_COLUMNS, THERMO_COLUMNS, allocate_replicas, run
+from a2ijax.potential import a2i_periodic, default_float
 from a2ijax.train import train_committee
 
 
@@ -27,7 +27,7 @@ def _start(seed: int = 11):
 def test_member_forces_are_each_models_own_the_mean_force_their_mean(trained_committee, x64):
     group = committee.load(trained_committee)
     _, box, R = _start()
-    neighbor_fn, energy_fn, _, _ = periodic_potential(group.config.model, box)
+    neighbor_fn, _, energy_fn = a2i_periodic(box, group.config.model)
     nbrs = neighbor_fn.allocate(R)
     alone = jax.jit(lambda p, R: -jax.grad(lambda R: energy_fn(p, R, neighbor=nbrs))(R))
     alone = np.stack([alone(default_float(member.params), R) for member in group.members])

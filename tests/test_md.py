@@ -75,7 +75,7 @@ def test_nose_hoover_conserves_its_invariant(x64, periodic):
         return simulate.nvt_nose_hoover_invariant(energy, state, kT, neighbor=neighbor)
 
     h0 = invariant(state, nbrs)
-    state, nbrs, h = make_chunk(apply, 150, invariant)(state, nbrs)
+    state, nbrs, h, _ = make_chunk(apply, 150, invariant)(state, nbrs)
     assert not bool(nbrs.did_buffer_overflow)
     assert bool(jnp.all(jnp.isfinite(state.position)))
     moved = jnp.max(jnp.abs(state.position - R))
@@ -92,7 +92,7 @@ def test_no_recompilation_after_the_first_md_chunk(periodic_liquid):
     state = init(jax.random.PRNGKey(3), R, kT=0.5, neighbor=nbrs)
     chunk = make_chunk(apply, 5, energy_observables(energy))
     for _ in range(3):
-        state, nbrs, _ = chunk(state, nbrs)
+        state, nbrs, _, _ = chunk(state, nbrs)
     assert chunk._cache_size() == 1
 
 
@@ -117,7 +117,8 @@ def test_overflow_in_a_chunk_reallocates_and_reruns_the_chunk(periodic_liquid):
 
 
 def test_non_finite_positions_stop_the_run_at_the_last_good_chunk():
-    """A potential that turns NaN part-way: run() raises and names the last good step."""
+    """A potential that turns NaN part-way: run() raises and names the first bad step, the atom (0
+    reaches x = 0 first) and the last good step."""
     displacement, shift = space.free()
     from jax_md import partition
 
@@ -129,7 +130,8 @@ def test_non_finite_positions_stop_the_run_at_the_last_good_chunk():
 
     init, apply = simulate.nve(energy, shift, 0.01)
     state = init(jax.random.PRNGKey(0), R, kT=0.0)
-    with pytest.raises(FloatingPointError, match=r"the last good state is from step \d+"):
+    named = r"stopped being finite at step \d+ \(atom 0; .* the last good state is from step \d+"
+    with pytest.raises(FloatingPointError, match=named):
         run(apply, state, neighbor_fn, neighbor_fn.allocate(R), 2000, chunk_steps=50)
 
 
@@ -155,3 +157,48 @@ def test_replicas_in_one_compiled_step_equal_independent_runs(periodic_liquid):
         alone = run(apply, state, neighbor_fn, ample.update(Rs[b]), 20, chunk_steps=10, observe=observe)
         np.testing.assert_allclose(together.state.position[b], alone.state.position, atol=1e-9)
         np.testing.assert_allclose(together.observables["total"][b], alone.observables["total"], rtol=1e-9)
+
+
+def _soft_spheres_on_the_periodic_list(side: float, **nl_kwargs):
+    """A soft pair energy (bounded forces, whatever the crowding) on this package's periodic list,
+    the list under test, in real coordinates."""
+    from a2ijax.neighbors import periodic_neighbor_list
+    from a2ijax.potential import masked_displacements, periodic_space
+
+    displacement, shift = periodic_space(side)
+
+    def energy_fn(R, neighbor, **kwargs):
+        dR, real = masked_displacements(R, neighbor.idx, displacement, **kwargs)
+        r = jnp.sqrt(jnp.sum(dR * dR, -1) + 1e-12)
+        return 0.25 * jnp.sum(jnp.where(real & (r < 2.5), (1.0 - r / 2.5) ** 2, 0.0))
+
+    return periodic_neighbor_list(side, 2.5, dr_threshold=0.3, **nl_kwargs), energy_fn, shift
+
+
+@pytest.mark.parametrize("cause", ["slots", "cells", "narrowed", "keys"])
+def test_every_list_error_stops_a_run_that_may_not_reallocate_and_names_it(x64, cause):
+    """Each error bit of the list, triggered by its own input, stops md.run (no reallocation allowed)
+    with a message naming that cause; allowed to reallocate, the same run goes through."""
+    side = 12.0
+    grid = jittered_lattice((8, 8, 8), side / 8, 0.05, seed=3)  # 512 atoms, density 0.3
+    settings = dict(attention_cutoff=1.2, attention_keys=2) if cause == "keys" else {}
+    neighbor_fn, energy_fn, shift = _soft_spheres_on_the_periodic_list(side, capacity_multiplier=1.0, **settings)
+    start = grid
+    if cause == "slots":  # more neighbours per atom than the list was allocated with
+        start = side / 2 + 0.8 * (grid - side / 2)
+    if cause in ("cells", "keys"):  # a crowd of atoms packed around atom 0
+        start = grid.at[1:40].set(grid[0] + 0.35 * jax.random.normal(jax.random.PRNGKey(0), (39, 3)))
+    init, apply = simulate.nve(energy_fn, shift, 0.01)
+    neighbor = neighbor_fn.allocate(grid)
+    state = init(jax.random.PRNGKey(1), start, kT=0.1, neighbor=neighbor_fn.allocate(start))
+    # A box that keeps 75% of its width: 4 cells of 2.25 < cutoff + skin = 2.8.
+    box_fn = (lambda state: 0.75 * side * jnp.eye(3)) if cause == "narrowed" else None
+    expected = {"slots": "more neighbours than the list's slots", "cells": "holds more atoms than its capacity",
+                "narrowed": "narrowed below the cell list's cells",
+                "keys": "inside the attention range than key slots"}[cause]
+    with pytest.raises(RuntimeError, match=f"giving up at step 0: .*{expected}"):
+        run(apply, state, neighbor_fn, neighbor, 4, chunk_steps=2, max_reallocations=0, box_fn=box_fn)
+    if cause != "narrowed":  # (the box_fn above is no real box: nothing to finish)
+        done = run(apply, state, neighbor_fn, neighbor, 4, chunk_steps=2)
+        assert done.reallocations >= 1 and bool(jnp.all(jnp.isfinite(done.state.position)))
+        assert not bool(done.neighbor.did_buffer_overflow)

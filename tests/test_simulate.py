@@ -29,8 +29,8 @@ def test_md_writes_every_step_it_ran_and_survives_a_reallocation(checkpoint, tmp
     allocated far too small is grown before the first step and nothing is lost from the output."""
     atoms = _start()
     box = jnp.asarray(atoms.cell[:].T)
-    neighbor_fn, energy_fn, displacement, shift = checkpoint.potential(box, dr_threshold=0.1, capacity_multiplier=0.3)
-    run = simulate(energy_fn, neighbor_fn, displacement, shift, jnp.asarray(atoms.positions, jnp.float32), box,
+    potential = checkpoint.potential(box, dr_threshold=0.1, capacity_multiplier=0.3)
+    run = simulate(potential, jnp.asarray(atoms.positions, jnp.float32), box,
                    steps=60, dt=0.002, ensemble="nve", kT=0.5, thermo_every=5, trajectory_every=20,
                    out=str(tmp_path), symbols=atoms.get_chemical_symbols(), progress=False)
     assert run.reallocations >= 1
@@ -93,8 +93,8 @@ def test_energy_drift_is_the_slope_per_atom():
 def test_nan_during_md_stops_and_keeps_the_last_good_frame(checkpoint, tmp_path):
     atoms = _start()
     box = jnp.asarray(atoms.cell[:].T)
-    neighbor_fn, energy_fn, displacement, shift = checkpoint.potential(box, dr_threshold=0.1)
-
+    potential = checkpoint.potential(box, dr_threshold=0.1)
+    energy_fn, displacement = potential.energy_fn, potential.displacement_fn
     R = jnp.asarray(atoms.positions, jnp.float32)
 
     def pushed(R_, neighbor=None, **kwargs):
@@ -103,8 +103,8 @@ def test_nan_during_md_stops_and_keeps_the_last_good_frame(checkpoint, tmp_path)
         moved = jnp.linalg.norm(displacement(R_[0], R[0]))
         return energy * jnp.where(moved > 0.3, jnp.nan, 1.0)
 
-    with pytest.raises(FloatingPointError, match=r"the last good state is from step \d+"):
-        simulate(pushed, neighbor_fn, displacement, shift, R, box, steps=2000, dt=0.002, thermo_every=10,
+    with pytest.raises(FloatingPointError, match=r"at step \d+ \(atom 0; .* the last good state is from step \d+"):
+        simulate(potential._replace(energy_fn=pushed), R, box, steps=2000, dt=0.002, thermo_every=10,
                  trajectory_every=50, out=str(tmp_path), progress=False)
     frames = ase.io.read(tmp_path / "trajectory.extxyz", index=":")
     assert frames and all(np.isfinite(f.positions).all() for f in frames)

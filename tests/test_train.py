@@ -16,13 +16,13 @@ from conftest import MODEL, TRAIN_ATOM_CHUNK, assert_nontrivial, lj_frames, tiny
 from a2ijax import cli
 from a2ijax import train as train_module
 from a2ijax.batching import epoch_batches, fit_energy_shift, frame_pairs, frame_scales, prepare
-from a2ijax.checkpoint import CheckpointError, a2i_builder, load_checkpoint, restore, step_directory
+from a2ijax.checkpoint import CheckpointError, load_checkpoint, restore, step_directory
 from a2ijax.config import load_config
 from a2ijax.dataset import Dataset, fluctuations, read_dataset, split_indices, state_point_groups, write_dataset
 from a2ijax.geometry import closest_distance, minimum_image
 from a2ijax.loss import batch_errors, normalised_loss, predict_fn, rotate_batch
 from a2ijax.parallel import global_batch, make_mesh, replicate
-from a2ijax.potential import fixed_neighbor_list
+from a2ijax.potential import a2i_builder, fixed_neighbor_list
 from a2ijax.report import Predictions, error_report
 from a2ijax.train import TrainingDivergedError, init_state, make_train_step, prepare_run, train_and_evaluate
 
