@@ -30,6 +30,7 @@ import numpy as np
 
 from a2ijax.checkpoint import Checkpoint
 from a2ijax.dataset import structure_dataset
+from a2ijax.errors import InputError
 from a2ijax.model import A2ITransformer
 from a2ijax.potential import a2i_periodic, default_float, model_inputs, periodic_space
 from a2ijax.report import error_report, predict_dataset
@@ -86,7 +87,7 @@ def attention_maps(checkpoint: Checkpoint, atoms: ase.Atoms, centers: Any = None
         config = dataclasses.replace(config, attention_keys=max(config.attention_keys, neighbor.key_capacity))
     centers = np.arange(len(R)) if centers is None else np.asarray(centers, int).reshape(-1)
     if centers.size and (centers.min() < 0 or centers.max() >= len(R)):
-        raise ValueError(f"centers must be atom indices in [0, {len(R)}), got {centers.min()}..{centers.max()}")
+        raise InputError(f"centers must be atom indices in [0, {len(R)}), got {centers.min()}..{centers.max()}")
     rows = jnp.asarray(centers, jnp.int32)
     dR, species_center, species_neighbor, pair_mask = model_inputs(R, idx[rows], displacement, species, None,
                                                                    centers=rows)
@@ -177,7 +178,7 @@ def per_atom_energies(checkpoint: Checkpoint, data_path: str | Path, split: str 
     atoms) and the report's ``pearson`` (and ``pearson_gauge_fixed`` for several species)."""
     dataset, (predictions,) = predict_dataset(checkpoint, data_path, split, atom_chunk=atom_chunk)
     if dataset.per_atom_energies is None or predictions.per_atom is None:
-        raise ValueError(f"{data_path}: the frames carry no per-atom energies (the exact decomposition)")
+        raise InputError(f"{data_path}: the frames carry no per-atom energies (the exact decomposition)")
     frames = predictions.frame_index
     stats = error_report(dataset, predictions, {})["per_atom_energy"]
     return dict(stats, model=np.concatenate(predictions.per_atom),

@@ -30,6 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax_md import energy, partition
 
+from a2ijax.config import BASELINES
+from a2ijax.errors import InputError
+
 Array = jax.Array
 
 #: What each baseline is, with the settings that differ from jax-md's defaults (recorded in results).
@@ -42,7 +45,6 @@ DESCRIPTIONS = {
                          "format = Dense: the Sparse angular terms pair every edge with every edge), default "
                          "symmetry functions and mlp_sizes (30, 30)",
 }
-BASELINES = tuple(DESCRIPTIONS)
 
 
 def one_hot_species(species: Array | None, n_atoms: int, n_species: int) -> Array:
@@ -88,7 +90,7 @@ def baseline_neighbor_list(name: str, displacement_fn: Callable, box: Any, *, cu
     ``nequip.default_config()`` to change (``graph_net_steps``, ``hidden_irreps``, ...); NequIP only.
     """
     if nequip_sizes and name != "nequip":
-        raise ValueError(f"nequip_sizes are NequIP's; {name!r} keeps jax-md's default sizes")
+        raise InputError(f"nequip_sizes are NequIP's; {name!r} keeps jax-md's default sizes")
     key = jax.random.PRNGKey(0) if key is None else key
     dr_threshold = nl_kwargs.pop("dr_threshold", 0.0)
     if name == "nequip":
@@ -99,7 +101,7 @@ def baseline_neighbor_list(name: str, displacement_fn: Callable, box: Any, *, cu
         cfg.shift, cfg.scale = 0.0, 1.0  # jax-md takes these from a named dataset otherwise
         for field, value in (nequip_sizes or {}).items():
             if field not in cfg or field in ("r_max", "n_elements", "n_neighbors", "shift", "scale"):
-                raise ValueError(f"nequip_sizes: {field!r} is not a size of jax-md's NequIP config "
+                raise InputError(f"nequip_sizes: {field!r} is not a size of jax-md's NequIP config "
                                  "(the cutoff, species and scales come from the other arguments)")
             cfg[field] = value
         neighbor_fn, init, apply = energy.nequip_neighbor_list(displacement_fn, box, cfg,
@@ -117,7 +119,7 @@ def baseline_neighbor_list(name: str, displacement_fn: Callable, box: Any, *, cu
 
         return neighbor_fn, init_fn, energy_fn
     if name not in ("graph_network", "behler_parrinello"):
-        raise ValueError(f"unknown baseline {name!r}; known: {BASELINES}")
+        raise InputError(f"unknown baseline {name!r}; known: {BASELINES}")
     if name == "graph_network":
         nodes = None if species is None else one_hot_species(species, len(species), n_species)
         neighbor_fn, model_fn = energy.graph_network_neighbor_list(
@@ -134,7 +136,7 @@ def baseline_neighbor_list(name: str, displacement_fn: Callable, box: Any, *, cu
 
     def energy_fn(params, R, neighbor, **kwargs):
         if kwargs.pop("species", None) is not None:
-            raise ValueError(f"jax-md's {name} takes its species when it is built (baseline_neighbor_list("
+            raise InputError(f"jax-md's {name} takes its species when it is built (baseline_neighbor_list("
                              "species=...)), not at each call: a species= here would be ignored")
         return apply(params, R, neighbor, **kwargs)
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from a2ijax.config import LOSS_NORMALIZATIONS, ExperimentConfig
 from a2ijax.dataset import Dataset, check_cutoff, fluctuations, split_indices, state_point_groups
+from a2ijax.errors import InputError
 from a2ijax.geometry import dense_index, neighbor_pairs
 from a2ijax.model import A2IConfig
 
@@ -37,9 +38,16 @@ class Bucket:
 
     R ``[B, N, 3]``, species ``[B, N]``, mask ``[B, N]`` (True: a real atom), idx ``[B, N, K]`` (empty
     slots and padded atoms hold ``N``), box ``[B, 3, 3]`` (lattice vectors as columns, jax-md's
-    convention), energy ``[B]``, forces ``[B, N, 3]``, n_atoms ``[B]``, frame_index ``[B]`` (the
-    frames' indices in the dataset), energy_scale and force_scale ``[B]`` (what the loss divides
-    each frame's total-energy and force errors by, :func:`frame_scales`).
+    convention), forces ``[B, N, 3]``, n_atoms ``[B]``, frame_index ``[B]`` (the frames' indices in
+    the dataset), energy_scale and force_scale ``[B]`` (what the loss divides each frame's
+    total-energy and force errors by, :func:`frame_scales`).
+
+    Energies are residuals: ``energy`` ``[B]`` is the reference total minus ``energy_offset`` ``[B]``,
+    the sum of the training data's per-species shift over the frame's atoms, and ``atom_shift``
+    ``[B, N]`` is that shift per atom. The subtraction happens here, in float64, before anything is
+    float32: a total of -1e5 eV has a float32 spacing of 0.008 eV, its residual a thousand times
+    less. The loss compares the model's per-atom energies minus ``atom_shift``, summed, with
+    ``energy``; the report adds ``energy_offset`` back in float64 (``energy_offset`` stays on the host).
     """
 
     R: np.ndarray
@@ -53,6 +61,8 @@ class Bucket:
     frame_index: np.ndarray
     energy_scale: np.ndarray
     force_scale: np.ndarray
+    atom_shift: np.ndarray
+    energy_offset: np.ndarray
 
     def __len__(self) -> int:
         return len(self.frame_index)
@@ -85,7 +95,7 @@ def frame_box(dataset: Dataset, index: int, cutoff: float) -> np.ndarray:
     if pbc.all():
         return dataset.cells[index].T.copy()
     if pbc.any():
-        raise ValueError(f"{dataset.path}, frame {index}: partly periodic frames (pbc={pbc.tolist()}) are not "
+        raise InputError(f"{dataset.path}, frame {index}: partly periodic frames (pbc={pbc.tolist()}) are not "
                          "supported; use fully periodic or fully free frames")
     R = dataset.positions[index]
     return np.eye(3) * (2.0 * (np.ptp(R, axis=0).max() + cutoff) + 1.0)
@@ -109,7 +119,7 @@ def check_attention_keys(dataset: Dataset, pairs: list[tuple[np.ndarray, np.ndar
     for index, ((i, _, d), R) in enumerate(zip(pairs, dataset.positions, strict=True)):
         most = int(np.bincount(i[d < model.attention_cutoff], minlength=len(R)).max(initial=0))
         if most > model.attention_keys:
-            raise ValueError(f"{dataset.path}, frame {index}: an atom has {most} neighbours within "
+            raise InputError(f"{dataset.path}, frame {index}: an atom has {most} neighbours within "
                              f"attention_cutoff = {model.attention_cutoff}, more than [model] attention_keys = "
                              f"{model.attention_keys}; raise attention_keys (with a margin for the denser "
                              "configurations of MD) or lower attention_cutoff")
@@ -124,9 +134,14 @@ def bucket_sizes(sizes: np.ndarray, n_buckets: int) -> np.ndarray:
 
 
 def pad_frames(dataset: Dataset, frames: np.ndarray, neighbors: list[np.ndarray], size: int, capacity: int,
-               cutoff: float, scales: tuple[np.ndarray, np.ndarray] | None = None) -> Bucket:
+               cutoff: float, scales: tuple[np.ndarray, np.ndarray] | None = None,
+               shift: np.ndarray | None = None) -> Bucket:
     """The frames ``frames`` (indices) of ``dataset`` padded to ``size`` atoms and ``capacity`` slots;
-    ``scales``: the loss scales of every dataset frame (:func:`frame_scales`; default 1)."""
+    ``scales``: the loss scales of every dataset frame (:func:`frame_scales`; default 1); ``shift``:
+    the per-species energy shift taken out of the energies (float64; default 0)."""
+    if shift is None:
+        shift = np.zeros(1 + max((int(s.max(initial=0)) for s in dataset.species), default=0))
+    shift = np.asarray(shift, np.float64)
     f = len(frames)
     frames = np.asarray(frames, np.int64)
     energy_scale, force_scale = (np.ones(f), np.ones(f)) if scales is None else (s[frames] for s in scales)
@@ -135,7 +150,8 @@ def pad_frames(dataset: Dataset, frames: np.ndarray, neighbors: list[np.ndarray]
                  box=np.zeros((f, 3, 3), np.float32), energy=np.zeros((f,), np.float32),
                  forces=np.zeros((f, size, 3), np.float32), n_atoms=np.zeros((f,), np.int32),
                  frame_index=frames, energy_scale=np.asarray(energy_scale, np.float32),
-                 force_scale=np.asarray(force_scale, np.float32))
+                 force_scale=np.asarray(force_scale, np.float32), atom_shift=np.zeros((f, size), np.float32),
+                 energy_offset=np.zeros((f,), np.float64))
     for row, index in enumerate(frames):
         n = len(dataset.positions[index])
         out.R[row, :n] = dataset.positions[index]
@@ -144,7 +160,10 @@ def pad_frames(dataset: Dataset, frames: np.ndarray, neighbors: list[np.ndarray]
         idx = neighbors[index]
         out.idx[row, :n, :idx.shape[1]] = np.where(idx == n, size, idx)
         out.box[row] = frame_box(dataset, index, cutoff)
-        out.energy[row] = dataset.energy[index]
+        own = shift[dataset.species[index]]
+        out.atom_shift[row, :n] = own
+        out.energy_offset[row] = np.sum(own)
+        out.energy[row] = dataset.energy[index] - out.energy_offset[row]  # float64, then float32
         out.forces[row, :n] = dataset.forces[index]
         out.n_atoms[row] = n
     return out
@@ -187,7 +206,7 @@ def training_statistics(dataset: Dataset, train: np.ndarray, n_species: int,
         np.minimum.at(pair_closest, (species[i], species[j]), d)
     closest = float(pair_closest.min())
     return dict(energy_shift=shift.tolist(), energy_var=float(max(np.var(residual), 1e-12)),
-                force_var=float(max(np.mean(forces**2), 1e-12)), min_distance=closest,
+                force_mean_square=float(max(np.mean(forces**2), 1e-12)), min_distance=closest,
                 pair_min_distance=np.where(np.isfinite(pair_closest), pair_closest, closest).tolist(),
                 fluctuations=fluctuations(dataset), train_fluctuations=fluctuations(dataset.subset(train)))
 
@@ -199,13 +218,13 @@ def frame_scales(dataset: Dataset, statistics: dict[str, Any], normalization: st
     frames of the frame's state point (the scales the report measures errors against, so the loss
     is the sum of the squared ratios it shows). A state point with fewer than two training frames,
     or no energy spread, takes the ``"dataset"`` scales: ``N sqrt(energy_var)`` (the per-atom
-    energy std over all training frames, times the frame's atom count) and ``sqrt(force_var)``.
+    energy std over all training frames, times the frame's atom count) and ``sqrt(force_mean_square)``.
     """
     if normalization not in LOSS_NORMALIZATIONS:
-        raise ValueError(f"loss normalization must be one of {LOSS_NORMALIZATIONS}, got {normalization!r}")
+        raise InputError(f"loss normalization must be one of {LOSS_NORMALIZATIONS}, got {normalization!r}")
     atoms = np.asarray([len(R) for R in dataset.positions], np.float64)
     energy = atoms * math.sqrt(statistics["energy_var"])
-    force = np.full(len(dataset), math.sqrt(statistics["force_var"]))
+    force = np.full(len(dataset), math.sqrt(statistics["force_mean_square"]))
     if normalization == "state_point":
         table = statistics.get("train_fluctuations", {})
         for name, indices in state_point_groups(dataset).items():
@@ -240,9 +259,9 @@ def with_core_repulsion(config: ExperimentConfig, statistics: dict[str, Any]) ->
         return config
     radii = np.asarray(statistics["pair_min_distance"], np.float64)
     if not np.all(np.isfinite(radii)):
-        raise ValueError("no two training atoms are within the cutoff: the core repulsion has no radius; set "
+        raise InputError("no two training atoms are within the cutoff: the core repulsion has no radius; set "
                          "[train] core_repulsion = false or give [model] core_radii")
-    core_energy = math.sqrt(statistics["force_var"]) * float(radii.min())
+    core_energy = math.sqrt(statistics["force_mean_square"]) * float(radii.min())
     model = dataclasses.replace(model, core_radii=tuple(float(r) for r in radii.ravel()), core_energy=core_energy)
     return dataclasses.replace(config, model=model)
 
@@ -254,7 +273,7 @@ def prepare(dataset: Dataset, config: ExperimentConfig, statistics: dict[str, An
     n_species = model.n_species
     for index, species in enumerate(dataset.species):
         if species.size and species.max() >= n_species:
-            raise ValueError(f"{dataset.path}, frame {index}: species {dataset.symbols[species.max()]!r} has id "
+            raise InputError(f"{dataset.path}, frame {index}: species {dataset.symbols[species.max()]!r} has id "
                              f"{species.max()}, but the model knows n_species = {n_species} species; raise "
                              "[model] n_species or give [data] symbols")
     if splits is None:
@@ -270,7 +289,7 @@ def prepare(dataset: Dataset, config: ExperimentConfig, statistics: dict[str, An
     padded_sizes = bucket_sizes(sizes, train.size_buckets)
     if statistics is None:
         if not len(splits["train"]):
-            raise ValueError(f"{dataset.path}: no training frames")
+            raise InputError(f"{dataset.path}: no training frames")
         statistics = training_statistics(dataset, splits["train"], n_species, pairs)
     scales = frame_scales(dataset, statistics, train.loss_normalization)
     # Capacity groups per size bucket, from every frame of the dataset: all splits share the shapes.
@@ -289,7 +308,7 @@ def prepare(dataset: Dataset, config: ExperimentConfig, statistics: dict[str, An
             members = indices[(size_of[indices] == b) & (group_of[indices] == g)]
             if len(members):
                 buckets[name].append(pad_frames(dataset, members, neighbors, int(padded_sizes[b]), capacity,
-                                                model.cutoff, scales))
+                                                model.cutoff, scales, statistics["energy_shift"]))
     return PreparedData(dataset, splits, padded_sizes, max(capacity_of.values()), buckets, statistics, scales)
 
 
@@ -318,7 +337,7 @@ def fixed_species(dataset: Any, config: ExperimentConfig) -> np.ndarray | None:
     first = dataset.species[0]
     for index, species in enumerate(dataset.species):
         if len(species) != len(first) or np.any(species != first):
-            raise ValueError(f"{dataset.path}, frame {index}: jax-md's {config.baseline.name} cannot pad or mask "
+            raise InputError(f"{dataset.path}, frame {index}: jax-md's {config.baseline.name} cannot pad or mask "
                              f"atoms, so every frame must hold the same atoms in the same order; frame 0 has "
                              f"{len(first)} atoms, frame {index} has {len(species)} (or another species order)")
     return first

@@ -55,6 +55,7 @@ import numpy as np
 from jax_md import energy, partition, simulate, space
 
 from a2ijax.baselines import DESCRIPTIONS, baseline_neighbor_list
+from a2ijax.errors import InputError
 from a2ijax.files import atomic_write
 from a2ijax.model import A2IConfig
 from a2ijax.potential import Potential, a2i_neighbor_list, default_atom_chunk
@@ -117,12 +118,12 @@ def build(name: str, n: int, *, skin: float = 0.3, capacity_multiplier: float = 
     ``dtype`` are the A2I run settings (:func:`a2ijax.a2i_neighbor_list`). ``skin`` is in units of
     the LJ sigma; the shipped models scale it by their cutoff over the LJ cutoff."""
     if name not in POTENTIALS:
-        raise ValueError(f"unknown potential {name!r}; known: {POTENTIALS}")
+        raise InputError(f"unknown potential {name!r}; known: {POTENTIALS}")
     if (overrides or atom_chunk is not None or dtype is not None) and name in BASELINES:
-        raise ValueError(f"config overrides {overrides}, atom_chunk and dtype apply to the A2I variants only, "
+        raise InputError(f"config overrides {overrides}, atom_chunk and dtype apply to the A2I variants only, "
                          f"not to {name!r}")
     if overrides and name in PRETRAINED:
-        raise ValueError(f"a shipped model's config cannot be overridden ({name!r})")
+        raise InputError(f"a shipped model's config cannot be overridden ({name!r})")
     key = jax.random.PRNGKey(seed)
     nl = dict(dr_threshold=skin, capacity_multiplier=capacity_multiplier)
     if name in PRETRAINED:
@@ -232,7 +233,7 @@ def measure(name: str, n: int, *, skin: float = 0.3, capacity_multiplier: float 
     ``atom_chunk`` and ``dtype``, or ``sync_every_step``: :func:`a2ijax.md.run` with chunks of one
     step, a host check after every step instead of one per ``chunk``-step scan.
     """
-    from a2ijax.md import run as md_run
+    from a2ijax import md
 
     settings = dict(skin=skin, capacity_multiplier=capacity_multiplier, overrides=overrides, atom_chunk=atom_chunk,
                     dtype=dtype)
@@ -259,7 +260,7 @@ def measure(name: str, n: int, *, skin: float = 0.3, capacity_multiplier: float 
     stamps: list[float] = []
     t0 = time.perf_counter()
     try:
-        result = md_run(apply, state, pot.neighbor_fn, nbrs, chunk * (chunks + 1), chunk_steps=length,
+        result = md.run(apply, state, pot.neighbor_fn, nbrs, chunk * (chunks + 1), chunk_steps=length,
                         on_chunk=lambda *_: stamps.append(time.perf_counter()))
     except FloatingPointError as error:
         raise BlowUp(f"{name} at N={n}: {error}") from error
@@ -335,7 +336,7 @@ def run(potentials: Sequence[str], sizes: Sequence[int], *, out: str | Path, max
     result = dict(environment=environment(argv), rows=[], skipped=[])
     for name in potentials:
         if name not in POTENTIALS:
-            raise ValueError(f"unknown potential {name!r}; known: {POTENTIALS}")
+            raise InputError(f"unknown potential {name!r}; known: {POTENTIALS}")
     for name in potentials:
         for n in sorted(sizes):
             try:

@@ -23,13 +23,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from a2ijax.config import ExperimentConfig, experiment_from_dict
+from a2ijax.errors import InputError
 from a2ijax.potential import Potential, a2i_periodic, bound, default_float
 
 Array = jax.Array
 ITEMS = ("state", "params", "meta")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint is missing, corrupt, or does not match the run that wants it."""
 
 
@@ -58,7 +59,7 @@ class Checkpoint:
     def require_a2i(self, what: str) -> None:
         """Raises if this checkpoint holds a jax-md baseline: ``what`` serves A2I checkpoints only."""
         if self.config.baseline.name:
-            raise ValueError(f"checkpoint {self.path} holds jax-md's {self.config.baseline.name}, not an A2I model; "
+            raise InputError(f"checkpoint {self.path} holds jax-md's {self.config.baseline.name}, not an A2I model; "
                              f"{what} serves A2I checkpoints (build the baseline with "
                              "a2ijax.baselines.baseline_neighbor_list and load its params from the checkpoint)")
 
@@ -82,6 +83,17 @@ class Checkpoint:
         if closest < trained:
             warnings.warn(f"{where} has atoms {closest:.4g} apart, closer than any pair in the training data "
                           f"({trained:.4g}): the model is extrapolating", ExtrapolationWarning, stacklevel=3)
+
+
+def unit_style(meta: dict[str, Any]) -> str:
+    """The unit system of a checkpoint's data from its ``meta["units"]`` (the sampler writes
+    "metal: ..." or "reduced ..."): ``"metal"``, ``"lj"`` (reduced LJ units) or ``""`` (unknown)."""
+    text = str(meta.get("units", "")).lower()
+    if text.startswith("metal"):
+        return "metal"
+    if "reduced" in text or text.startswith("lj"):
+        return "lj"
+    return ""
 
 
 def step_directory(path: Path) -> Path:
@@ -130,13 +142,23 @@ def upgrade_stored_config(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def upgrade_stored_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """Stored metadata in today's form: the config (:func:`upgrade_stored_config`), and the training
+    statistics' mean square force under its name (older runs called it ``force_var``)."""
+    meta["config"] = upgrade_stored_config(meta["config"])
+    statistics = meta.get("statistics", {})
+    if "force_var" in statistics:
+        statistics.setdefault("force_mean_square", statistics.pop("force_var"))
+    return meta
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Config, EMA parameters and metadata from a checkpoint, a checkpoint directory or a workdir."""
     step_dir = step_directory(Path(path))
     meta = restore(step_dir, "meta", ocp.args.JsonRestore())
     if not isinstance(meta, dict) or "config" not in meta or "symbols" not in meta:
         raise CheckpointError(f"checkpoint {step_dir} has no config or species symbols in its metadata")
-    meta["config"] = upgrade_stored_config(meta["config"])
+    meta = upgrade_stored_meta(meta)
     config = experiment_from_dict(meta["config"])
     params = restore(step_dir, "params", ocp.args.StandardRestore())
     # Through NumPy: orbax returns arrays committed to a device, and jit compiles a second program for

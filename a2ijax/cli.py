@@ -3,10 +3,12 @@
 ``demo`` (:mod:`a2ijax.demo`), ``generate`` (:func:`a2ijax.sampling.write_reference_dataset`),
 ``train`` (:func:`a2ijax.train.train_and_evaluate`; ``--members``: :func:`a2ijax.train.train_committee`),
 ``learn`` (:func:`a2ijax.learn.learn`), ``evaluate`` (:func:`a2ijax.report.evaluate`),
-``quickstart`` (:mod:`a2ijax.quickstart`), ``md`` (:func:`a2ijax.md_run.md_from_checkpoint`),
-``relax`` (:func:`a2ijax.md_run.relax_structure`) and ``bench`` (:mod:`a2ijax.bench`). Every numeric
-option is checked when the arguments are parsed, before any work starts; bad input ends in a
-one-line message and exit status 2, not a traceback.
+``quickstart`` (:mod:`a2ijax.quickstart`), ``md`` (:func:`a2ijax.trained_md.md_from_checkpoint`),
+``relax`` (:func:`a2ijax.trained_md.relax_structure`), ``lammps`` (:func:`a2ijax.lammps.run_input`),
+``export`` (:func:`a2ijax.export.export_model`) and ``bench`` (:mod:`a2ijax.bench`). Every numeric
+option is checked when the arguments are parsed, before any work starts; bad input
+(:class:`a2ijax.errors.InputError`, a missing file) ends in a one-line message and exit status 2,
+not a traceback; any other exception is a failure of the run or a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import math
 import sys
 import warnings
 from pathlib import Path
+
+from a2ijax.errors import InputError
 
 MAX_ATOMS = 10_000_000  # an atom count beyond this is a typo, not a system this machine can hold
 
@@ -130,6 +134,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=POSITIVE_INT, default=10000)
     p.add_argument("--skin", type=NON_NEGATIVE, help="neighbour-list skin, a length (default: 0.1 x the cutoff)")
     p.add_argument("--out", default="relaxed.extxyz", help="extended XYZ file for the relaxed structure")
+    p = commands.add_parser("lammps", help="run a LAMMPS input with a trained model as its force field (fix external; "
+                            "on several ranks under mpiexec)")
+    p.add_argument("checkpoint", help="a shipped model (lj, sw, ka) or a checkpoint directory")
+    p.add_argument("input", help="a LAMMPS input without a force field; the A2I fix goes in before its first run")
+    p.add_argument("--elements", nargs="+", required=True, help="the checkpoint symbol of each LAMMPS atom type, in "
+                   "type order (as pair_coeff * * takes them)")
+    p.add_argument("--skin", type=NON_NEGATIVE, help="LAMMPS's neighbour skin, a length (default: 0.1 x the cutoff)")
+    p.add_argument("--atom-chunk", type=COUNT, help="atoms per rematerialised chunk (0: all; default per backend)")
+    p.add_argument("--var", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="an index-style LAMMPS variable set before the input (as lmp -var NAME VALUE)")
+    p = commands.add_parser("export", help="serialize a trained model with jax.export (StableHLO, parameters inside, "
+                            "symbolic sizes)")
+    p.add_argument("checkpoint", help="a shipped model (lj, sw, ka) or a checkpoint directory")
+    p.add_argument("--out", required=True, help="the artefact to write (its metadata goes to OUT.json)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p = commands.add_parser("bench", help="MD speed, latency, compile time and memory of the shipped models against "
                             "jax-md's potentials, each row in its own process")
     p.add_argument("--potentials", nargs="+",
@@ -152,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
     try:
         run_command(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:  # bad input: a message, not a traceback
+    except (InputError, FileNotFoundError) as error:  # bad input: a message, not a traceback (a2ijax.errors)
         print(f"a2ijax {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
@@ -161,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 def _checkpoint(args: argparse.Namespace):
     """The checkpoint path, or the shipped model that ``--model`` names (exactly one of them)."""
     if (args.checkpoint is None) == (args.model is None):
-        raise ValueError("give a checkpoint or --model NAME (a pretrained model), not both or neither")
+        raise InputError("give a checkpoint or --model NAME (a pretrained model), not both or neither")
     if args.model is None:
         return args.checkpoint
     from a2ijax import pretrained
@@ -236,12 +255,12 @@ def run_command(args: argparse.Namespace) -> None:
 
         quickstart(args.out, overwrite=args.overwrite)
     elif args.command == "md":
-        from a2ijax.md_run import md_from_checkpoint
+        from a2ijax.trained_md import md_from_checkpoint
 
         if args.ensemble == "npt" and args.pressure is None:
-            raise ValueError("--ensemble npt needs --pressure")
+            raise InputError("--ensemble npt needs --pressure")
         if args.ensemble != "npt" and args.pressure is not None:
-            raise ValueError(f"--pressure applies to --ensemble npt, not {args.ensemble}")
+            raise InputError(f"--pressure applies to --ensemble npt, not {args.ensemble}")
         md_from_checkpoint(_checkpoint(args), structure=args.structure, state_point=args.state_point,
                            equilibrate=args.equilibrate, steps=args.steps, dt=args.dt, kT=args.kT, seed=args.seed,
                            ensemble=args.ensemble, pressure=args.pressure, thermo_every=args.thermo_every,
@@ -250,11 +269,24 @@ def run_command(args: argparse.Namespace) -> None:
                            devices=args.devices, out=args.out)
     elif args.command == "relax":
         from a2ijax.committee import load_potential
-        from a2ijax.md_run import relax_structure
+        from a2ijax.trained_md import relax_structure
 
         checkpoint = _checkpoint(args)
         relax_structure(load_potential(checkpoint) if isinstance(checkpoint, str) else checkpoint, args.structure,
                         max_force=args.fmax, max_steps=args.max_steps, skin=args.skin, out=args.out)
+    elif args.command == "lammps":
+        from a2ijax.lammps import run_input
+
+        fix = run_input(args.checkpoint, args.input, args.elements, skin=args.skin, atom_chunk=args.atom_chunk,
+                        variables=dict(args.var))
+        print(f"LAMMPS ran with the A2I fix: {fix.calls} force calls, {len(fix.programs)} compiled shapes")
+    elif args.command == "export":
+        from a2ijax.export import export_model
+        from a2ijax.pretrained import resolve
+
+        meta = export_model(resolve(args.checkpoint), args.out, dtype=args.dtype)
+        print(f"wrote {args.out} and {args.out}.json: {meta['format']}, inputs {', '.join(meta['inputs'])}, "
+              f"sizes A, C, K >= {meta['min_slots']}, {meta['dtype']}, for {', '.join(meta['platforms'])}")
     elif args.command == "bench":
         from a2ijax import bench
 

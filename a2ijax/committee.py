@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from a2ijax.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from a2ijax.errors import InputError
 from a2ijax.potential import Potential, a2i_periodic, default_float
 
 Array = jax.Array
@@ -69,7 +70,7 @@ class Committee:
 
     def __post_init__(self):
         if len(self.members) < 2:
-            raise ValueError(f"a committee needs at least 2 members, got {len(self.members)}")
+            raise InputError(f"a committee needs at least 2 members, got {len(self.members)}")
         first = self.members[0]
         for member in self.members:
             member.require_a2i("a committee")
@@ -123,7 +124,7 @@ def from_checkpoints(members: Sequence[Checkpoint]) -> Committee:
     """A committee of loaded checkpoints (or pretrained models)."""
     members = list(members)
     if len(members) < 2:
-        raise ValueError(f"a committee needs at least 2 members, got {len(members)}")
+        raise InputError(f"a committee needs at least 2 members, got {len(members)}")
     return Committee(members, stack([m.params for m in members]))
 
 

@@ -30,8 +30,11 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from a2ijax.baselines import BASELINES
+from a2ijax.errors import InputError
 from a2ijax.model import A2IConfig
+
+#: jax-md's own potentials that ``[baseline] name`` may name (built by :mod:`a2ijax.baselines`).
+BASELINES = ("nequip", "graph_network", "behler_parrinello")
 
 T = TypeVar("T")
 
@@ -66,12 +69,12 @@ class DataConfig:
 
     def __post_init__(self):
         if not self.path:
-            raise ValueError("[data] path: give the labelled frames to fit (e.g. `a2ijax generate lj --out FILE`)")
+            raise InputError("[data] path: give the labelled frames to fit (e.g. `a2ijax generate lj --out FILE`)")
         if self.max_train_frames < 0:
-            raise ValueError(f"[data] max_train_frames must be >= 0, got {self.max_train_frames}")
+            raise InputError(f"[data] max_train_frames must be >= 0, got {self.max_train_frames}")
         if (len(self.split_fractions) != 3 or min(self.split_fractions) < 0 or self.split_fractions[0] <= 0
                 or abs(sum(self.split_fractions) - 1) > 1e-9):
-            raise ValueError(f"[data] split_fractions must be three non-negative fractions summing to 1, with a "
+            raise InputError(f"[data] split_fractions must be three non-negative fractions summing to 1, with a "
                              f"positive training share, "
                              f"got {self.split_fractions}")
 
@@ -153,30 +156,30 @@ class TrainConfig:
         for name in ("steps", "batch_size", "size_buckets", "neighbor_buckets", "sync_every", "eval_every",
                      "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"[train] {name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"[train] {name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_frames"):
             if getattr(self, name) < 0:
-                raise ValueError(f"[train] {name} must be >= 0, got {getattr(self, name)}")
+                raise InputError(f"[train] {name} must be >= 0, got {getattr(self, name)}")
         if self.learning_rate <= 0:
-            raise ValueError(f"[train] learning_rate must be positive, got {self.learning_rate}")
+            raise InputError(f"[train] learning_rate must be positive, got {self.learning_rate}")
         if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"[train] ema_decay must lie in [0, 1), got {self.ema_decay}")
+            raise InputError(f"[train] ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.energy_weight < 0 or self.force_weight < 0 or self.energy_weight + self.force_weight == 0:
-            raise ValueError("[train] energy_weight and force_weight must be >= 0 and not both 0")
+            raise InputError("[train] energy_weight and force_weight must be >= 0 and not both 0")
         for name in ("energy_weight_final", "force_weight_final"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"[train] {name} must be >= 0 (or left out: the initial weight throughout), "
+                raise InputError(f"[train] {name} must be >= 0 (or left out: the initial weight throughout), "
                                  f"got {getattr(self, name)}")
         for name in ("learning_rate", "final_lr_fraction", "weight_decay", "clip_norm"):
             if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"[train] {name} must be finite, got {getattr(self, name)}")
+                raise InputError(f"[train] {name} must be finite, got {getattr(self, name)}")
         if self.final_lr_fraction < 0 or self.weight_decay < 0 or self.clip_norm < 0:
-            raise ValueError("[train] final_lr_fraction, weight_decay and clip_norm must be >= 0")
+            raise InputError("[train] final_lr_fraction, weight_decay and clip_norm must be >= 0")
         if self.loss_normalization not in LOSS_NORMALIZATIONS:
-            raise ValueError(f"[train] loss_normalization must be one of {LOSS_NORMALIZATIONS}, "
+            raise InputError(f"[train] loss_normalization must be one of {LOSS_NORMALIZATIONS}, "
                              f"got {self.loss_normalization!r}")
         if self.rotation_augmentation not in ("auto", "on", "off"):
-            raise ValueError(f"[train] rotation_augmentation must be auto, on or off, "
+            raise InputError(f"[train] rotation_augmentation must be auto, on or off, "
                              f"got {self.rotation_augmentation!r}")
 
     def loss_weights(self, step: Any) -> tuple[Any, Any]:
@@ -193,7 +196,7 @@ class BaselineConfig:
     """Fit one of jax-md's own potentials (``a2ijax.baselines``) instead of A2I, for comparisons.
 
     Attributes:
-      name: empty for A2I (the default), else one of ``a2ijax.baselines.BASELINES``. The baseline
+      name: empty for A2I (the default), else one of :data:`BASELINES`. The baseline
         takes ``cutoff``, ``n_species`` and ``avg_neighbors`` from ``[model]`` (the other ``[model]``
         keys are A2I's and unused) and keeps jax-md's default sizes. It gives no per-atom energies
         and cannot pad atoms: every frame must have the same atoms.
@@ -203,7 +206,7 @@ class BaselineConfig:
 
     def __post_init__(self):
         if self.name and self.name not in BASELINES:
-            raise ValueError(f"[baseline] name must be one of {BASELINES} (or empty for A2I), got {self.name!r}")
+            raise InputError(f"[baseline] name must be one of {BASELINES} (or empty for A2I), got {self.name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,33 +248,33 @@ def from_dict(cls: type[T], values: dict[str, Any], table: str = "") -> T:
     """A frozen config dataclass from a mapping; unknown keys and wrong types are named errors."""
     where = f"[{table}] " if table else f"{cls.__name__}: "
     if not isinstance(values, dict):
-        raise ValueError(f"{where}expected a table of settings, got {values!r}")
+        raise InputError(f"{where}expected a table of settings, got {values!r}")
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(known))
     moved = [key for key in unknown if cls is A2IConfig and key in RUN_SETTINGS]
     if moved:
-        raise ValueError(f"{where}{moved[0]} is how a model is run, not what it is, and no longer part of the "
+        raise InputError(f"{where}{moved[0]} is how a model is run, not what it is, and no longer part of the "
                          f"model config: use {RUN_SETTINGS[moved[0]]}")
     if unknown:
-        raise ValueError(f"{where}unknown keys {unknown}; known keys are {known}")
+        raise InputError(f"{where}unknown keys {unknown}; known keys are {known}")
     for key, value in values.items():
         if not _matches(value, hints[key]):
             expected = getattr(hints[key], "__name__", None) if isinstance(hints[key], type) else str(hints[key])
-            raise ValueError(f"{where}{key} must be {expected}, got {value!r} ({type(value).__name__})")
+            raise InputError(f"{where}{key} must be {expected}, got {value!r} ({type(value).__name__})")
     converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     try:
         return cls(**converted)
     except ValueError as error:
         message = str(error)
-        raise ValueError(message if message.startswith("[") else f"{where}{message}") from error
+        raise InputError(message if message.startswith("[") else f"{where}{message}") from error
 
 
 def experiment_from_dict(values: dict[str, Any]) -> ExperimentConfig:
     """An :class:`ExperimentConfig` from nested tables ``data``, ``model``, ``train`` and ``baseline``."""
     unknown = sorted(set(values) - {"data", "model", "train", "baseline"})
     if unknown:
-        raise ValueError(f"unknown tables {unknown}; a config has [data], [model], [train] and optionally [baseline]")
+        raise InputError(f"unknown tables {unknown}; a config has [data], [model], [train] and optionally [baseline]")
     return ExperimentConfig(data=from_dict(DataConfig, values.get("data", {}), "data"),
                             model=from_dict(A2IConfig, values.get("model", {}), "model"),
                             train=from_dict(TrainConfig, values.get("train", {}), "train"),
@@ -284,8 +287,8 @@ def load_config(path: str | Path) -> ExperimentConfig:
     try:
         values = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{path}: not valid TOML: {error}") from error
+        raise InputError(f"{path}: not valid TOML: {error}") from error
     try:
         return experiment_from_dict(values)
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from error
+        raise InputError(f"{path}: {error}") from error

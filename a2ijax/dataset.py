@@ -24,6 +24,7 @@ import ase
 import ase.io
 import numpy as np
 
+from a2ijax.errors import InputError
 from a2ijax.files import atomic_write
 from a2ijax.geometry import check_widths, neighbor_pairs
 
@@ -64,7 +65,7 @@ class Dataset:
     def split(self, name: str) -> Dataset:
         """The frames whose header says ``split=name``."""
         if name not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+            raise InputError(f"split must be one of {SPLITS}, got {name!r}")
         return self.subset([i for i, info in enumerate(self.info) if info.get("split") == name])
 
 
@@ -85,9 +86,9 @@ def read_dataset(path: str | os.PathLike, symbols: Sequence[str] | None = None) 
     except FileNotFoundError:
         raise
     except Exception as error:  # ASE raises many types for malformed files
-        raise ValueError(f"{path}: cannot read as an ASE dataset: {error}") from error
+        raise InputError(f"{path}: cannot read as an ASE dataset: {error}") from error
     if not images:
-        raise ValueError(f"{path}: no frames")
+        raise InputError(f"{path}: no frames")
     if symbols is None:
         header = images[0].info.get("species_symbols")
         found = sorted({s for atoms in images for s in atoms.get_chemical_symbols()})
@@ -100,18 +101,18 @@ def read_dataset(path: str | os.PathLike, symbols: Sequence[str] | None = None) 
         where = f"{path}, frame {index}"
         unknown = sorted(set(atoms.get_chemical_symbols()) - set(ids))
         if unknown:
-            raise ValueError(f"{where}: unknown chemical symbols {unknown}; known: {list(symbols)}")
+            raise InputError(f"{where}: unknown chemical symbols {unknown}; known: {list(symbols)}")
         if atoms.calc is None:
-            raise ValueError(f"{where}: no energy or forces")
+            raise InputError(f"{where}: no energy or forces")
         results = atoms.calc.results
         for key in ("energy", "forces"):
             if key not in results:
-                raise ValueError(f"{where}: missing {key}")
+                raise InputError(f"{where}: missing {key}")
         forces = np.asarray(results["forces"], np.float64)
         if forces.shape != (len(atoms), 3):
-            raise ValueError(f"{where}: forces have shape {forces.shape} for {len(atoms)} atoms")
+            raise InputError(f"{where}: forces have shape {forces.shape} for {len(atoms)} atoms")
         if atoms.pbc.any() and np.linalg.matrix_rank(atoms.cell[:]) < 3:
-            raise ValueError(f"{where}: periodic (pbc={atoms.pbc.tolist()}) but the cell {atoms.cell[:].tolist()} "
+            raise InputError(f"{where}: periodic (pbc={atoms.pbc.tolist()}) but the cell {atoms.cell[:].tolist()} "
                              "is missing or singular")
         out["positions"].append(atoms.get_positions())
         out["species"].append(np.asarray([ids[s] for s in atoms.get_chemical_symbols()], np.int32))
@@ -125,7 +126,7 @@ def read_dataset(path: str | os.PathLike, symbols: Sequence[str] | None = None) 
     for key, what in (("per_atom", "per-atom energies"), ("stress", "stress")):
         present = [x is not None for x in out[key]]
         if any(present) and not all(present):
-            raise ValueError(f"{path}, frame {present.index(False)}: missing {what} that other frames have")
+            raise InputError(f"{path}, frame {present.index(False)}: missing {what} that other frames have")
     per_atom = out["per_atom"] if out["per_atom"][0] is not None else None
     stress = np.stack(out["stress"]) if out["stress"][0] is not None else None
     return Dataset(path, symbols, out["positions"], out["species"], out["cells"], out["pbc"], np.asarray(out["energy"]),
@@ -138,7 +139,7 @@ def structure_dataset(atoms: ase.Atoms, symbols: tuple[str, ...]) -> Dataset:
     ids = {s: i for i, s in enumerate(symbols)}
     unknown = sorted(set(atoms.get_chemical_symbols()) - set(ids))
     if unknown:
-        raise ValueError(f"the structure has chemical symbols {unknown} that the potential was not trained on "
+        raise InputError(f"the structure has chemical symbols {unknown} that the potential was not trained on "
                          f"(it knows {list(symbols)})")
     n = len(atoms)
     species = np.asarray([ids[s] for s in atoms.get_chemical_symbols()], np.int32)
@@ -152,21 +153,21 @@ def check_cutoff(dataset: Dataset, cutoff: float) -> None:
         try:
             check_widths(cell, pbc, cutoff)
         except ValueError as error:
-            raise ValueError(f"{dataset.path}, frame {index}: {error}") from None
+            raise InputError(f"{dataset.path}, frame {index}: {error}") from None
 
 
 def assign_splits(n_groups: int, fractions: Sequence[float], rng: np.random.Generator) -> list[str]:
     """Split labels for ``n_groups`` groups of frames (segments): each split gets at least one group,
     and the fractions must leave the training split one too."""
     if n_groups < len(SPLITS):
-        raise ValueError(f"need at least {len(SPLITS)} segments to split into {SPLITS}, got {n_groups}")
+        raise InputError(f"need at least {len(SPLITS)} segments to split into {SPLITS}, got {n_groups}")
     fractions = np.asarray(fractions, np.float64)
     if fractions.shape != (3,) or fractions.min() < 0 or abs(fractions.sum() - 1) > 1e-9:
-        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions.tolist()}")
+        raise InputError(f"split fractions must be three non-negative numbers summing to 1, got {fractions.tolist()}")
     counts = np.maximum(1, np.floor(fractions * n_groups).astype(int))
     counts[0] = n_groups - counts[1:].sum()
     if counts[0] < 1:
-        raise ValueError(f"split fractions {fractions.tolist()} leave no training segment of {n_groups} "
+        raise InputError(f"split fractions {fractions.tolist()} leave no training segment of {n_groups} "
                          f"(valid {counts[1]}, test {counts[2]})")
     labels = np.repeat(SPLITS, counts)
     return list(labels[rng.permutation(n_groups)])
@@ -186,7 +187,7 @@ def split_indices(dataset: Dataset, fractions: Sequence[float], seed: int) -> di
     elif any(label is not None for label in labels):
         bad = [i for i, ok in enumerate(valid) if not ok]
         shown = ", ".join(f"{i} ({labels[i]!r})" for i in bad[:10]) + (" ..." if len(bad) > 10 else "")
-        raise ValueError(f"{dataset.path}: {len(bad)} of {len(dataset)} frames have no valid split header "
+        raise InputError(f"{dataset.path}: {len(bad)} of {len(dataset)} frames have no valid split header "
                          f"(one of {SPLITS}): frames {shown}. Give every frame a split, or none (then whole "
                          "segments are split at random)")
     else:
@@ -198,10 +199,23 @@ def split_indices(dataset: Dataset, fractions: Sequence[float], seed: int) -> di
 
 
 def state_point_groups(dataset: Dataset) -> dict[str, list[int]]:
-    """Frame indices per state point (from the ``state_point`` header; ``"all"`` where there is none)."""
-    groups: dict[str, list[int]] = {}
+    """Frame indices per state point (the ``state_point`` header), never mixing atom counts.
+
+    A fluctuation of the total energy is only meaningful among frames of one size, so frames without
+    a header are grouped by atom count (``"N=125"``), and a state point whose frames differ in size
+    is split by it (``"liquid N=125"``).
+    """
+    sizes: dict[str, set[int]] = {}
+    keys = []
     for i, info in enumerate(dataset.info):
-        groups.setdefault(str(info.get("state_point", "all")), []).append(i)
+        n = len(dataset.positions[i])
+        name = str(info["state_point"]) if "state_point" in info else None
+        keys.append((name, n))
+        sizes.setdefault(name, set()).add(n)
+    groups: dict[str, list[int]] = {}
+    for i, (name, n) in enumerate(keys):
+        key = f"N={n}" if name is None else (f"{name} N={n}" if len(sizes[name]) > 1 else name)
+        groups.setdefault(key, []).append(i)
     return groups
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from jax_md import simulate as integrators
 from jax_md import space
 
+from a2ijax.errors import InputError
 from a2ijax.md import energy_drift, energy_observables, run
 from a2ijax.model import A2IConfig
 from a2ijax.potential import a2i_neighbor_list, a2i_pair
@@ -27,9 +28,9 @@ def demo(n_atoms: int = 128, steps: int = 200, dt: float = 0.002, kT: float = 1.
     """Builds, checks and runs the default A2I potential; returns the figures it prints."""
     for name, value in (("n_atoms", n_atoms), ("steps", steps)):
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise InputError(f"{name} must be >= 1, got {value}")
     if not dt > 0:
-        raise ValueError(f"dt must be positive, got {dt}")
+        raise InputError(f"dt must be positive, got {dt}")
     box = (n_atoms / density) ** (1 / 3)
     R = lattice_positions(n_atoms, box, jitter=0.05, seed=seed)
     displacement, shift = space.periodic(box)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax_md import partition
 
+from a2ijax.errors import InputError
 from a2ijax.md import check_positive, integrator
 from a2ijax.md import step as md_step
 from a2ijax.potential import NeighborListOverflowError, reallocate
@@ -77,7 +78,7 @@ def make_segment(energy_fn: Callable[..., Array], shift_fn: Callable, *, steps: 
     """
     for name, value in (("steps", steps), ("block", block), ("truncate", truncate)):
         if not isinstance(value, int) or value < 0 or (name == "steps" and value == 0):
-            raise ValueError(f"{name} must be an int >= {int(name == 'steps')}, got {value!r}")
+            raise InputError(f"{name} must be an int >= {int(name == 'steps')}, got {value!r}")
     check_positive("kT", kT)
     check_positive("mass", mass)
     integrator(energy_fn, shift_fn, ensemble, dt, kT, tau=tau, ensembles=ENSEMBLES)  # checks the rest
@@ -85,7 +86,7 @@ def make_segment(energy_fn: Callable[..., Array], shift_fn: Callable, *, steps: 
         divisors = [b for b in range(1, steps + 1) if steps % b == 0]
         block = min(divisors, key=lambda b: abs(b - math.sqrt(steps)))
     if steps % block:
-        raise ValueError(f"block ({block}) must divide steps ({steps})")
+        raise InputError(f"block ({block}) must divide steps ({steps})")
     n_blocks = steps // block
 
     def segment(params: Any, R: Array, neighbor: partition.NeighborList, key: Array) -> Segment:

@@ -29,6 +29,7 @@ from a2ijax import diffmd
 from a2ijax.batching import prepare
 from a2ijax.checkpoint import Checkpoint
 from a2ijax.dataset import Dataset
+from a2ijax.errors import InputError
 from a2ijax.loss import batch_errors, normalised_loss, predict_fn
 from a2ijax.observables import observable_loss
 from a2ijax.potential import a2i_builder
@@ -82,9 +83,9 @@ def strongly_typed(params: Any) -> Any:
 
 def _check(steps: int, threshold: float | None = None) -> None:
     if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        raise InputError(f"steps must be an int >= 1, got {steps!r}")
     if threshold is not None and not 0 < threshold <= 1:
-        raise ValueError(f"n_eff_threshold must lie in (0, 1], got {threshold!r}")
+        raise InputError(f"n_eff_threshold must lie in (0, 1], got {threshold!r}")
 
 
 def fit_by_reweighting(params: Any, energy_fn: Callable[..., Array], draw: Callable[[Any, int], diffmd.Sample],
@@ -179,7 +180,7 @@ def checkpoint_force_matching(checkpoint: Checkpoint, dataset: Dataset, frames: 
     close to the forces it was trained on. ``weights``: (energy, force), forces only by default."""
     frames = np.asarray(frames, int)
     if not frames.size:
-        raise ValueError("no frames to match forces on")
+        raise InputError("no frames to match forces on")
     train = dataclasses.replace(checkpoint.config.train, neighbor_buckets=1, size_buckets=1)
     # Only these frames: prepare's neighbour search would otherwise run over the whole dataset.
     data = prepare(dataset.subset(frames), dataclasses.replace(checkpoint.config, train=train),

@@ -16,6 +16,8 @@ import itertools
 
 import numpy as np
 
+from a2ijax.errors import InputError
+
 
 def lattice_matrix(box, dim: int) -> np.ndarray:
     """The ``[dim, dim]`` matrix whose **columns** are the lattice vectors of a jax-md ``box``
@@ -25,10 +27,10 @@ def lattice_matrix(box, dim: int) -> np.ndarray:
         return box * np.eye(dim)
     if box.ndim == 1:
         if box.shape[0] != dim:
-            raise ValueError(f"box has {box.shape[0]} side lengths, positions have dimension {dim}")
+            raise InputError(f"box has {box.shape[0]} side lengths, positions have dimension {dim}")
         return np.diag(box)
     if box.shape != (dim, dim):
-        raise ValueError(f"box matrix has shape {box.shape}, expected ({dim}, {dim})")
+        raise InputError(f"box matrix has shape {box.shape}, expected ({dim}, {dim})")
     return box
 
 
@@ -43,7 +45,7 @@ def perpendicular_widths(lattice: np.ndarray) -> np.ndarray:
 def _periodic(pbc) -> bool:
     pbc = np.asarray(pbc, bool)
     if pbc.any() and not pbc.all():
-        raise ValueError(f"partly periodic cells (pbc={pbc.tolist()}) are not supported; use fully periodic "
+        raise InputError(f"partly periodic cells (pbc={pbc.tolist()}) are not supported; use fully periodic "
                          "or fully free frames")
     return bool(pbc.all())
 
@@ -56,7 +58,7 @@ def check_widths(cell: np.ndarray, pbc, cutoff: float) -> None:
     widths = perpendicular_widths(np.asarray(cell, np.float64).T)
     for axis in range(3):
         if widths[axis] <= 2 * cutoff:
-            raise ValueError(f"box too small for the cutoff: width {widths[axis]:.6g} along cell vector {axis} "
+            raise InputError(f"box too small for the cutoff: width {widths[axis]:.6g} along cell vector {axis} "
                              f"<= 2 x cutoff = {2 * cutoff:.6g}")
 
 
@@ -78,7 +80,7 @@ def neighbor_pairs(R: np.ndarray, cell: np.ndarray, pbc, cutoff: float) -> tuple
     R = np.asarray(R, np.float64)
     n = len(R)
     if cutoff <= 0:
-        raise ValueError(f"cutoff must be positive, got {cutoff}")
+        raise InputError(f"cutoff must be positive, got {cutoff}")
     empty = np.zeros(0, np.int64)
     if n < 2:
         return empty, empty, np.zeros(0)

@@ -39,6 +39,7 @@ import numpy as np
 
 from a2ijax.config import ExperimentConfig, experiment_from_dict, from_dict
 from a2ijax.dataset import fluctuations, read_dataset, state_point_groups, write_dataset
+from a2ijax.errors import InputError
 from a2ijax.files import atomic_write
 
 SELECTIONS = ("disagreement", "random")
@@ -87,22 +88,22 @@ class LearnConfig:
         from a2ijax.systems import SYSTEMS
 
         if self.system not in SYSTEMS:
-            raise ValueError(f"[learn] system must be one of {sorted(SYSTEMS)}, got {self.system!r}")
+            raise InputError(f"[learn] system must be one of {sorted(SYSTEMS)}, got {self.system!r}")
         for name, low in (("rounds", 0), ("members", 2), ("frames_per_round", 1), ("md_steps", 1),
                           ("candidate_every", 1)):
             if getattr(self, name) < low:
-                raise ValueError(f"[learn] {name} must be >= {low}, got {getattr(self, name)}")
+                raise InputError(f"[learn] {name} must be >= {low}, got {getattr(self, name)}")
         if self.md_steps % self.candidate_every:
-            raise ValueError(f"[learn] md_steps ({self.md_steps}) must be a multiple of candidate_every "
+            raise InputError(f"[learn] md_steps ({self.md_steps}) must be a multiple of candidate_every "
                              f"({self.candidate_every})")
         if self.selection not in SELECTIONS:
-            raise ValueError(f"[learn] selection must be one of {SELECTIONS}, got {self.selection!r}")
+            raise InputError(f"[learn] selection must be one of {SELECTIONS}, got {self.selection!r}")
         if not self.max_disagreement >= 0:
-            raise ValueError(f"[learn] max_disagreement must be >= 0 (0: no limit), got {self.max_disagreement}")
+            raise InputError(f"[learn] max_disagreement must be >= 0 (0: no limit), got {self.max_disagreement}")
         if not self.friction > 0:
-            raise ValueError(f"[learn] friction must be positive, got {self.friction}")
+            raise InputError(f"[learn] friction must be positive, got {self.friction}")
         if self.test_split not in ("", "train", "valid", "test"):
-            raise ValueError(f"[learn] test_split must be train, valid, test or empty, got {self.test_split!r}")
+            raise InputError(f"[learn] test_split must be train, valid, test or empty, got {self.test_split!r}")
 
 
 def load_learn_config(path: str | Path) -> tuple[ExperimentConfig, LearnConfig]:
@@ -112,10 +113,10 @@ def load_learn_config(path: str | Path) -> tuple[ExperimentConfig, LearnConfig]:
         values = tomllib.loads(path.read_text())
         learn = values.pop("learn", None)
         if learn is None:
-            raise ValueError("no [learn] table (see a2ijax.learn.LearnConfig)")
+            raise InputError("no [learn] table (see a2ijax.learn.LearnConfig)")
         return experiment_from_dict(values), from_dict(LearnConfig, learn, "learn")
     except (ValueError, tomllib.TOMLDecodeError) as error:
-        raise ValueError(f"{path}: {error}") from error
+        raise InputError(f"{path}: {error}") from error
 
 
 def reference_labeller(system_name: str) -> Labeller:
@@ -130,7 +131,7 @@ def reference_labeller(system_name: str) -> Labeller:
         cell = np.asarray(atoms.cell[:])
         side = float(cell[0, 0])
         if not np.allclose(cell, np.eye(3) * side):
-            raise ValueError(f"the {system_name} reference labels cubic cells only, got {cell.tolist()}")
+            raise InputError(f"the {system_name} reference labels cubic cells only, got {cell.tolist()}")
         species = jnp.asarray([ids[s] for s in atoms.get_chemical_symbols()], jnp.int32)
         return label(system, atoms.get_positions()[None], species, side)[0]
 
@@ -178,7 +179,7 @@ def _read(path: Path) -> list[ase.Atoms]:
     return ase.io.read(path, index=":") if path.exists() and path.stat().st_size else []
 
 
-def test_errors(members: list[Any], data_path: str, split: str | None) -> dict[str, Any]:
+def held_out_errors(members: list[Any], data_path: str, split: str | None) -> dict[str, Any]:
     """The committee mean's errors on labelled frames (the report's measures, worst state point)."""
     from a2ijax.report import Predictions, error_report, predict_dataset
 
@@ -262,7 +263,7 @@ def learn(config: ExperimentConfig, learn_config: LearnConfig, workdir: str | Pa
         group = committee.load(here / "committee")
         if not (here / "test.json").exists():
             row = dict(round=r, train_frames=sum(a.info.get("split") == "train" for a in labelled),
-                       **test_errors(group.members, test_data, learn_config.test_split or None))
+                       **held_out_errors(group.members, test_data, learn_config.test_split or None))
             atomic_write(here / "test.json", lambda f, row=row: json.dump(row, f, indent=1))
         curve.append(json.loads((here / "test.json").read_text()))
         if r == learn_config.rounds:
@@ -275,7 +276,7 @@ def learn(config: ExperimentConfig, learn_config: LearnConfig, workdir: str | Pa
                       for name, indices in state_point_groups(read_dataset(labelled_path, group.symbols)).items()}
             for point_name in learn_config.state_points or sorted(groups):
                 if not groups.get(point_name):
-                    raise ValueError(f"[learn] state point {point_name!r} has no training frame to start MD from")
+                    raise InputError(f"[learn] state point {point_name!r} has no training frame to start MD from")
                 point = system.state_point(point_name)
                 start = labelled[groups[point_name][-1]]
                 frames, note = committee_candidates(group, start, point.kT, system.dt, system.mass, learn_config,

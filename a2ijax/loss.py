@@ -23,23 +23,29 @@ Array = jax.Array
 
 def predict_fn(energy_fn: Callable, per_atom: bool = True) -> Callable:
     """``predict(params, batch) -> (E [B], F [B, N, 3], E_i [B, N] or None)`` over a padded batch
-    (``per_atom=False``: for potentials without per-atom energies, ``E_i`` is None)."""
+    (``per_atom=False``: for potentials without per-atom energies, ``E_i`` is None).
 
-    def one(params, R, species, mask, idx, box):
+    ``E`` is the residual the batch's ``energy`` holds (``a2ijax.batching.Bucket``): the sum over the
+    real atoms of ``E_i - atom_shift_i``, each term taken before the sum, so that it keeps the
+    float32 digits a large total would lose; ``E_i`` are the model's own per-atom energies.
+    """
+
+    def one(params, R, species, mask, idx, box, atom_shift):
         neighbor = fixed_neighbor_list(idx, R)
 
         def total(R):
             if not per_atom:
-                return energy_fn(params, R, neighbor=neighbor, species=species, mask=mask, box=box), None
+                energy = energy_fn(params, R, neighbor=neighbor, species=species, mask=mask, box=box)
+                return energy - jnp.sum(atom_shift), None
             energies = energy_fn(params, R, neighbor=neighbor, species=species, mask=mask, box=box, per_atom=True)
-            return jnp.sum(energies), energies
+            return jnp.sum(jnp.where(mask, energies - atom_shift.astype(energies.dtype), 0.0)), energies
 
         (energy, energies), grad = jax.value_and_grad(total, has_aux=True)(R)
         return energy, -grad, energies
 
     def predict(params, batch):
-        return jax.vmap(one, (None, 0, 0, 0, 0, 0))(params, batch["R"], batch["species"], batch["mask"],
-                                                    batch["idx"], batch["box"])
+        return jax.vmap(one, (None, 0, 0, 0, 0, 0, 0))(params, batch["R"], batch["species"], batch["mask"],
+                                                       batch["idx"], batch["box"], batch["atom_shift"])
 
     return predict
 

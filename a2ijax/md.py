@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax_md import partition, quantity
 
+from a2ijax.errors import InputError
 from a2ijax.geometry import lattice_matrix, neighbor_pairs
 from a2ijax.neighbors import describe, reallocate
 from a2ijax.parallel import split_leading
@@ -146,15 +147,15 @@ def run(apply_fn: Callable, state: Any, neighbor_fn: partition.NeighborFn, neigh
     is split over devices by its potential instead (``a2i_neighbor_list(..., mesh=)``).
     """
     if n_steps < 0 or chunk_steps < 1 or stride < 1 or n_steps % stride or chunk_steps % stride:
-        raise ValueError(f"need n_steps >= 0, chunk_steps >= 1 and both multiples of stride >= 1; got "
+        raise InputError(f"need n_steps >= 0, chunk_steps >= 1 and both multiples of stride >= 1; got "
                          f"n_steps={n_steps}, chunk_steps={chunk_steps}, stride={stride}")
     if mesh is not None:
         if not replicas:
-            raise ValueError("run(mesh=) splits replicas over devices; to split one system's atoms give the "
+            raise InputError("run(mesh=) splits replicas over devices; to split one system's atoms give the "
                              "potential the mesh (a2i_neighbor_list(..., mesh=mesh))")
         count = state.position.shape[0]
         if count % mesh.size:
-            raise ValueError(f"{count} replicas cannot be split evenly over {mesh.size} devices")
+            raise InputError(f"{count} replicas cannot be split evenly over {mesh.size} devices")
     place = (lambda tree: tree) if mesh is None else (lambda tree: jax.device_put(tree, split_leading(mesh)))
     state, neighbor = place(state), place(neighbor)
     chunks: dict[int, Callable] = {}
@@ -379,7 +380,7 @@ def check_positive(name: str, value: Any) -> None:
     except (TypeError, ValueError):
         number = float("nan")
     if not (np.isfinite(number) and number > 0):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+        raise InputError(f"{name} must be a positive number, got {value!r}")
 
 
 class Integrator(NamedTuple):
@@ -400,7 +401,7 @@ def integrator(energy_fn: Callable[..., jax.Array], shift_fn: Callable, ensemble
     particles, ``tau``, and on an isotropic barostat at ``pressure``, ``barostat_tau``, both in units
     of ``dt``; positions in real coordinates of ``box`` at the start). The numbers are checked first."""
     if ensemble not in ensembles:
-        raise ValueError(f"ensemble must be one of {ensembles}, got {ensemble!r}")
+        raise InputError(f"ensemble must be one of {ensembles}, got {ensemble!r}")
     for name, value in (("dt", dt), ("tau", tau), ("friction", friction), ("barostat_tau", barostat_tau)):
         check_positive(name, value)
     from jax_md import simulate as integrators
@@ -412,9 +413,9 @@ def integrator(energy_fn: Callable[..., jax.Array], shift_fn: Callable, ensemble
     if ensemble == "langevin":
         return Integrator(*integrators.nvt_langevin(energy_fn, shift_fn, dt, kT, gamma=friction))
     if pressure is None or not np.isfinite(pressure):
-        raise ValueError(f"NPT needs a finite pressure, got {pressure!r}")
+        raise InputError(f"NPT needs a finite pressure, got {pressure!r}")
     if box is None:
-        raise ValueError("NPT needs the starting box")
+        raise InputError("NPT needs the starting box")
     init, apply = integrators.npt_nose_hoover(energy_fn, shift_fn, dt, pressure, kT,
                                               barostat_kwargs=dict(tau=barostat_tau * dt),
                                               thermostat_kwargs=dict(tau=tau * dt))
@@ -431,9 +432,9 @@ def check_output_steps(steps: int, thermo_every: int, trajectory_every: int) -> 
     ``steps`` and ``trajectory_every`` multiples of ``thermo_every`` (what :func:`simulate` needs)."""
     for name, value in (("steps", steps), ("thermo_every", thermo_every), ("trajectory_every", trajectory_every)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            raise InputError(f"{name} must be an integer >= 1, got {value!r}")
     if trajectory_every % thermo_every or steps % thermo_every:
-        raise ValueError(f"steps ({steps}) and trajectory_every ({trajectory_every}) must be multiples of "
+        raise InputError(f"steps ({steps}) and trajectory_every ({trajectory_every}) must be multiples of "
                          f"thermo_every ({thermo_every})")
 
 
@@ -473,9 +474,9 @@ def simulate(potential: Potential, R: jax.Array, box: Any, *, steps: int, dt: fl
                           barostat_tau=barostat_tau, box=box)  # checks them
     check_output_steps(steps, thermo_every, trajectory_every)
     if kT is not None and (not np.isfinite(kT) or kT < 0):
-        raise ValueError(f"kT must be >= 0, got {kT!r}")
+        raise InputError(f"kT must be >= 0, got {kT!r}")
     if ensemble != "nve" and kT is None:
-        raise ValueError(f"the {ensemble} thermostat needs kT")
+        raise InputError(f"the {ensemble} thermostat needs kT")
     n = R.shape[0]
     neighbor, reallocations = neighbor_fn.allocate(R), 0
     while bool(neighbor.did_buffer_overflow):  # a capacity_multiplier below 1: grow before the first force call
@@ -553,7 +554,7 @@ def relax(potential: Potential, R: jax.Array, *, max_force: float = 1e-3, max_st
         check_positive(name, value)
     for name, value in (("max_steps", max_steps), ("chunk_steps", chunk_steps)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            raise InputError(f"{name} must be an integer >= 1, got {value!r}")
     neighbor_fn, energy_fn, _, shift_fn = potential
     init, apply = minimize.fire_descent(energy_fn, shift_fn, dt_start=dt_start, dt_max=dt_max)
     neighbor = neighbor_fn.allocate(R)

@@ -48,6 +48,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from a2ijax.errors import InputError
+
 Array = jax.Array
 
 FEATURIZATIONS = ("invariant", "coordinates")
@@ -132,7 +134,7 @@ class A2IConfig:
     def __post_init__(self):
         def need(ok: bool, what: str):
             if not ok:
-                raise ValueError(f"A2IConfig: {what}")
+                raise InputError(f"A2IConfig: {what}")
 
         need(float(self.cutoff) > 0, f"cutoff must be positive, got {self.cutoff!r}")
         for name in ("n_species", "width", "heads", "layers", "mlp_ratio", "n_radial"):
@@ -191,7 +193,7 @@ def envelope(x: Array, kind: str = "polynomial", p: int = 6) -> Array:
     elif kind == "cosine":
         c = 0.5 * (jnp.cos(jnp.pi * x) + 1.0)
     else:
-        raise ValueError(f"unknown envelope {kind!r}; expected one of {ENVELOPES}")
+        raise InputError(f"unknown envelope {kind!r}; expected one of {ENVELOPES}")
     return jnp.where(inside, c, 0.0)
 
 

@@ -51,6 +51,7 @@ import numpy as np
 from jax_md import dataclasses as md_dataclasses
 from jax_md import partition
 
+from a2ijax.errors import InputError
 from a2ijax.geometry import lattice_matrix, perpendicular_widths
 
 Array = jax.Array
@@ -168,19 +169,19 @@ def periodic_neighbor_list(box: Any, r_cutoff: float, *, dr_threshold: float = 0
     if unknown:
         raise TypeError(f"periodic_neighbor_list got unexpected options {sorted(unknown)}")
     if ignored.get("format", partition.Dense) is not partition.Dense:
-        raise ValueError("periodic_neighbor_list builds Dense lists only")
+        raise InputError("periodic_neighbor_list builds Dense lists only")
     if ignored.get("fractional_coordinates", False):
-        raise ValueError("periodic_neighbor_list takes real coordinates (fractional_coordinates=False)")
+        raise InputError("periodic_neighbor_list takes real coordinates (fractional_coordinates=False)")
     for name, value in (("r_cutoff", r_cutoff), ("capacity_multiplier", capacity_multiplier)):
         if not float(value) > 0:
-            raise ValueError(f"{name} must be positive, got {value!r}")
+            raise InputError(f"{name} must be positive, got {value!r}")
     if not float(dr_threshold) >= 0:
-        raise ValueError(f"dr_threshold must be >= 0, got {dr_threshold!r}")
+        raise InputError(f"dr_threshold must be >= 0, got {dr_threshold!r}")
     if (float(attention_cutoff) > 0) != (int(attention_keys) > 0):
-        raise ValueError(f"attention_cutoff ({attention_cutoff!r}) and attention_keys ({attention_keys!r}) go together")
+        raise InputError(f"attention_cutoff ({attention_cutoff!r}) and attention_keys ({attention_keys!r}) go together")
     chunk = default_chunk() if chunk is None else int(chunk)
     if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk!r}")
+        raise InputError(f"chunk must be >= 1, got {chunk!r}")
     reach = float(r_cutoff) + float(dr_threshold)
     r_att = float(attention_cutoff)
     quiet = ignored.get("disable_cell_list") is True
@@ -194,7 +195,7 @@ def periodic_neighbor_list(box: Any, r_cutoff: float, *, dr_threshold: float = 0
         list over ``u * counts`` (cells of side 1), or None."""
         cells = layout(box, reach * margin)
         if min(cells.widths) <= 2.0 * float(r_cutoff):
-            raise ValueError(f"box too small for the neighbour list: its narrowest width {min(cells.widths):.6g} "
+            raise InputError(f"box too small for the neighbour list: its narrowest width {min(cells.widths):.6g} "
                              f"must exceed 2 x cutoff = {2.0 * float(r_cutoff):.6g} for minimum-image pairs")
         if not cells.uses_cells:
             if not quiet:
@@ -296,7 +297,7 @@ def periodic_neighbor_list(box: Any, r_cutoff: float, *, dr_threshold: float = 0
                  cell_margin: float = 1.0, **unused: Any) -> PeriodicNeighborList:
         R = jnp.asarray(R)
         if R.ndim != 2 or R.shape[1] != 3:
-            raise ValueError(f"positions must have shape [n_atoms, 3], got {R.shape}")
+            raise InputError(f"positions must have shape [n_atoms, 3], got {R.shape}")
         n = R.shape[0]
         lattice = current(box)
         cells, cell_fn = cells_for(np.asarray(lattice), 3, cell_margin)

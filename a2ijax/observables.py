@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax_md import partition, quantity, space
 
+from a2ijax.errors import InputError
+
 Array = jax.Array
 
 
@@ -97,13 +99,13 @@ def observable_loss(predictions: dict[str, Array], targets: dict[str, Any],
     weights = weights or {}
     unknown = sorted(set(weights) - set(targets))
     if unknown:
-        raise ValueError(f"weights for observables without a target: {unknown}")
+        raise InputError(f"weights for observables without a target: {unknown}")
     terms = {}
     for name, target in targets.items():
         if name not in predictions:
-            raise ValueError(f"no prediction for the observable {name!r}; predicted: {sorted(predictions)}")
+            raise InputError(f"no prediction for the observable {name!r}; predicted: {sorted(predictions)}")
         prediction, target = predictions[name], jnp.asarray(target)
         if prediction.shape != target.shape:
-            raise ValueError(f"observable {name!r}: prediction shape {prediction.shape} != target shape {target.shape}")
+            raise InputError(f"observable {name!r}: prediction shape {prediction.shape} != target shape {target.shape}")
         terms[name] = weights.get(name, 1.0) * jnp.mean((prediction - target) ** 2)
     return sum(terms.values()), terms

@@ -26,6 +26,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from a2ijax.errors import InputError
+
 CLUSTER_SIZE_VARIABLES = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")  # launchers jax.distributed detects
 
 
@@ -57,14 +59,14 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.distributed.initialize()
         return True
     if any(x is None for x in given):
-        raise ValueError("give all of coordinator (HOST:PORT), num_processes and process_id, or none of them "
+        raise InputError("give all of coordinator (HOST:PORT), num_processes and process_id, or none of them "
                          f"(got coordinator={coordinator!r}, num_processes={num_processes!r}, "
                          f"process_id={process_id!r})")
     host, _, port = str(coordinator).rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"coordinator must be HOST:PORT with a port in 1..65535, got {coordinator!r}")
+        raise InputError(f"coordinator must be HOST:PORT with a port in 1..65535, got {coordinator!r}")
     if num_processes < 1 or not 0 <= process_id < num_processes:
-        raise ValueError(f"need num_processes >= 1 and 0 <= process_id < num_processes, got "
+        raise InputError(f"need num_processes >= 1 and 0 <= process_id < num_processes, got "
                          f"num_processes={num_processes}, process_id={process_id}")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     return True
@@ -85,13 +87,13 @@ def make_mesh(devices: int | None = None, axis: str = "data") -> Mesh:
         chosen = jax.devices()
     else:
         if isinstance(devices, bool) or not isinstance(devices, (int, np.integer)) or devices < 1:
-            raise ValueError(f"devices must be an integer >= 1, got {devices!r}")
+            raise InputError(f"devices must be an integer >= 1, got {devices!r}")
         local = jax.local_devices()
         if devices > len(local):
-            raise ValueError(f"asked for {devices} devices, this process has {len(local)} ({local[0].platform}); on "
+            raise InputError(f"asked for {devices} devices, this process has {len(local)} ({local[0].platform}); on "
                              "a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N gives N devices")
         if jax.process_count() > 1 and devices != len(local):
-            raise ValueError("with several processes every device takes part: leave devices unset")
+            raise InputError("with several processes every device takes part: leave devices unset")
         chosen = local[:devices]
     return Mesh(np.asarray(chosen), (axis,))
 
@@ -122,7 +124,7 @@ def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     sharding = split_leading(mesh)
     for name, value in batch.items():
         if np.shape(value)[0] % mesh.size:
-            raise ValueError(f"batch field {name!r} has {np.shape(value)[0]} rows, not a multiple of the "
+            raise InputError(f"batch field {name!r} has {np.shape(value)[0]} rows, not a multiple of the "
                              f"{mesh.size} devices; fill it up (padded_rows)")
     return {name: _global(value, sharding) for name, value in batch.items()}
 

@@ -41,6 +41,7 @@ from jax.sharding import Mesh, PartitionSpec
 from jax_md import partition, space
 
 from a2ijax.baselines import baseline_neighbor_list
+from a2ijax.errors import InputError
 from a2ijax.geometry import lattice_matrix, perpendicular_widths
 from a2ijax.model import A2IConfig, A2ITransformer, is_float_dtype
 from a2ijax.neighbors import ListError, PeriodicNeighborList, describe, periodic_neighbor_list
@@ -53,7 +54,7 @@ Array = jax.Array
 DisplacementFn = Callable[..., Array]
 
 
-class NeighborListOverflowError(ValueError):
+class NeighborListOverflowError(InputError):
     """The neighbour list had more neighbours than slots: reallocate it (see ``reallocate``)."""
 
 
@@ -74,7 +75,7 @@ def check_box(displacement_fn: DisplacementFn, box: Any, cutoff: float, fraction
     dim = int(np.shape(box)[0]) if np.ndim(box) else 3  # a scalar side: a cube in three dimensions
     lattice = lattice_matrix(box, dim)
     if not np.all(np.isfinite(lattice)) or np.linalg.det(lattice) == 0:
-        raise ValueError(f"box {lattice.tolist()} is singular or not finite")
+        raise InputError(f"box {lattice.tolist()} is singular or not finite")
     widths = perpendicular_widths(lattice)
     origin = jnp.zeros((dim,))
 
@@ -85,14 +86,14 @@ def check_box(displacement_fn: DisplacementFn, box: Any, cutoff: float, fraction
     for axis in range(dim):
         real, fractional = maps_to_zero(lattice[:, axis]), maps_to_zero(np.eye(dim)[axis])
         if fractional and not real and not fractional_coordinates:
-            raise ValueError("displacement_fn takes fractional coordinates (space.periodic_general's default) but "
+            raise InputError("displacement_fn takes fractional coordinates (space.periodic_general's default) but "
                              "fractional_coordinates=False: pass fractional_coordinates=True to the builder, or "
                              "build the space with fractional_coordinates=False")
         if real and not fractional and fractional_coordinates:
-            raise ValueError("fractional_coordinates=True but displacement_fn takes real coordinates: build the "
+            raise InputError("fractional_coordinates=True but displacement_fn takes real coordinates: build the "
                              "space with space.periodic_general(box) (fractional by default) or drop the option")
         if (real or fractional) and widths[axis] <= 2.0 * cutoff:
-            raise ValueError(
+            raise InputError(
                 f"box too small for the cutoff: the periodic box is {widths[axis]:.6g} wide along "
                 f"lattice vector {axis}, but minimum-image displacements need more than "
                 f"2 x cutoff = {2.0 * cutoff:.6g}. Use a larger box (replicate the cell) or a "
@@ -110,40 +111,40 @@ def run_settings(atom_chunk: int | None, dtype: Any) -> tuple[int, Any]:
     """Checked ``(atom_chunk, dtype)`` of a builder: ``atom_chunk`` None takes the backend's default."""
     chunk = default_atom_chunk() if atom_chunk is None else atom_chunk
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 0:
-        raise ValueError(f"atom_chunk must be an int >= 0 (0: all atoms at once), got {atom_chunk!r}")
+        raise InputError(f"atom_chunk must be an int >= 0 (0: all atoms at once), got {atom_chunk!r}")
     if dtype is not None and not is_float_dtype(dtype):
-        raise ValueError(f"dtype must name a floating compute dtype (or None), got {dtype!r}")
+        raise InputError(f"dtype must name a floating compute dtype (or None), got {dtype!r}")
     return int(chunk), dtype
 
 
 def _check_inputs(config: A2IConfig, R: Array, species: Array | None, mask: Array | None) -> None:
     """Shape and dtype checks always; value checks (NaN, species range) on concrete arrays only."""
     if R.ndim != 2:
-        raise ValueError(f"positions R must have shape [n_atoms, spatial_dim], got shape {R.shape}")
+        raise InputError(f"positions R must have shape [n_atoms, spatial_dim], got shape {R.shape}")
     if not jnp.issubdtype(R.dtype, jnp.floating):
-        raise ValueError(f"positions R must be floating point, got dtype {R.dtype}")
+        raise InputError(f"positions R must be floating point, got dtype {R.dtype}")
     n = R.shape[0]
     if _is_concrete(R) and not np.all(np.isfinite(np.asarray(R))):
         bad = np.argwhere(~np.all(np.isfinite(np.asarray(R)), axis=1))[:, 0]
-        raise ValueError(f"positions contain NaN or inf for atoms {bad[:10].tolist()}")
+        raise InputError(f"positions contain NaN or inf for atoms {bad[:10].tolist()}")
     if species is not None:
         if species.shape != (n,):
-            raise ValueError(f"species must have shape [n_atoms] = ({n},), got {species.shape}")
+            raise InputError(f"species must have shape [n_atoms] = ({n},), got {species.shape}")
         if not jnp.issubdtype(species.dtype, jnp.integer):
-            raise ValueError(f"species must be integer ids, got dtype {species.dtype}")
+            raise InputError(f"species must be integer ids, got dtype {species.dtype}")
         if _is_concrete(species):
             s = np.asarray(species)
             if s.size and (s.min() < 0 or s.max() >= config.n_species):
-                raise ValueError(
+                raise InputError(
                     f"species ids must lie in [0, {config.n_species}) (config.n_species = "
                     f"{config.n_species}), got ids in [{s.min()}, {s.max()}]")
     elif config.n_species > 1:
-        raise ValueError(f"config.n_species = {config.n_species}: pass species=[n_atoms] ids")
+        raise InputError(f"config.n_species = {config.n_species}: pass species=[n_atoms] ids")
     if mask is not None:
         if mask.shape != (n,):
-            raise ValueError(f"mask must have shape [n_atoms] = ({n},), got {mask.shape}")
+            raise InputError(f"mask must have shape [n_atoms] = ({n},), got {mask.shape}")
         if mask.dtype != jnp.bool_:
-            raise ValueError(f"mask must be boolean (True for real atoms), got dtype {mask.dtype}")
+            raise InputError(f"mask must be boolean (True for real atoms), got dtype {mask.dtype}")
 
 
 def masked_displacements(R: Array, idx: Array, displacement_fn: DisplacementFn, centers: Array | None = None,
@@ -271,7 +272,7 @@ def _a2i_functions(displacement_fn: DisplacementFn, config: A2IConfig, species: 
     ``M`` gives finite.
     """
     if mesh is not None and len(mesh.axis_names) != 1:
-        raise ValueError(f"mesh must have one axis (the atoms are split along it), got axes {mesh.axis_names}")
+        raise InputError(f"mesh must have one axis (the atoms are split along it), got axes {mesh.axis_names}")
     compute = _a2i_energy if mesh is None else functools.partial(_sharded_energy, mesh=mesh)
     models: dict[int, A2ITransformer] = {}
 
@@ -284,9 +285,9 @@ def _a2i_functions(displacement_fn: DisplacementFn, config: A2IConfig, species: 
 
     def _neighbors(neighbor: Any) -> partition.NeighborList:
         if neighbor is None:
-            raise ValueError("the A2I energy needs neighbor=neighbor_fn.allocate(R)")
+            raise InputError("the A2I energy needs neighbor=neighbor_fn.allocate(R)")
         if neighbor.format is not partition.Dense:
-            raise ValueError(f"neighbour list must be Dense, got {neighbor.format}")
+            raise InputError(f"neighbour list must be Dense, got {neighbor.format}")
         overflow = neighbor.did_buffer_overflow  # traced inside jit, even for a list closed over
         if _is_concrete(overflow) and bool(overflow):
             raise NeighborListOverflowError(
@@ -305,7 +306,7 @@ def _a2i_functions(displacement_fn: DisplacementFn, config: A2IConfig, species: 
         _check_inputs(config, R, species, mask)
         neighbor = _neighbors(neighbor)
         if neighbor.idx.shape[0] != R.shape[0]:
-            raise ValueError(f"neighbour list is for {neighbor.idx.shape[0]} atoms, R has {R.shape[0]}")
+            raise InputError(f"neighbour list is for {neighbor.idx.shape[0]} atoms, R has {R.shape[0]}")
         energy = compute(model_for(neighbor), atom_chunk, params, R, neighbor.idx, displacement_fn, species, mask,
                          per_atom, **kwargs)
         # A list that needs reallocating may have lost neighbours: poison energy and forces rather than truncate.
@@ -353,7 +354,7 @@ def a2i_neighbor_list(
     periodic systems :func:`a2i_periodic` builds the same potential on a list whose memory is linear.
     """
     if "format" in nl_kwargs and nl_kwargs["format"] is not partition.Dense:
-        raise ValueError("a2i_neighbor_list needs format=partition.Dense")
+        raise InputError("a2i_neighbor_list needs format=partition.Dense")
     nl_kwargs.pop("format", None)
     atom_chunk, dtype = run_settings(atom_chunk, dtype)
     species = None if species is None else jnp.asarray(species)
@@ -553,7 +554,7 @@ def potential_builder(config: ExperimentConfig, species: np.ndarray | None = Non
     def energy_fn(params, R, neighbor, species=None, mask=None, box=None, per_atom=False):
         del mask  # every frame has the same atoms (fixed_species checks); padding frames carry zero weight
         if per_atom:
-            raise ValueError(f"jax-md's {name} gives no per-atom energies")
+            raise InputError(f"jax-md's {name} gives no per-atom energies")
         p = params["params"]
         species = jnp.zeros(R.shape[:1], jnp.int32) if species is None else species
         return p["energy_scale"][0] * net_energy(p["net"], R, neighbor, box=box) + jnp.sum(

@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from a2ijax.checkpoint import Checkpoint, CheckpointError, load_checkpoint, upgrade_stored_config
+from a2ijax.checkpoint import Checkpoint, CheckpointError, load_checkpoint, upgrade_stored_meta
 from a2ijax.config import experiment_from_dict
+from a2ijax.errors import InputError
 from a2ijax.files import atomic_write
 
 MODELS = Path(__file__).parent / "models"
@@ -45,7 +46,7 @@ def directory(name: str) -> Path:
     """The directory of the shipped model ``name``; an unknown name is an error listing the known ones."""
     path = MODELS / name
     if not name or "/" in name or not (path / "meta.json").is_file():
-        raise ValueError(f"no pretrained model named {name!r}; shipped models: {names()}")
+        raise InputError(f"no pretrained model named {name!r}; shipped models: {names()}")
     return path
 
 
@@ -59,9 +60,19 @@ def load(name: str) -> Checkpoint:
         params = flax.serialization.msgpack_restore((path / "params.msgpack").read_bytes())
     except (OSError, ValueError) as error:
         raise CheckpointError(f"pretrained model {name!r} in {path} is corrupt or unreadable: {error}") from error
-    meta["config"] = upgrade_stored_config(meta["config"])
+    meta = upgrade_stored_meta(meta)
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), params)
     return Checkpoint(path, int(meta["step"]), experiment_from_dict(meta["config"]), params, meta)
+
+
+def resolve(checkpoint: str | Path | Checkpoint) -> Checkpoint:
+    """A loaded checkpoint as it is, a checkpoint directory (``load_checkpoint``), or the name of a
+    shipped model: what the commands that take either accept."""
+    if isinstance(checkpoint, Checkpoint):
+        return checkpoint
+    if not Path(checkpoint).exists() and str(checkpoint) in names():
+        return load(str(checkpoint))
+    return load_checkpoint(checkpoint)
 
 
 def export(run: str | Path, out: str | Path, commands: list[str]) -> Path:

@@ -25,12 +25,13 @@ import numpy as np
 from a2ijax.checkpoint import load_checkpoint
 from a2ijax.config import DataConfig, ExperimentConfig, TrainConfig
 from a2ijax.dataset import read_dataset, write_dataset
+from a2ijax.errors import InputError
 from a2ijax.md import radial_distribution, rdf_difference
-from a2ijax.md_run import run_md
 from a2ijax.model import A2IConfig
 from a2ijax.sampling import SamplingConfig, generate
 from a2ijax.systems import get_system
 from a2ijax.train import train_and_evaluate
+from a2ijax.trained_md import run_md
 
 STATE_POINT = "rho0.84_T0.85"
 # Attention over each token's 24 nearest neighbours within 1.5 (the LJ config's, which won its A/B
@@ -75,10 +76,10 @@ def quickstart(out: str | Path = "quickstart", md_steps: int = 600, train: Train
     out = Path(out)
     workdir = out / "run"
     if (workdir / "checkpoints").exists() and not overwrite:
-        raise ValueError(f"{workdir} already holds a training run: pass --overwrite (overwrite=True) to replace it, "
+        raise InputError(f"{workdir} already holds a training run: pass --overwrite (overwrite=True) to replace it, "
                          "or choose another --out")
     if md_steps < 100 or md_steps % 100:
-        raise ValueError(f"md_steps must be a positive multiple of 100, got {md_steps}")
+        raise InputError(f"md_steps must be a positive multiple of 100, got {md_steps}")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     system = get_system("lj")

@@ -20,6 +20,7 @@ import numpy as np
 from a2ijax.batching import Bucket, PreparedData, batches_in_order, fixed_species, prepare
 from a2ijax.checkpoint import Checkpoint, load_checkpoint
 from a2ijax.dataset import Dataset, fluctuations, read_dataset, split_indices, state_point_groups
+from a2ijax.errors import InputError
 from a2ijax.loss import predict_fn
 from a2ijax.potential import potential_builder
 
@@ -45,7 +46,7 @@ def predict_buckets(predict: Callable, params: Any, buckets: list[Bucket], batch
         for r, row in enumerate(rows):
             n = int(bucket.n_atoms[row])
             index.append(int(bucket.frame_index[row]))
-            energy.append(E[r])
+            energy.append(E[r] + bucket.energy_offset[row])  # the residual's offset back, in float64
             forces.append(F[r, :n])
             per_atom.append(None if Ei is None else Ei[r, :n])
     order = np.argsort(index, kind="stable")
@@ -235,7 +236,7 @@ def predict_dataset(checkpoint: Checkpoint, data_path: str | Path, split: str | 
     if split is not None:
         indices = split_indices(dataset, config.data.split_fractions, config.train.seed)[split]
         if not len(indices):
-            raise ValueError(f"{data_path}: no frames in split {split!r}")
+            raise InputError(f"{data_path}: no frames in split {split!r}")
     else:
         indices = np.arange(len(dataset))
     data = prepare(dataset, config, statistics=checkpoint.meta["statistics"],

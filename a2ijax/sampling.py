@@ -21,6 +21,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from jax_md import quantity, simulate, space
 
 from a2ijax.dataset import assign_splits, read_dataset, statistics, write_dataset, write_statistics
+from a2ijax.errors import InputError
 from a2ijax.geometry import check_widths
 from a2ijax.md import run
 from a2ijax.systems import ReferenceSystem, StatePoint, diamond_positions, get_system, lattice_positions
@@ -54,9 +55,9 @@ class SamplingConfig:
         for name, low in (("frames_per_point", 1), ("stride", 1), ("equilibration", 0), ("segment_frames", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
-                raise ValueError(f"sampling: {name} must be an integer >= {low}, got {value!r}")
+                raise InputError(f"sampling: {name} must be an integer >= {low}, got {value!r}")
         if not self.friction > 0:
-            raise ValueError(f"sampling: friction must be positive, got {self.friction!r}")
+            raise InputError(f"sampling: friction must be positive, got {self.friction!r}")
 
     def check_splits(self) -> None:
         """Raises unless each state point's frames make enough segments for every split (training
@@ -65,7 +66,7 @@ class SamplingConfig:
             assign_splits(self.frames_per_point // self.segment_frames, self.split_fractions,
                           np.random.default_rng(0))
         except ValueError as error:
-            raise ValueError(f"sampling: {self.frames_per_point} frames per state point in segments of "
+            raise InputError(f"sampling: {self.frames_per_point} frames per state point in segments of "
                              f"{self.segment_frames}: {error}") from None
 
     @property

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax_md import partition, smap, space
 
+from a2ijax.errors import InputError
+
 Array = jax.Array
 
 SW_PARAMETERS = dict(epsilon=2.16826, sigma=2.0951, a=1.8, lam=21.0, gamma=1.2, cos_theta0=-1.0 / 3.0,
@@ -81,7 +83,7 @@ class ReferenceSystem:
         for point in self.state_points:
             if point.name == name:
                 return point
-        raise ValueError(f"unknown state point {name!r} for {self.name}; known: {[p.name for p in self.state_points]}")
+        raise InputError(f"unknown state point {name!r} for {self.name}; known: {[p.name for p in self.state_points]}")
 
     def species(self, n_atoms: int) -> np.ndarray:
         """Species ids for ``n_atoms`` atoms in the system's composition (ids sorted ascending)."""
@@ -113,7 +115,7 @@ def _lj_mixture(sigma: np.ndarray, epsilon: np.ndarray, cutoff_factor: float = 2
             species = None
         else:
             if species is None:
-                raise ValueError(f"a mixture of {sigma.shape[0]} species needs species=[n_atoms] ids")
+                raise InputError(f"a mixture of {sigma.shape[0]} species needs species=[n_atoms] ids")
             species_kw = dict(sigma=jnp.asarray(sigma), epsilon=jnp.asarray(epsilon), cutoff=jnp.asarray(cutoff))
         metric = space.canonicalize_displacement_or_metric(displacement_fn)
         total_fn = smap.pair_neighbor_list(truncated_shifted_lj, metric, species=species, ignore_unused_parameters=True,
@@ -141,7 +143,7 @@ def _stillinger_weber(displacement_fn, box, species=None, **nl_kwargs):
         # cutoff of the neighbour list and cannot change. The other keywords reach the displacement.
         fixed = [name for name in ("sigma", "a") if name in kwargs]
         if fixed:
-            raise ValueError(f"Stillinger-Weber {fixed} set the neighbour-list cutoff and cannot change per call")
+            raise InputError(f"Stillinger-Weber {fixed} set the neighbour-list cutoff and cannot change per call")
         sw = {**SW_PARAMETERS, **{k: kwargs.pop(k) for k in list(kwargs) if k in SW_PARAMETERS}}
         n = R.shape[0]
         mask = neighbor.idx < n  # [N, K]
@@ -232,7 +234,7 @@ def get_system(name: str) -> ReferenceSystem:
     try:
         return SYSTEMS[name]
     except KeyError:
-        raise ValueError(f"unknown system {name!r}; known systems: {sorted(SYSTEMS)}") from None
+        raise InputError(f"unknown system {name!r}; known systems: {sorted(SYSTEMS)}") from None
 
 
 def diamond_positions(n_cells: int, lattice: float = SI_LATTICE) -> tuple[jax.Array, float]:
@@ -251,7 +253,7 @@ def lattice_positions(n_atoms: int, box: float, jitter: float = 0.0, seed: int =
     Positions lie in ``[0, box)``.
     """
     if n_atoms < 1 or box <= 0:
-        raise ValueError(f"need n_atoms >= 1 and box > 0, got n_atoms={n_atoms}, box={box}")
+        raise InputError(f"need n_atoms >= 1 and box > 0, got n_atoms={n_atoms}, box={box}")
     rng = np.random.default_rng(seed)
     m = int(np.ceil(n_atoms ** (1 / 3) - 1e-9))
     grid = np.stack(np.meshgrid(*[np.arange(m)] * 3, indexing="ij"), -1).reshape(-1, 3)

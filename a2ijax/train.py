@@ -34,6 +34,7 @@ from a2ijax.batching import PreparedData, epoch_batches, fixed_species, prepare,
 from a2ijax.checkpoint import CheckpointError, managers, restore_for_resume, save
 from a2ijax.config import ExperimentConfig, TrainConfig
 from a2ijax.dataset import Dataset, read_dataset
+from a2ijax.errors import InputError
 from a2ijax.files import atomic_write
 from a2ijax.loss import batch_errors, normalised_loss, predict_fn, rotate_batch
 from a2ijax.parallel import global_batch, is_main_process, make_mesh, padded_rows, replicate, replicated, split_leading
@@ -97,7 +98,7 @@ def prepare_run(dataset: Dataset, config: ExperimentConfig, *, atom_chunk: int |
     None: :func:`default_training_chunk`)."""
     data = prepare(dataset, config)
     if not len(data.splits["valid"]):
-        raise ValueError(f"{dataset.path}: no validation frames")
+        raise InputError(f"{dataset.path}: no validation frames")
     config = with_core_repulsion(config, data.statistics)
     chunk = default_training_chunk() if atom_chunk is None else atom_chunk
     init_fn, energy_fn, per_atom = potential_builder(config, fixed_species(dataset, config), atom_chunk=chunk)
@@ -125,7 +126,7 @@ def init_state(run: Run) -> TrainState:
                          species=jnp.asarray(bucket.species[0]), box=jnp.asarray(bucket.box[0]))
     leaves = params["params"]
     leaves["energy_shift"] = jnp.asarray(data.statistics["energy_shift"], leaves["energy_shift"].dtype)
-    leaves["energy_scale"] = jnp.full_like(leaves["energy_scale"], math.sqrt(data.statistics["force_var"]))
+    leaves["energy_scale"] = jnp.full_like(leaves["energy_scale"], math.sqrt(data.statistics["force_mean_square"]))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=make_optimizer(config.train).init(params),
                       ema=jax.tree_util.tree_map(jnp.copy, params), key=key)
 
@@ -189,7 +190,7 @@ def step_seconds(dataset: Dataset, config: ExperimentConfig, steps: int = 5, *,
     """Median wall time of one training step of ``config`` on ``dataset`` (after a compiling step),
     over ``steps`` steps on the training split's first batches. For budgets and timings."""
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise InputError(f"steps must be >= 1, got {steps}")
     run = prepare_run(dataset, config, atom_chunk=atom_chunk)
     mesh = make_mesh()  # the program train_and_evaluate runs
     state, step = replicate(init_state(run), mesh), make_train_step(run, mesh)
@@ -356,7 +357,7 @@ def train_committee(config: ExperimentConfig, workdir: str | Path, members: int,
     from a2ijax.dataset import split_indices
 
     if isinstance(members, bool) or not isinstance(members, int) or members < 2:
-        raise ValueError(f"a committee needs members >= 2, got {members!r}")
+        raise InputError(f"a committee needs members >= 2, got {members!r}")
     workdir = Path(workdir)
     if dataset is None:
         dataset = read_dataset(config.data.path, config.data.symbols or None)
@@ -364,7 +365,7 @@ def train_committee(config: ExperimentConfig, workdir: str | Path, members: int,
     splits = [split_indices(dataset, config.data.split_fractions, seed) for seed in seeds]
     if config.data.max_train_frames or any(
             any(not np.array_equal(s[name], splits[0][name]) for name in s) for s in splits[1:]):
-        raise ValueError(f"{dataset.path}: committee members would get different splits (the frames have no split "
+        raise InputError(f"{dataset.path}: committee members would get different splits (the frames have no split "
                          "headers, or [data] max_train_frames draws a subset per seed); give the frames split "
                          "headers and drop max_train_frames, so that every member is tested on the same frames")
     names = [f"member_{k}" for k in range(members)]

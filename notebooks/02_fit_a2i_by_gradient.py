@@ -74,7 +74,7 @@ params = init_fn(jax.random.PRNGKey(0), R0, neighbor=fixed_neighbor_list(jnp.asa
                  species=jnp.asarray(train.species[0]), box=jnp.asarray(train.box[0]))
 # Start from the least-squares energy per atom and the force scale, as the trainer does.
 params["params"]["energy_shift"] = jnp.asarray(data.statistics["energy_shift"], jnp.float32)
-params["params"]["energy_scale"] = jnp.full((1,), np.sqrt(data.statistics["force_var"]), jnp.float32)
+params["params"]["energy_scale"] = jnp.full((1,), np.sqrt(data.statistics["force_mean_square"]), jnp.float32)
 print("parameters:", sum(x.size for x in jax.tree.leaves(params)))
 initial_params = params
 

@@ -71,10 +71,12 @@ else:
 
 # %%
 for row in rows:
-    assert row["atom_steps_per_s"] > 0 and row["force_flop_per_atom"] > 0
+    assert row["force_flop_per_atom"] > 0 and row["neighbor_list"] in ("cell list", "all pairs")
 # The learned potential costs more per atom than the pair potential it learns (XLA's FLOP count
 # is deterministic; the timing ratio is the measured one).
 for n in SIZES:
     lj, a2i = (next(r for r in rows if r["potential"] == p and r["n"] == n) for p in ("lj", "a2i-small"))
     assert a2i["force_flop_per_atom"] > 10 * lj["force_flop_per_atom"]
-    assert ratio[n] > 1.0
+    # A plausible band for the cost of attention over a pair potential per atom-step (measured 20-60x
+    # for this model on CPUs: results.md); far outside it, a timing is broken.
+    assert 3.0 < ratio[n] < 3000.0, ratio

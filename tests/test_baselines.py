@@ -12,7 +12,7 @@ import pytest
 from conftest import lj_frames, tiny_config
 from jax_md import energy, partition, space
 
-from a2ijax.baselines import BASELINES, baseline_neighbor_list, sparse_from_dense
+from a2ijax.baselines import BASELINES, DESCRIPTIONS, baseline_neighbor_list, sparse_from_dense
 from a2ijax.checkpoint import load_checkpoint
 from a2ijax.config import BaselineConfig
 from a2ijax.dataset import write_dataset
@@ -128,3 +128,7 @@ def test_baseline_needs_the_same_atoms_in_every_frame(tmp_path):
         train_and_evaluate(config, tmp_path / "run", progress=False)
     with pytest.raises(ValueError, match=r"\[baseline\] name must be one of"):
         BaselineConfig("mace")
+
+
+def test_the_config_names_exactly_the_baselines_this_module_builds():
+    assert tuple(DESCRIPTIONS) == BASELINES == ("nequip", "graph_network", "behler_parrinello")

@@ -62,10 +62,10 @@ def test_sampling_settings_are_checked_before_any_md(monkeypatch, capsys, tmp_pa
 
 
 def test_md_output_steps_are_checked_before_equilibration(monkeypatch, capsys, tmp_path):
-    from a2ijax import md_run
+    from a2ijax import trained_md
 
-    monkeypatch.setattr(md_run, "sample_state_point", lambda *a, **k: pytest.fail("equilibrated first"))
-    monkeypatch.setattr(md_run, "load_potential", lambda *a, **k: pytest.fail("loaded a checkpoint first"))
+    monkeypatch.setattr(trained_md, "sample_state_point", lambda *a, **k: pytest.fail("equilibrated first"))
+    monkeypatch.setattr(trained_md, "load_potential", lambda *a, **k: pytest.fail("loaded a checkpoint first"))
     assert cli.main(["md", str(tmp_path), "--state-point", "rho0.84_T0.85", "--steps", "25",
                      "--thermo-every", "10"]) == 2
     assert "must be multiples of thermo_every (10)" in capsys.readouterr().err

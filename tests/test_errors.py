@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import jittered_lattice, random_species, small_config
+from conftest import assert_nontrivial, jittered_lattice, random_species, small_config
 from jax_md import space
 
 from a2ijax import A2IConfig, a2i_neighbor_list, a2i_pair
@@ -118,9 +118,19 @@ def test_run_settings_are_checked(x64):
         a2i_pair(displacement, 4.6, small_config(), dtype="int8")
 
 
-def test_free_space_accepts_any_box(x64):
+def test_free_space_accepts_any_box_and_the_box_changes_nothing(x64, free_cluster):
+    """No periodic direction: a "box" narrower than 2 r_c is no error, and the energy and forces of a
+    cluster wider than it are those with a box that holds it (the box is never used in free space)."""
+    R, species = free_cluster
     displacement, _ = space.free()
-    a2i_pair(displacement, 1.0, small_config())  # no periodic direction: nothing to check
+    assert float(jnp.max(R) - jnp.min(R)) > 2.0  # wider than the narrow "box" below
+    init_fn, narrow = a2i_pair(displacement, 1.0, small_config(), species)
+    params = init_fn(jax.random.PRNGKey(3), R)
+    _, wide = a2i_pair(displacement, 1000.0, small_config(), species)
+    forces = jax.grad(lambda R: narrow(params, R))(R)
+    assert_nontrivial(forces)
+    np.testing.assert_allclose(narrow(params, R), wide(params, R), rtol=1e-14)
+    np.testing.assert_allclose(forces, jax.grad(lambda R: wide(params, R))(R), rtol=1e-12)
 
 
 def test_neighbor_list_must_be_given_and_dense(setup):

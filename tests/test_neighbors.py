@@ -86,6 +86,12 @@ def test_a_changing_box_is_followed_and_a_box_too_narrow_for_the_cells_is_named(
     shrunk = update(jnp.asarray(0.97 * R), neighbors, jnp.asarray(squeezed))
     assert not bool(shrunk.did_buffer_overflow)
     assert host_pairs(0.97 * R, squeezed, 2.5) <= pairs_of(np.asarray(shrunk.idx))
+    # A thin skin (0.1): a 5% strain brings pairs from 2.63 to 2.5, past the skin, with no atom moving
+    # in fractional coordinates; the strain alone must trigger the rebuild.
+    thin = periodic_neighbor_list(lattice, 2.5, dr_threshold=0.1)
+    strained = jax.jit(lambda R, nbrs, box: nbrs.update(R, box=box))(jnp.asarray(0.95 * R), thin.allocate(
+        jnp.asarray(R)), jnp.asarray(0.95 * lattice))
+    assert host_pairs(0.95 * R, 0.95 * lattice, 2.5) <= pairs_of(np.asarray(strained.idx))
     narrow = update(jnp.asarray(0.8 * R), neighbors, jnp.asarray(0.8 * lattice))  # 4 cells of 2.4 < 2.8
     assert bool(narrow.did_buffer_overflow)
     assert "narrowed below the cell list's cells" in describe(narrow.error.code)
@@ -156,3 +162,23 @@ def test_checkpoint_and_committee_potentials_get_a_cell_list_in_every_box_shape(
             assert neighbors.cell_list_fn is not None
         listed = pairs_of(np.asarray(neighbors.idx))  # float32 positions: a margin for pairs at 2.75
         assert host_pairs(np.asarray(R), lattice, 2.749) <= listed <= host_pairs(np.asarray(R), lattice, 2.751)
+
+
+def test_displacements_past_the_size_where_jaxlib_0_10_2_miscompiles_are_right():
+    """jaxlib 0.10.2 on CPU returns wrong sums of vmapped matrix-vector products past 32,768 rows in
+    float32 (jax-ml/jax#39103). The package's own such products, the displacements of a Dense list
+    (60,000 pairs, jitted) and the list's distances (the search above), agree with NumPy."""
+    from a2ijax.potential import masked_displacements, periodic_space
+
+    rng = np.random.default_rng(7)
+    box = TRICLINIC
+    R = rng.uniform(size=(600, 3)) @ box.T
+    idx = rng.integers(0, 600, size=(600, 100)).astype(np.int32)
+    displacement, _ = periodic_space(box)
+    dR, _ = jax.jit(lambda R, idx: masked_displacements(R, idx, displacement))(jnp.asarray(R, jnp.float32),
+                                                                               jnp.asarray(idx))
+    d = R[idx] - R[:, None, :]
+    frac = d @ np.linalg.inv(box).T
+    expected = (frac - np.round(frac)) @ box.T
+    squared = np.sum(np.asarray(dR, np.float64) ** 2, -1)
+    np.testing.assert_allclose(squared, np.sum(expected**2, -1), rtol=2e-5, atol=1e-4)

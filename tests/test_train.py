@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import MODEL, TRAIN_ATOM_CHUNK, assert_nontrivial, lj_frames, tiny_config
+from jax_md import space
 
 from a2ijax import cli
 from a2ijax import train as train_module
@@ -58,7 +59,10 @@ def test_checkpoint_alone_rebuilds_the_potential(trained, tiny_data):
     batch = {k: jnp.asarray(v) for k, v in data.buckets["test"][0].batch(np.arange(1), 1).items()}
     energy, forces, per_atom = jax.jit(predict_fn(energy_fn))(checkpoint.params, batch)
     assert np.isfinite(np.asarray(forces)).all() and float(jnp.abs(forces).max()) > 1e-2
-    assert float(energy[0]) == pytest.approx(float(per_atom[0].sum()), rel=1e-5)
+    # The prediction is the residual the batch holds: per-atom energies less the fitted shift, summed.
+    residual = np.sum(np.where(batch["mask"][0], per_atom[0] - batch["atom_shift"][0], 0.0))
+    assert float(energy[0]) == pytest.approx(float(residual), rel=1e-5, abs=1e-4)
+    assert float(batch["energy_offset"][0]) == pytest.approx(float(np.sum(batch["atom_shift"][0])), rel=1e-6)
 
 
 def test_core_repulsion_sits_below_every_training_pair(trained, tiny_data):
@@ -72,7 +76,7 @@ def test_core_repulsion_sits_below_every_training_pair(trained, tiny_data):
     closest = min(closest_distance(dataset.positions[i], dataset.cells[i], dataset.pbc[i], cutoff) for i in train)
     model = checkpoint.config.model
     assert model.core_radii == (pytest.approx(closest, rel=1e-12),)
-    assert model.core_energy == pytest.approx(np.sqrt(checkpoint.meta["statistics"]["force_var"]) * closest)
+    assert model.core_energy == pytest.approx(np.sqrt(checkpoint.meta["statistics"]["force_mean_square"]) * closest)
     bare = dataclasses.replace(checkpoint, config=dataclasses.replace(
         checkpoint.config, model=dataclasses.replace(model, core_radii=(), core_energy=0.0)))
 
@@ -338,7 +342,7 @@ def test_loss_terms_are_the_squared_ratios_per_state_point(trained, tiny_data):
         batch = {k: jnp.asarray(v) for k, v in bucket.batch(np.arange(3), 4).items()}  # one padding row
         errors = batch_errors(predict, checkpoint.params, batch)
         energy, forces, _ = (np.asarray(x, np.float64) for x in predict(checkpoint.params, batch))
-        e_err = energy[:3] - dataset.energy[frames]
+        e_err = energy[:3] + bucket.energy_offset[:3] - dataset.energy[frames]  # the residual's offset back
         f_err = np.concatenate([(forces[r] - dataset.forces[i]).ravel() for r, i in enumerate(frames)])
         if normalization == "state_point":
             own = [i for i in train if dataset.info[i]["state_point"] == "n125"]
@@ -346,7 +350,8 @@ def test_loss_terms_are_the_squared_ratios_per_state_point(trained, tiny_data):
             f_scale = np.std(np.concatenate([dataset.forces[i].ravel() for i in own]))
             expected = (np.mean(e_err**2) / e_scale**2, np.mean(f_err**2) / f_scale**2)
         else:
-            expected = (np.mean((e_err / 125) ** 2) / stats["energy_var"], np.mean(f_err**2) / stats["force_var"])
+            expected = (np.mean((e_err / 125) ** 2) / stats["energy_var"],
+                        np.mean(f_err**2) / stats["force_mean_square"])
         got = (float(normalised_loss(errors, (1.0, 0.0))), float(normalised_loss(errors, (0.0, 1.0))))
         np.testing.assert_allclose(got, expected, rtol=2e-4)
         scales[normalization] = got
@@ -422,7 +427,7 @@ def test_state_points_without_spread_take_the_dataset_scales():
                       [np.ones(3, bool)] * 5, rng.normal(0, 3, 5), forces, None, None,
                       [{"state_point": p} for p in points])
     train = np.asarray([0, 1, 2, 3])  # one training frame of "b"
-    statistics = dict(energy_var=0.7, force_var=5.0, train_fluctuations=fluctuations(dataset.subset(train)))
+    statistics = dict(energy_var=0.7, force_mean_square=5.0, train_fluctuations=fluctuations(dataset.subset(train)))
     energy, force = frame_scales(dataset, statistics, "state_point")
     np.testing.assert_allclose(energy[:3], np.std(dataset.energy[:3]))
     np.testing.assert_allclose(force[:3], np.std(np.concatenate([f.ravel() for f in forces[:3]])))
@@ -431,3 +436,45 @@ def test_state_points_without_spread_take_the_dataset_scales():
     np.testing.assert_allclose(frame_scales(dataset, statistics, "dataset")[0], n * np.sqrt(0.7))
     with pytest.raises(ValueError, match="loss normalization must be one of"):
         frame_scales(dataset, statistics, "per_frame")
+
+
+def test_dft_scale_energies_are_not_at_the_float32_floor(tmp_path):
+    """Totals near -1e5 eV (a DFT file: -800 eV per atom on top of LJ), frames of 125 and 120 atoms:
+    a potential that knows the labels up to float32 per-atom rounding is reported with an energy error
+    far below the float32 spacing of the totals (0.0078 eV), because the fitted per-species shift is
+    taken out in float64 on the host before anything is float32; the state points are never mixed
+    across sizes (no headers: one group per atom count)."""
+    from a2ijax.report import predict_buckets
+    from a2ijax.systems import get_system
+
+    frames = lj_frames(125, 6, seed=7) + lj_frames(120, 6, seed=17)
+    for atoms in frames:
+        n = len(atoms)
+        atoms.calc.results["energy"] = atoms.calc.results["energy"] - 800.0 * n
+        atoms.info = {}  # no split, no state point: groups by size
+    path = tmp_path / "dft.xyz"
+    write_dataset(path, frames)
+    dataset = read_dataset(path)
+    assert np.min(dataset.energy) < -9e4
+    assert set(state_point_groups(dataset)) == {"N=125", "N=120"}
+    config = tiny_config(path)  # the LJ labels' cutoff: the batches hold every pair of the reference
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, cutoff=2.5))
+    data = prepare(dataset, config)
+    lj = get_system("lj")
+
+    def energy_fn(params, R, neighbor, species=None, mask=None, box=None, per_atom=False):
+        displacement, _ = space.periodic_general(box, fractional_coordinates=False)
+        _, reference = lj.neighbor_list(displacement, box)
+        e = reference(R, neighbor, per_atom=True) - 800.0  # float32: the shift inside, as A2I has it
+        e = jnp.where(mask, e, 0.0)
+        return e if per_atom else jnp.sum(e)
+
+    predict = jax.jit(predict_fn(energy_fn))
+    buckets = [b for name in ("train", "valid", "test") for b in data.buckets[name]]
+    predictions = predict_buckets(predict, None, buckets, 4)
+    report = error_report(dataset, predictions, data.statistics["fluctuations"])
+    floor = float(np.spacing(np.float32(1e5)))  # 0.0078 eV
+    naive = [float(np.float32(dataset.energy[i])) - float(np.sum(predictions.per_atom[k], dtype=np.float32))
+             for k, i in enumerate(predictions.frame_index)]
+    assert report["energy_rmse_per_atom"] * 125 < 0.1 * floor
+    assert np.sqrt(np.mean(np.square(naive))) > 0.1 * floor  # the float32 totals would sit at the floor

@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from a2ijax.checkpoint import Checkpoint
+from a2ijax.checkpoint import Checkpoint, unit_style
 from a2ijax.committee import Committee, load_potential
 from a2ijax.dataset import check_cutoff, structure_dataset
+from a2ijax.errors import InputError
 from a2ijax.geometry import closest_distance
 from a2ijax.md import Relaxation, Simulation, check_output_steps, relax, simulate
 from a2ijax.parallel import make_mesh
@@ -36,20 +37,17 @@ def read_structure(path: str) -> ase.Atoms:
     except FileNotFoundError:
         raise
     except Exception as error:  # ASE raises many types for unreadable files
-        raise ValueError(f"{path}: cannot read a structure: {error}") from error
+        raise InputError(f"{path}: cannot read a structure: {error}") from error
 
 
 def units_of(checkpoint: Checkpoint | Committee) -> dict[str, str]:
-    """The units of ``dt``, ``kT`` and ``pressure`` in the checkpoint's data (``meta["units"]``, as the
-    sampler writes it: ``"metal: ..."`` or ``"reduced ..."``)."""
-    units = str(checkpoint.meta.get("units", ""))
-    if units.startswith("metal"):
-        return dict(system="metal", time="Angstrom sqrt(amu / eV) = 10.18 fs", energy="eV",
-                    pressure="eV / Angstrom^3")
-    if units.startswith("reduced"):
-        return dict(system="lj", time="reduced time", energy="reduced energy", pressure="reduced pressure")
-    return dict(system="", time="the data's time unit", energy="the data's energy unit",
-                pressure="energy / length^3")
+    """The units of ``dt``, ``kT`` and ``pressure`` in the checkpoint's data (its ``meta["units"]``)."""
+    style = unit_style(checkpoint.meta)
+    if style == "metal":
+        return dict(time="Angstrom sqrt(amu / eV) = 10.18 fs", energy="eV", pressure="eV / Angstrom^3")
+    if style == "lj":
+        return dict(time="reduced time", energy="reduced energy", pressure="reduced pressure")
+    return dict(time="the data's time unit", energy="the data's energy unit", pressure="energy / length^3")
 
 
 def prepared(checkpoint: Checkpoint | Committee, atoms: ase.Atoms) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -57,7 +55,7 @@ def prepared(checkpoint: Checkpoint | Committee, atoms: ase.Atoms) -> tuple[jax.
     cutoff = checkpoint.config.model.cutoff
     frame = structure_dataset(atoms, checkpoint.symbols)  # unknown species: an error naming them
     if not atoms.pbc.all():
-        raise ValueError(f"MD needs a fully periodic cell, the structure has pbc={atoms.pbc.tolist()}")
+        raise InputError(f"MD needs a fully periodic cell, the structure has pbc={atoms.pbc.tolist()}")
     check_cutoff(frame, cutoff)
     checkpoint.warn_if_closer_than_training(
         closest_distance(frame.positions[0], frame.cells[0], frame.pbc[0], cutoff), "the structure")
@@ -82,13 +80,13 @@ def run_md(checkpoint: Checkpoint | Committee, atoms: ase.Atoms, *, steps: int, 
     cutoff = checkpoint.config.model.cutoff
     skin = 0.1 * cutoff if skin is None else skin
     if not skin >= 0:
-        raise ValueError(f"skin must be a length >= 0, got {skin!r}")
+        raise InputError(f"skin must be a length >= 0, got {skin!r}")
     if not capacity_multiplier > 0:
-        raise ValueError(f"capacity_multiplier must be positive, got {capacity_multiplier!r}")
+        raise InputError(f"capacity_multiplier must be positive, got {capacity_multiplier!r}")
     box, species, R = prepared(checkpoint, atoms)
     committee = isinstance(checkpoint, Committee)
     if committee and devices != 1:
-        raise ValueError("committee MD runs on one device (devices=1)")
+        raise InputError("committee MD runs on one device (devices=1)")
     mesh = make_mesh(devices, "atoms") if devices != 1 else None
     potential = checkpoint.potential(box, species, atom_chunk=atom_chunk, mesh=mesh, dr_threshold=skin,
                                      capacity_multiplier=capacity_multiplier)
@@ -155,9 +153,9 @@ def md_from_checkpoint(checkpoint: str | Checkpoint | Committee, *, structure: s
     for ``equilibrate`` steps (a lattice start would melt and heat up under the model). ``dt`` and
     ``kT`` default to the reference system's; other keywords go to :func:`run_md`."""
     if (structure is None) == (state_point is None):
-        raise ValueError("give exactly one of a structure file and a state point")
+        raise InputError("give exactly one of a structure file and a state point")
     if equilibrate < 0:
-        raise ValueError(f"equilibrate must be >= 0, got {equilibrate}")
+        raise InputError(f"equilibrate must be >= 0, got {equilibrate}")
     check_output_steps(steps, thermo_every, trajectory_every)  # before any MD
     if not isinstance(checkpoint, (Checkpoint, Committee)):
         checkpoint = load_potential(checkpoint)
@@ -169,7 +167,7 @@ def md_from_checkpoint(checkpoint: str | Checkpoint | Committee, *, structure: s
         atoms = read_structure(structure)
     else:
         if system is None:
-            raise ValueError(f"the checkpoint's data has no reference system ({system_name!r}): use a structure")
+            raise InputError(f"the checkpoint's data has no reference system ({system_name!r}): use a structure")
         point = system.state_point(state_point)
         sampling = SamplingConfig(frames_per_point=1, stride=50, equilibration=equilibrate, seed=sampler_seed)
         atoms = sample_state_point(system, point, sampling, seed=sampler_seed)[-1]
@@ -177,7 +175,7 @@ def md_from_checkpoint(checkpoint: str | Checkpoint | Committee, *, structure: s
         kT = point.kT if kT is None else kT
     dt = dt if dt is not None else (system.dt if system is not None else None)
     if dt is None:
-        raise ValueError("give dt: the checkpoint's data has no reference system to take it from")
+        raise InputError("give dt: the checkpoint's data has no reference system to take it from")
     mass = system.mass if system is not None else jnp.asarray(atoms.get_masses())
     return run_md(checkpoint, atoms, steps=steps, dt=dt, kT=kT, mass=mass, seed=velocity_seed,
                   thermo_every=thermo_every, trajectory_every=trajectory_every, **kwargs)

@@ -1,0 +1,188 @@
+"""Writes ``docs/results.md``, the one place every measured figure of the project is stated, from the
+files that hold them:
+
+* ``a2ijax/models/<name>/report.json`` and ``meta.json``: the shipped models' test-split errors per
+  state point and the commands that made them;
+* ``docs/data/*.json``: the experiments' own output files, copied there when they are recorded
+  (``md_memory.json`` from ``experiments/md_memory.py``, ``bench.json`` from ``a2ijax bench``,
+  ``lammps_speed.json`` from ``experiments/lammps_speed.py``, ...), each with its command, date and
+  machine, and a ``recorded`` note (free CPU or not, by whom it was copied).
+
+    python experiments/results.py            # rewrite docs/results.md
+    python experiments/results.py --check    # exit 1 if docs/results.md is out of date
+
+``tests/test_results.py`` runs the check: a figure changed in its source but not in the document
+(or the reverse) fails the suite. Other documents link here instead of repeating numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "a2ijax" / "models"
+DATA = ROOT / "docs" / "data"
+OUT = ROOT / "docs" / "results.md"
+
+
+def load(name: str) -> dict | None:
+    path = DATA / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def provenance(data: dict) -> str:
+    machine = data.get("machine_note", data.get("machine", ""))
+    return f"`{data.get('command', '?')}`, {data.get('date', '?')}, {machine}; {data.get('recorded', '')}".rstrip("; ")
+
+
+def percent(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def accuracy() -> list[str]:
+    lines = ["## Shipped models: errors on the test split", "",
+             "Per state point: the total-energy RMSE over the MD total-energy fluctuation and the force RMSE "
+             "over the force std (the paper's measure), from each model's `report.json`; the per-atom energy "
+             "correlation with the exact decomposition where the reference has one.", ""]
+    for path in sorted(MODELS.glob("*/report.json")):
+        name = path.parent.name
+        report = json.loads(path.read_text())
+        meta = json.loads((path.parent / "meta.json").read_text())
+        points = report["state_points"]
+        lines += [f"### `{name}`", "", f"{report['step']:,} training steps; made by `" + "`, `".join(meta["commands"])
+                  + f"`; {report['frames']} test frames, {report['parameters']:,} parameters.", "",
+                  "| state point | frames | energy RMSE | energy fluctuation | energy ratio | force RMSE | force std "
+                  "| force ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for point, row in points.items():
+            lines.append(f"| {point} | {row['frames']} | {row['energy_rmse']:.4g} | {row['energy_fluctuation']:.4g} | "
+                         f"{percent(row['energy_ratio'])} | {row['force_rmse']:.4g} | {row['force_std']:.4g} | "
+                         f"{percent(row['force_ratio'])} |")
+        worst_e = max(points.values(), key=lambda r: r["energy_ratio"])["energy_ratio"]
+        worst_f = max(points.values(), key=lambda r: r["force_ratio"])["force_ratio"]
+        pearson = report.get("per_atom_energy", {}).get("pearson")
+        lines += ["", f"Worst state point: energy {percent(worst_e)}, force {percent(worst_f)}"
+                  + (f"; per-atom energy Pearson r {pearson:.3f}." if pearson is not None else "."), ""]
+    return lines
+
+
+def md_memory() -> list[str]:
+    data = load("md_memory.json")
+    if data is None:
+        return []
+    lines = ["## MD at scale: memory and time per atom-step", "",
+             f"The shipped `{data['model']}` model through `Checkpoint.potential(box)` and `a2ijax.md.run` (NVE, "
+             f"LJ liquid at density {data['density']}, float32, one process). {provenance(data)}.", "",
+             "| N | K | M | cell list | allocate s | first chunk s (compiles) | us/atom-step | peak RSS MiB "
+             "| above the interpreter, KiB/atom | added per atom, KiB |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        if "failed" in r:
+            lines.append(f"| {r['n']:,} | failed: {r['failed']} |||||||||")
+            continue
+        added = r.get("marginal_kib_per_atom")
+        cells = "yes" if r["cell_list"] else "no"
+        lines.append(f"| {r['n']:,} | {r['K']} | {r['M']} | {cells} | {r['allocate_s']:.1f} | "
+                     f"{r['first_chunk_s']:.1f} | {r['us_per_atom_step']:.1f} | {r['peak_mib']:,.0f} | "
+                     f"{r['kib_per_atom']:.2f} | {'' if added is None else f'{added:.2f}'} |")
+    ratio = data.get("ratio_to_1e4")
+    if ratio:
+        lines += ["", f"At {ratio['n']:,} atoms over 10,000: time per atom-step x{ratio['us_per_atom_step']:.2f}, "
+                  f"memory per atom above the interpreter x{ratio['kib_per_atom']:.2f}."]
+    return lines + [""]
+
+
+def bench() -> list[str]:
+    data = load("bench.json")
+    if data is None:
+        return []
+    env = data["environment"]
+    lines = ["## Speed: `a2ijax bench`", "",
+             f"{env['backend']} ({env['device']}), {env['dtype']}, jax {env['jax']}, jax-md {env['jax_md']}; "
+             f"measured matmul rate {env['matmul_flop_per_s'] / 1e9:.4g} GFLOP/s. {provenance(dict(env, **data))}. "
+             "Every row is stepped by `a2ijax.md.run` in its own process; the shipped models run on their own "
+             "systems (x LJ is a ratio of cost per atom-step, not of like jobs).", "",
+             "| potential | kind | system | params | N | list | K | M | atom-steps/s | us/atom-step | x jax-md LJ "
+             "| E+F MFLOP/atom | peak RSS MiB |", "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lj = {r["n"]: r["us_per_atom_step"] for r in data["rows"] if r["potential"] == "lj"}
+    for r in data["rows"]:
+        base = next((v for n, v in lj.items() if abs(n - r["n"]) <= 0.2 * r["n"]), None)
+        ratio = "" if base is None else f"{r['us_per_atom_step'] / base:.3g}"
+        keys = "" if r["attention_keys"] is None else str(r["attention_keys"])
+        rss = "" if r["host_peak_rss_mib"] is None else f"{r['host_peak_rss_mib']:,.0f}"
+        lines.append(f"| {r['potential']} | {r['kind']} | {r['system']} | {r['parameters']:,} | {r['n']:,} | "
+                     f"{r['neighbor_list']} | {r['neighbors']} | {keys} | {r['atom_steps_per_s']:.4g} | "
+                     f"{r['us_per_atom_step']:.3g} | {ratio} | {r['force_flop_per_atom'] / 1e6:.3g} | {rss} |")
+    for s in data["skipped"]:
+        lines.append(f"\nNot measured: {s['potential']} at N {s['n']}: {s['reason']}")
+    return lines + [""]
+
+
+def lammps() -> list[str]:
+    data = load("lammps_speed.json")
+    if data is None:
+        return []
+    lines = ["## LAMMPS + A2I against `a2ijax md`", "",
+             f"The shipped `{data['model']}` model, LJ liquid at density 0.84, NVE, float32; {provenance(data)}. "
+             "LAMMPS through `fix external` (`a2ijax.lammps`), on 1 and 2 MPI ranks of this machine's "
+             f"{data.get('cores', '?')} cores.", "",
+             "| engine | ranks | N | us/atom-step | x a2ijax md | rank 0: centres per local atom | rank 0: host s "
+             "| rank 0: model s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        if "failed" in r:
+            lines.append(f"| {r['engine']} | | {r['n']:,} | failed: {r['failed']} |||||")
+            continue
+        def cell(key: str, form: str, r: dict = r) -> str:
+            return "" if key not in r else format(r[key], form)
+
+        lines.append(f"| {r['engine']} | {r['ranks']} | {r['n']:,} | {r['us_per_atom_step']:.1f} | "
+                     f"{r.get('over_a2ijax_md', 1.0):.2f} | {cell('rank0_centres_per_local', '.2f')} | "
+                     f"{cell('rank0_host_s', '.1f')} | {cell('rank0_model_s', '.1f')} |")
+    return lines + [""]
+
+
+def md_checks() -> list[str]:
+    data = load("md_checks.json")
+    if data is None:
+        return []
+    lines = ["## MD with the shipped models against the reference potentials", "",
+             f"{data['steps']:,} NVE steps from a start equilibrated with the reference potential, then Langevin "
+             "NVT for the RDF (the mean over r < L/2 of |g_model - g_ref|, beside the same between two reference "
+             f"runs: the noise floor). Drift: the slope of the total energy per atom against time. {provenance(data)}.",
+             "", "| system | state point | N | finite | drift model / reference | kT model / reference "
+             "| RDF difference / noise floor | atom-steps/s |", "|---|---|---:|---|---|---|---|---:|"]
+    for r in data["rows"]:
+        rdf = ", ".join(f"{pair} {d:.3g} / {n:.3g} ({d / n:.1f}x)" for pair, (d, n) in r["rdf"].items())
+        lines.append(f"| {r['system']} | {r['state_point']} | {r['atoms']} | {'yes' if r['finite'] else 'no'} | "
+                     f"{r['drift_model']:.2g} / {r['drift_reference']:.2g} | {r['kT_model']:.4g} / "
+                     f"{r['kT_reference']:.4g} | {rdf} | {r['atom_steps_per_s']:,} |")
+    return lines + [""]
+
+
+def document() -> str:
+    sections = [accuracy(), md_checks(), md_memory(), bench(), lammps()]
+    head = ["# Results", "",
+            "Every figure the project states, generated by `python experiments/results.py` from the files that "
+            "hold them (the shipped models' `report.json`, the experiments' JSON in `docs/data/`); "
+            "`tests/test_results.py` fails when this file and its sources disagree. Do not edit by hand.", ""]
+    return "\n".join(head + [line for section in sections for line in section]).rstrip() + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if docs/results.md is out of date")
+    args = parser.parse_args()
+    text = document()
+    if args.check:
+        if not OUT.is_file() or OUT.read_text() != text:
+            print(f"{OUT} is out of date: run python experiments/results.py", file=sys.stderr)
+            sys.exit(1)
+        return
+    OUT.write_text(text)
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
