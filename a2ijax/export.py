@@ -4,15 +4,19 @@ Engines that decompose space (LAMMPS, a GPU pair style) hand a rank its own atom
 their neighbours ("ghosts"), with positions as they are: no box, no minimum image. The *ghost
 form* of a model is the function they need::
 
-    energy, forces, virial = fn(R [A, 3], species [A], mask [A], idx [C, K], rows [C], local [C], real [C])
+    energy, forces, virial = fn(R [A, 3], species [A], mask [A], idx [C, K], rows [C], local [C], real [C],
+                                owner [A])
 
 * ``R``, ``species``, ``mask``: every atom the rank holds, local and ghost (``mask`` False on padding);
 * ``rows``: the atoms whose energies are taken (the centres), ``idx``: each centre's neighbours as
   indices into ``R`` (``A``: an empty slot), ``real``: which rows are centres (False: padding),
   ``local``: which centres the rank owns;
+* ``owner``: for each atom, the atom whose force its gradient adds to (itself for a local atom, its
+  local original for a periodic image the rank holds, ``A`` for none);
 * ``energy``: the sum of the owned centres' energies, ``forces [A, 3]``: ``-d/dR`` of the sum over
-  all real centres (exact on the atoms whose every neighbour within the cutoff is a centre:
-  :mod:`a2ijax.lammps`), ``virial [3, 3]``: ``-d energy / d strain``.
+  all real centres, gathered by ``owner`` (exact on the atoms whose every neighbour within the cutoff
+  is a centre, or whose images carry their gradients home: :mod:`a2ijax.lammps`), ``virial [3, 3]``:
+  ``-d energy / d strain``.
 
 :func:`ghost_form` builds it with the parameters inside; :mod:`a2ijax.lammps` runs it jitted each
 step; :func:`export_model` serializes it with ``jax.export`` (StableHLO and the parameters as
@@ -44,19 +48,25 @@ from a2ijax.potential import default_float, per_atom_energies
 
 #: The artefact's format tag, written into its metadata.
 FORMAT = "a2ijax-ghost-form/1"
-INPUTS = ("R", "species", "mask", "idx", "rows", "local", "real")
+INPUTS = ("R", "species", "mask", "idx", "rows", "local", "real", "owner")
 
 
 class ExportError(InputError):
     """An exported model called with inputs it was not exported for, or a damaged artefact."""
 
 
-def ghost_form(checkpoint: Checkpoint, *, keys: int = 0, atom_chunk: int = 0, dtype: Any = None) -> Callable:
+def ghost_form(checkpoint: Checkpoint, *, keys: int = 0, atom_chunk: int = 0, dtype: Any = None,
+               ghost_centres: bool = True) -> Callable:
     """The ghost form of ``checkpoint``'s model (module docstring), parameters inside.
 
     ``keys``: attention-key slots (at least the model's ``attention_keys``; 0: the model's own): a
     capacity, more of which changes no finite energy. ``atom_chunk``: centres per rematerialised
     chunk (0: one program). Parameters are cast to ``dtype`` (None: JAX's default float).
+
+    ``ghost_centres``: whether centres may be ghosts (another rank's atoms): the virial is then the
+    strain derivative of the owned centres' energies (a second pass). Without (one rank: the centres
+    are the local atoms, and every ghost is a periodic image of one), the virial is ``-sum_i R_i (x)
+    dE/dR_i`` over all atoms, exact for a translation-invariant energy of them, in the one pass.
     """
     checkpoint.require_a2i("the ghost form")
     config = checkpoint.config.model
@@ -73,16 +83,21 @@ def ghost_form(checkpoint: Checkpoint, *, keys: int = 0, atom_chunk: int = 0, dt
 
         return per_atom_energies(model, params, R, idx, move, species, mask, atom_chunk, centers=rows)
 
-    def fn(R, species, mask, idx, rows, local, real):
+    def fn(R, species, mask, idx, rows, local, real, owner):
         zero = jnp.zeros((3, 3), R.dtype)
 
         def total(R):  # every real centre: the forces on atoms whose neighbours are all centres
             return jnp.sum(jnp.where(real, energies(R, species, mask, idx, rows, zero), 0.0))
 
+        value, gradient = jax.value_and_grad(total)(R)
+        # Each atom's gradient goes to the atom it is a copy of (``owner``; R.shape[0]: nowhere).
+        forces = -jax.ops.segment_sum(gradient, owner, num_segments=R.shape[0])
+        if not ghost_centres:  # the energy differentiated is the rank's own: virial from positions
+            return value, forces, -jnp.einsum("ia,ib->ab", gradient, R)
+
         def owned(strain):  # the rank's share: the energies of the centres it owns
             return jnp.sum(jnp.where(local, energies(R, species, mask, idx, rows, strain), 0.0))
 
-        forces = -jax.grad(total)(R)
         energy, strain_grad = jax.value_and_grad(owned)(zero)
         return energy, forces, -strain_grad
 
@@ -104,7 +119,7 @@ def export_model(checkpoint: Checkpoint, out: str | Path, *, dtype: str = "float
     specs = (jax.ShapeDtypeStruct((a, 3), float_type), jax.ShapeDtypeStruct((a,), int_type),
              jax.ShapeDtypeStruct((a,), bool_type), jax.ShapeDtypeStruct((c, k), int_type),
              jax.ShapeDtypeStruct((c,), int_type), jax.ShapeDtypeStruct((c,), bool_type),
-             jax.ShapeDtypeStruct((c,), bool_type))
+             jax.ShapeDtypeStruct((c,), bool_type), jax.ShapeDtypeStruct((a,), int_type))
     fn = ghost_form(checkpoint, dtype=float_type)
     exported = jax.export.export(jax.jit(fn), platforms=platforms)(*specs)
     out = Path(out)
@@ -127,7 +142,7 @@ class ExportedModel:
     exported: Any
     meta: dict
 
-    def __call__(self, R, species, mask, idx, rows, local, real):
+    def __call__(self, R, species, mask, idx, rows, local, real, owner):
         R, idx = np.asarray(R), np.asarray(idx)
         a, c = R.shape[0], idx.shape[0]
         problems = []
@@ -137,7 +152,7 @@ class ExportedModel:
             problems.append(f"idx has shape {idx.shape}: the model was exported for [C, K] with K >= "
                             f"{self.meta['min_slots']} (its attention keys)")
         for name, value, size in (("species", species, a), ("mask", mask, a), ("rows", rows, c),
-                                  ("local", local, c), ("real", real, c)):
+                                  ("local", local, c), ("real", real, c), ("owner", owner, a)):
             if np.shape(value) != (size,):
                 problems.append(f"{name} has shape {np.shape(value)}, expected ({size},)")
         if R.dtype != np.dtype(self.meta["dtype"]):
@@ -145,7 +160,8 @@ class ExportedModel:
         if problems:
             raise ExportError("inputs outside what the model was exported for: " + "; ".join(problems))
         return self.exported.call(R, np.asarray(species, np.int32), np.asarray(mask, bool), idx.astype(np.int32),
-                                  np.asarray(rows, np.int32), np.asarray(local, bool), np.asarray(real, bool))
+                                  np.asarray(rows, np.int32), np.asarray(local, bool), np.asarray(real, bool),
+                                  np.asarray(owner, np.int32))
 
 
 def load_exported(path: str | Path) -> ExportedModel:

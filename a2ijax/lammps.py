@@ -7,27 +7,35 @@ rank, the callback:
 
 1. reads the rank's local atoms and its ghost atoms (LAMMPS's copies of atoms owned by other ranks
    and of periodic images), as explicit positions: no minimum image, no box in the model;
-2. takes as centres the local atoms and every ghost within the cutoff ``r_c`` of a local atom, finds
-   each centre's neighbours among local and ghost atoms on the host (a linear-time cell list), and
-   pads atoms, centres and neighbour slots to buckets that grow geometrically, so one compiled
-   program serves many steps;
+2. takes the centres whose energies it evaluates (below), finds each centre's neighbours within
+   ``r_c + skin`` among local and ghost atoms on the host (a linear-time cell list; kept while
+   LAMMPS keeps its ghosts and no atom has moved half the skin), and pads atoms, centres and
+   neighbour slots to sizes that only grow, so one compiled program serves many steps;
 3. evaluates the model's per-atom energies of the centres in JAX (the model's *ghost form*,
-   :func:`a2ijax.export.ghost_form`, the function ``a2ijax export`` serializes), and hands LAMMPS
-   ``F_i = -d/dR_i sum_{centres c} E_c`` for its local atoms, the energy ``sum_{local i} E_i`` and the
-   virial ``-sum_{local i} d E_i / d epsilon`` (a strain of all positions), through the fix's energy
-   and virial interface (``fix_modify energy yes virial yes``), so ``thermo`` shows the A2I
+   :func:`a2ijax.export.ghost_form`, the function ``a2ijax export`` serializes), and hands LAMMPS the
+   forces on its local atoms, the energy of its local atoms and their virial through the fix's
+   energy and virial interface (``fix_modify energy yes virial yes``), so ``thermo`` shows the A2I
    potential energy and pressure, and NPT works.
 
-Why this is exact with no reverse communication: the force on a local atom ``i`` is ``-dE/dR_i``,
-and ``E`` depends on ``R_i`` only through the energies of the atoms within ``r_c`` of ``i`` (``i``
-itself included). Those are all centres here, and each centre's energy needs its own neighbours,
-within ``r_c`` of it: within ``2 r_c`` of a local atom. LAMMPS keeps ghosts out to its communication
-cutoff, which this module sets to ``2 r_c + skin`` (the skin: how far atoms may move between two
-rebuilds of LAMMPS's ghost lists), so every centre's environment is present and every term of
-``F_i`` is computed on ``i``'s own rank. The price is recomputed work: a rank evaluates the model for
-its ghost centres too (about ``(L + 2 r_c)^3 / L^3`` times its own atoms for a sub-domain of side
-``L``), and holds ghosts out to ``2 r_c + skin``. Each atom's energy is counted by the one rank that
-owns it, and the ranks' energies and virials are summed with MPI.
+Why the forces are exact with no reverse communication. The force on a local atom ``i`` is
+``-dE/dR_i``, and ``E`` depends on ``R_i`` only through the energies of the atoms within ``r_c`` of
+``i`` (``i`` itself included); each of those needs its own neighbours, within ``2 r_c`` of ``i``.
+LAMMPS keeps ghosts out to its communication cutoff, which this module sets to ``2 r_c + skin`` (the
+skin: how far atoms may move between two rebuilds of LAMMPS's ghost lists), so all of them are
+present on ``i``'s own rank.
+
+* *Several ranks*: the centres are the local atoms and every ghost within reach of one, and
+  ``F_i = -d/dR_i sum_centres E_c``: every term computed on ``i``'s rank. The price is recomputed
+  work: a rank evaluates its ghost centres too (about ``(L + 2 r_c)^3 / L^3`` times its own atoms for
+  a sub-domain of side ``L``; measured in docs/results.md). The virial is the strain derivative of
+  the local centres' energies (a second pass).
+* *One rank*: every ghost is a periodic image of a local atom, so the centres are the local atoms
+  alone, and the gradient on each image goes home to its original (matched by atom ID): the same
+  forces with no energy computed twice, and the virial ``-sum_i R_i (x) dE/dR_i`` over local and
+  ghost atoms in the same pass.
+
+Each atom's energy is counted by the one rank that owns it, and the ranks' energies and virials are
+summed with MPI (``fix external`` adds the value each rank gives it once).
 
     a2ijax lammps lj input.lammps --elements Ar                   # one rank
     mpiexec -n 4 a2ijax lammps runs/sw input.lammps --elements Si   # four ranks (needs mpi4py)
@@ -61,6 +69,13 @@ from a2ijax.potential import run_settings
 from a2ijax.pretrained import resolve
 
 FIX_ID = "a2i"
+#: Centres per rematerialised chunk on a CPU: the ghost form of the shipped LJ model took 0.56 s per
+#: call at 4,000 atoms with 128 against 0.68 s with the MD default of 32 (this machine, 2026-12-02).
+CPU_ATOM_CHUNK = 128
+#: Neighbour slots over the most any centre has when a program's sizes are chosen (as the MD list's
+#: ``capacity_multiplier``): with 1.1, the shipped LJ model at 4,000 atoms outgrew its slots and
+#: recompiled within 20 steps.
+SLOT_ROOM = 1.25
 #: Commands that start dynamics or a minimisation: the fix goes in before the first of them.
 RUNS = ("run", "minimize", "rerun")
 
@@ -89,8 +104,11 @@ def open_lammps(args: Sequence[str] = ("-screen", "none", "-log", "none", "-noci
     return lammps(cmdargs=list(args))
 
 
-def bucket(size: int, base: int = 64, growth: float = 1.25) -> int:
-    """The smallest ``base * growth**k`` (rounded up to a multiple of 8) not below ``size``."""
+def bucket(size: int, base: int = 64, growth: float = 1.05) -> int:
+    """The smallest ``base * growth**k`` (rounded up to a multiple of 8) not below ``size``: padding
+    costs at most 5% of the work (with 1.25, the 32,000 centres of the shipped LJ model's speed run
+    were padded to 39,424), and as padded sizes only grow (:meth:`A2IFix.layout`), a program is
+    compiled again only when the atoms or centres outgrow theirs."""
     bound = base
     while bound < size:
         bound = int(np.ceil(bound * growth / 8)) * 8
@@ -106,7 +124,8 @@ class A2IFix:
       checkpoint: the trained model.
       elements: the checkpoint symbol of each LAMMPS type, in type order.
       skin: LAMMPS's neighbour skin, set by :meth:`install` (default: a tenth of the cutoff).
-      atom_chunk: the model's run setting (atoms per rematerialised chunk).
+      atom_chunk: the model's run setting (centres per rematerialised chunk; None: 128 on a CPU,
+        :data:`CPU_ATOM_CHUNK`, the backend's default elsewhere).
     """
 
     lmp: Any
@@ -123,6 +142,8 @@ class A2IFix:
         self.skin = 0.1 * self.cutoff if self.skin is None else float(self.skin)
         if not self.skin >= 0:
             raise LammpsError(f"skin must be a length >= 0, got {self.skin!r}")
+        if self.atom_chunk is None and jax.default_backend() == "cpu":
+            self.atom_chunk = CPU_ATOM_CHUNK
         self.atom_chunk, _ = run_settings(self.atom_chunk, None)
         self.programs: dict[tuple[int, int, int, int], Any] = {}
         self.comm = None
@@ -135,8 +156,11 @@ class A2IFix:
             self.comm = MPI.COMM_WORLD
         self.energies: dict[int, float] = {}  # the total potential energy at each step the callback ran
         self.calls = 0
+        self.layouts = 0  # how many calls rebuilt the layout (:meth:`layout`)
         self.seconds = dict(host=0.0, model=0.0)  # in the callback: neighbours and padding, the model
-        self.centres = 0  # at the last call: local atoms and the ghosts within the cutoff of one
+        self.centres = 0  # at the last layout: the local atoms (and on several ranks the ghosts near them)
+        self.kept: dict[str, Any] | None = None  # the layout of the last call (:meth:`layout`)
+        self.capacity = (0, 0, 0, 0)  # padded atoms, centres, slots, keys: the largest so far
 
     # -- setting up ---------------------------------------------------------------------------
 
@@ -192,21 +216,32 @@ class A2IFix:
         (buckets: one compilation per bucket, not per step)."""
         shape = (atoms, centres, slots, keys)
         if shape not in self.programs:
-            self.programs[shape] = jax.jit(ghost_form(self.checkpoint, keys=keys, atom_chunk=self.atom_chunk))
+            self.programs[shape] = jax.jit(ghost_form(self.checkpoint, keys=keys, atom_chunk=self.atom_chunk,
+                                                      ghost_centres=self.comm is not None))
         return self.programs[shape]
 
-    def evaluate(self, x: np.ndarray, types: np.ndarray, nlocal: int) -> tuple[float, np.ndarray, np.ndarray]:
-        """``(E of the local atoms, F [nlocal, 3] on them, virial [3, 3] of them)`` from the positions and
-        types of local then ghost atoms."""
-        t0 = time.perf_counter()
+    def layout(self, x: np.ndarray, types: np.ndarray, tags: np.ndarray, nlocal: int) -> dict[str, Any]:
+        """Centres, their neighbours within cutoff + skin, and the padded arrays of a set of local and
+        ghost atoms: kept while LAMMPS keeps its ghosts and no atom has moved half the skin (pairs past
+        the cutoff carry exactly zero weight in the model, as in an MD neighbour list with a skin).
+
+        On several ranks the centres are the local atoms and every ghost within reach of one (module
+        docstring). On one rank every ghost is a periodic image of a local atom, so the centres are the
+        local atoms alone and each image's gradient goes home to its original (by atom ID): the same
+        forces, with no energy computed twice.
+        """
         n = len(x)
-        i, j, d = neighbor_pairs(x, None, False, self.cutoff)
-        # Centres: local atoms and the ghosts within r_c of one (each sees a local atom, or is one).
+        reach = self.cutoff + self.skin
+        i, j, d = neighbor_pairs(x, None, False, reach)
         centre = np.zeros(n, bool)
         centre[:nlocal] = True
-        centre[j[i < nlocal]] = True
+        if self.comm is not None:  # another rank's atoms near ours are centres here too
+            centre[j[i < nlocal]] = True
+            owner = np.where(np.arange(n) < nlocal, np.arange(n), n)
+        else:  # every ghost is an image of a local atom
+            order = np.argsort(tags[:nlocal], kind="stable")
+            owner = order[np.searchsorted(tags[:nlocal], tags, sorter=order)]
         rows = np.flatnonzero(centre)
-        self.centres = len(rows)
         keep = centre[i]
         i, j, d = i[keep], j[keep], d[keep]
         counts = np.bincount(i, minlength=n)[rows]
@@ -215,28 +250,48 @@ class A2IFix:
         slot = np.arange(len(i)) - np.concatenate([[0], np.cumsum(counts)[:-1]])[row_of[i]]
         config = self.checkpoint.config.model
         keys = 0
-        if config.attention_keys:
-            inside = np.bincount(row_of[i][d < config.attention_cutoff], minlength=len(rows))
+        if config.attention_keys:  # within r_att + skin now: within r_att until the next layout
+            inside = np.bincount(row_of[i][d < config.attention_cutoff + self.skin], minlength=len(rows))
             keys = 8 * -(-max(config.attention_keys, int(inside.max(initial=0))) // 8)
-        atoms, centres = bucket(n + 1), bucket(len(rows))
-        slots = 8 * max(1, -(-int(counts.max(initial=1)) // 8))
+        # Padded sizes only grow (the largest seen so far), and start with room (SLOT_ROOM): a layout
+        # that needs less reuses the program.
+        slots = 8 * max(1, -(-int(np.ceil(SLOT_ROOM * counts.max(initial=1))) // 8))
+        needed = (bucket(n + 1), bucket(len(rows)), slots, keys)
+        self.capacity = tuple(max(a, b) for a, b in zip(self.capacity, needed, strict=True))
+        atoms, centres, slots, keys = self.capacity
         idx = np.full((centres, slots), atoms, np.int32)
         idx[row_of[i], slot] = j
-        dtype = jnp.result_type(float)
-        R = np.zeros((atoms, 3))
-        R[:n] = x
-        R[n:] = x.min(0) - 10.0 * self.ghost_cutoff  # padding atoms, far from everything and masked
         species = np.zeros(atoms, np.int32)
         species[:n] = self.type_species[types]
-        mask = np.arange(atoms) < n
         padded_rows = np.zeros(centres, np.int32)
         padded_rows[:len(rows)] = rows
         real = np.arange(centres) < len(rows)
-        local = real & (padded_rows < nlocal)
+        owners = np.full(atoms, atoms, np.int32)
+        owners[:n] = np.where(owner < n, owner, atoms)
+        self.centres = len(rows)
+        return dict(x=x.copy(), tags=tags.copy(), nlocal=nlocal, shape=(atoms, centres, slots, keys),
+                    arrays=[jnp.asarray(species), jnp.asarray(np.arange(atoms) < n), jnp.asarray(idx),
+                            jnp.asarray(padded_rows), jnp.asarray(real & (padded_rows < nlocal)), jnp.asarray(real),
+                            jnp.asarray(owners)])
+
+    def evaluate(self, x: np.ndarray, types: np.ndarray, tags: np.ndarray, nlocal: int
+                 ) -> tuple[float, np.ndarray, np.ndarray]:
+        """``(E of the local atoms, F [nlocal, 3] on them, virial [3, 3] of them)`` from the positions,
+        types and atom IDs of local then ghost atoms (:meth:`layout`, rebuilt only when it must be)."""
+        t0 = time.perf_counter()
+        kept = self.kept
+        if (kept is None or kept["nlocal"] != nlocal or len(kept["tags"]) != len(tags)
+                or not np.array_equal(kept["tags"], tags)
+                or np.max(np.sum((x - kept["x"]) ** 2, axis=1), initial=0.0) >= (0.5 * self.skin) ** 2):
+            self.kept = kept = self.layout(x, types, tags, nlocal)
+            self.layouts += 1
+        atoms = kept["shape"][0]
+        R = np.empty((atoms, 3))
+        R[:len(x)] = x
+        R[len(x):] = x.min(0) - 10.0 * self.ghost_cutoff  # padding atoms, far from everything and masked
         t1 = time.perf_counter()
-        energy, forces, virial = self.program(atoms, centres, slots, keys)(
-            jnp.asarray(R, dtype), jnp.asarray(species), jnp.asarray(mask), jnp.asarray(idx),
-            jnp.asarray(padded_rows), jnp.asarray(local), jnp.asarray(real))
+        energy, forces, virial = self.program(*kept["shape"])(jnp.asarray(R, jnp.result_type(float)),
+                                                              *kept["arrays"])
         forces = np.asarray(forces[:nlocal], np.float64)
         self.seconds["host"] += t1 - t0
         self.seconds["model"] += time.perf_counter() - t1
@@ -247,11 +302,13 @@ class A2IFix:
     def callback(self, caller: Any, ntimestep: int, nlocal: int, tag: np.ndarray, x: np.ndarray,
                  f: np.ndarray) -> None:
         """``fix external``'s callback: forces on the local atoms, the energy and the virial (all ranks)."""
-        del caller, tag
+        del caller, tag  # the IDs of local and ghost atoms are read below, with the ghosts' positions
         nghost = int(self.lmp.extract_global("nghost"))
         every = self.lmp.numpy.extract_atom("x", nelem=nlocal + nghost)
         types = self.lmp.numpy.extract_atom("type", nelem=nlocal + nghost)
-        energy, forces, virial = self.evaluate(np.asarray(every, np.float64), np.asarray(types), nlocal)
+        tags = self.lmp.numpy.extract_atom("id", nelem=nlocal + nghost)
+        energy, forces, virial = self.evaluate(np.asarray(every, np.float64), np.asarray(types), np.asarray(tags),
+                                               nlocal)
         f[:] = forces
         energy, virial = self.summed(energy, virial)
         self.lmp.fix_external_set_energy_global(self.fix_id, energy)

@@ -122,6 +122,8 @@ print(np.stack([totals[:, 0], totals[:, -1]], 1))
 
 # %%
 model, reference = runs["model"], runs["reference"]
+figures = dict(mean_kT={k: float(v.thermo["temperature"].mean()) for k, v in runs.items()},
+               drift_per_atom={k: float(v.drift) for k, v in runs.items()}, rdf_difference=float(difference))
 assert np.all(np.isfinite(model.thermo["total"]))
 # Energy conservation: the model's excursion is of the same order as the reference's (the
 # reference's force jumps at its cutoff; the model is smooth).

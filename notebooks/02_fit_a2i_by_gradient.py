@@ -135,6 +135,9 @@ plt.show()
 # ## Checks on this notebook's own numbers
 
 # %%
+figures = dict(loss_first_10=float(np.mean(losses[:10])), loss_last_10=float(np.mean(losses[-10:])),
+               test_force_rmse_over_std=dict(before=initial_ratio, after=force_ratio),
+               force_correlation=float(np.corrcoef(f_pred, f_ref)[0, 1]))
 assert np.all(np.isfinite(losses))
 assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), (losses[:10], losses[-10:])
 # Held-out frames: the fit generalises. Quick mode (200 steps on 18 frames) only starts on the

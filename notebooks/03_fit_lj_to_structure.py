@@ -178,6 +178,9 @@ plt.show()
 # steps from the target's configurations sees only how each frame's pressure and g(r) depend on the
 # parameters, while reweighting also sees how the ensemble shifts (the covariance with dU/dtheta),
 # at the price of sampling noise; over a fit both lead towards the truth (full mode).
+figures = dict(dL_dsigma=dict(backpropagation=float(grads["sigma"]), central_difference=finite_difference),
+               fitted={method: dict(track(fit.params), seconds=fit.history[-1]["seconds"])
+                       for method, fit in fits.items()})
 for g in (grads, rw_grads):
     assert all(np.isfinite(float(v)) and float(v) != 0 for v in g.values()), g
 # At the sampled parameters every frame weighs the same; moving sigma by 1% costs most of them.

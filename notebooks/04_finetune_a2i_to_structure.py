@@ -154,6 +154,9 @@ plt.show()
 # ## Checks on this notebook's own numbers
 
 # %%
+figures = dict(rdf_difference=dict(before=differences(before["rdf"]), after=differences(after["rdf"])),
+               force_matching=dict(before=float(force_matching(checkpoint.params)),
+                                   after=float(force_matching(fit.params))), samples=fit.samples)
 assert abs(diffmd.effective_fraction(n_eff, first) - 1) < 1e-6
 rows = fit.history
 assert all(np.isfinite(row["loss"]) and row["extra"] > 0 for row in rows)

@@ -70,6 +70,7 @@ else:
 # ## Checks on this notebook's own numbers
 
 # %%
+figures = dict(lj_over_a2i_small={str(n): float(v) for n, v in ratio.items()})
 for row in rows:
     assert row["force_flop_per_atom"] > 0 and row["neighbor_list"] in ("cell list", "all pairs")
 # The learned potential costs more per atom than the pair potential it learns (XLA's FLOP count

@@ -162,6 +162,7 @@ plt.show()
 # #14 for LJ); the profiles have data.
 
 # %%
+figures = dict(lj_per_atom_energy_r=float(r_lj), lj_first_rdf_peak=float(first_peak))
 for maps in (lj_maps, *[p[3] for p in sw_profiles.values()]):
     real = np.isfinite(maps.distances)
     total = maps.weights.sum(-1) + maps.sink

@@ -135,7 +135,7 @@ def test_the_exported_model_is_the_live_model_and_names_shapes_it_was_not_export
         R = np.asarray(lattice_positions(n, (n / 0.8) ** (1 / 3), jitter=0.1, seed=n), np.float32)
         idx = neighbor_index(R, None, False, checkpoint.config.model.cutoff)  # [n, K], empty slots hold n
         inputs = (R, np.zeros(n, np.int32), np.ones(n, bool), idx, np.arange(n, dtype=np.int32), np.ones(n, bool),
-                  np.ones(n, bool))
+                  np.ones(n, bool), np.arange(n, dtype=np.int32))
         energy, forces, virial = exported(*inputs)
         expected = live(*inputs)
         np.testing.assert_allclose(energy, expected[0], rtol=1e-6)

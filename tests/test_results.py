@@ -25,7 +25,8 @@ def test_every_shipped_model_and_recorded_experiment_has_its_section():
     for model in sorted(p.name for p in (ROOT / "a2ijax" / "models").iterdir() if (p / "report.json").is_file()):
         assert f"### `{model}`" in text
     sections = {"md_memory.json": "## MD at scale", "bench.json": "## Speed", "lammps_speed.json": "## LAMMPS",
-                "md_checks.json": "## MD with the shipped models"}
+                "md_checks.json": "## MD with the shipped models", "fresh_clone.json": "## A fresh clone",
+                "notebooks_full.json": "## The notebooks in full mode"}
     for name, heading in sections.items():
         if (ROOT / "docs" / "data" / name).is_file():
             assert heading in text, name
