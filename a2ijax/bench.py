@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax_md import energy, partition, simulate, space
 
+from a2ijax import md
 from a2ijax.baselines import DESCRIPTIONS, baseline_neighbor_list
 from a2ijax.errors import InputError
 from a2ijax.files import atomic_write
@@ -214,15 +215,6 @@ def _host_peak_mib() -> float | None:
         return None
 
 
-def _allocate(potential: Potential, R: jax.Array) -> partition.NeighborList:
-    from a2ijax.neighbors import reallocate
-
-    neighbor = potential.neighbor_fn.allocate(R)
-    while bool(neighbor.did_buffer_overflow):
-        neighbor = reallocate(potential.neighbor_fn, R, neighbor)
-    return neighbor
-
-
 def measure(name: str, n: int, *, skin: float = 0.3, capacity_multiplier: float = 1.25,
             overrides: dict | None = None, atom_chunk: int | None = None, dtype: str | None = None,
             sync_every_step: bool = False, chunk: int = 50, chunks: int = 3, repeats: int = 5, seed: int = 0) -> dict:
@@ -233,13 +225,11 @@ def measure(name: str, n: int, *, skin: float = 0.3, capacity_multiplier: float 
     ``atom_chunk`` and ``dtype``, or ``sync_every_step``: :func:`a2ijax.md.run` with chunks of one
     step, a host check after every step instead of one per ``chunk``-step scan.
     """
-    from a2ijax import md
-
     settings = dict(skin=skin, capacity_multiplier=capacity_multiplier, overrides=overrides, atom_chunk=atom_chunk,
                     dtype=dtype)
     built = build(name, n, seed=seed, **settings)
     pot, R, n = built.potential, built.R, built.R.shape[0]
-    nbrs = _allocate(pot, R)
+    nbrs, _ = md.allocate(pot.neighbor_fn, R)
     row = dict(potential=name, kind=KINDS[name], system=built.system, n=n, parameters=built.parameters,
                neighbors=int(nbrs.idx.shape[-1]), neighbor_format=str(nbrs.format.name),
                neighbor_list="cell list" if nbrs.cell_list_fn is not None else "all pairs",
@@ -289,7 +279,7 @@ def flops(name: str, n: int, *, skin: float = 0.3, capacity_multiplier: float = 
                   atom_chunk=None if name in BASELINES else 0, dtype=dtype, seed=seed)
     pot = built.potential
     fn = _energy_and_forces(pot.energy_fn) if forces else (lambda R, neighbor: pot.energy_fn(R, neighbor=neighbor))
-    compiled, _ = _compile(fn, built.R, _allocate(pot, built.R))
+    compiled, _ = _compile(fn, built.R, md.allocate(pot.neighbor_fn, built.R)[0])
     return _flops(compiled)
 
 

@@ -113,12 +113,20 @@ def step_directory(path: Path) -> Path:
     return steps[-1]
 
 
-def restore(step_dir: Path, item: str, args: Any) -> Any:
-    """One item of a step directory; damaged files are a :class:`CheckpointError` naming the item."""
+def restore(step_dir: Path, item: str, args: Any = None) -> Any:
+    """One item of a step directory; damaged files are a :class:`CheckpointError` naming the item.
+    ``args`` None: an array tree read into host NumPy arrays, whatever device wrote it (orbax would
+    otherwise place each array on the device named in the checkpoint, which a machine without that
+    device, or another jax that names its devices differently, does not have)."""
     handler = ocp.JsonCheckpointHandler() if isinstance(args, ocp.args.JsonRestore) else \
-        ocp.StandardCheckpointHandler()
+        ocp.StandardCheckpointHandler() if args is not None else ocp.PyTreeCheckpointHandler()
     try:
         with ocp.Checkpointer(handler) as checkpointer:
+            if args is None:
+                stored = checkpointer.metadata(step_dir.absolute() / item)
+                tree = getattr(getattr(stored, "item_metadata", stored), "tree", stored)  # orbax 0.12 / 0.11
+                args = ocp.args.PyTreeRestore(restore_args=jax.tree_util.tree_map(
+                    lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
             return checkpointer.restore(step_dir.absolute() / item, args=args)
     except Exception as error:  # orbax, tensorstore and json raise many types for damaged files
         raise CheckpointError(f"checkpoint {step_dir} is corrupt or unreadable ({item}: "
@@ -160,10 +168,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {step_dir} has no config or species symbols in its metadata")
     meta = upgrade_stored_meta(meta)
     config = experiment_from_dict(meta["config"])
-    params = restore(step_dir, "params", ocp.args.StandardRestore())
-    # Through NumPy: orbax returns arrays committed to a device, and jit compiles a second program for
-    # committed arguments where the trainer's own (uncommitted) parameters were seen before.
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), params)
+    # Host arrays made uncommitted jax arrays: jit compiles a second program for arguments committed
+    # to a device where the trainer's own (uncommitted) parameters were seen before.
+    params = jax.tree_util.tree_map(jnp.asarray, restore(step_dir, "params"))
     return Checkpoint(step_dir, int(step_dir.name), config, params, meta)
 
 

@@ -93,7 +93,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for report.json, report.md and parity.png")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=4, help="frames per evaluation batch")
     p.add_argument("--atom-chunk", type=COUNT, help="atoms per rematerialised chunk (0: all; default per backend)")
-    p = commands.add_parser("quickstart", help="sample, train, evaluate and run MD on a small LJ system (about 7 min)")
+    p = commands.add_parser("quickstart", help="sample, train, evaluate and run MD on a small LJ system (minutes)")
     p.add_argument("--out", default="quickstart", help="directory for the dataset, run, MD output and plots")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart run in --out")
     p = commands.add_parser("md", help="molecular dynamics with a trained potential")
@@ -121,7 +121,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skin", type=NON_NEGATIVE, help="neighbour-list skin, a length (default: 0.1 x the cutoff)")
     p.add_argument("--capacity-multiplier", type=POSITIVE, default=1.25,
                    help="neighbour slots per atom over the densest atom's count; lower is faster (attention "
-                   "costs K^2: 1.05 gave 0.78x the step time, BUILD_NOTES), an overflow reruns the chunk")
+                   "costs K^2: 1.05 gave 0.78x the step time, BUILD_NOTES.md history), an overflow reruns the chunk")
     p.add_argument("--atom-chunk", type=COUNT, help="atoms per rematerialised chunk (0: all; default per backend)")
     p.add_argument("--devices", type=POSITIVE_INT, default=1, help="local devices to split the atoms over")
     p.add_argument("--seed", type=COUNT, default=0)

@@ -63,7 +63,7 @@ class LearnConfig:
       max_disagreement: candidates whose largest per-atom disagreement is above this are not
         selected (0: no limit): an upper trust level, as in DP-GEN, for committee MD that has left
         the physical configurations (with a poorly trained committee, the most uncertain frames are
-        often such, and fitting them costs accuracy where it matters; BUILD_NOTES).
+        often such, and fitting them costs accuracy where it matters; BUILD_NOTES.md history).
       friction: Langevin friction of the committee MD (inverse time units).
       test_data: labelled frames to test every round on (default: ``[data] path``), and
         ``test_split``: which of their splits (``"test"``; ``""``: all frames).

@@ -103,6 +103,20 @@ def make_chunk(apply_fn: Callable, n_records: int, observe: Callable | None = No
     return jax.jit(jax.vmap(chunk) if replicas else chunk)
 
 
+def allocate(neighbor_fn: partition.NeighborFn, R: jax.Array, max_reallocations: int = 10
+             ) -> tuple[partition.NeighborList, int]:
+    """A list for ``R`` that holds every neighbour (a ``capacity_multiplier`` below 1, say, grows before
+    the first force call), and how many reallocations that took; ``RuntimeError`` naming the cause
+    after ``max_reallocations``."""
+    neighbor, reallocations = neighbor_fn.allocate(R), 0
+    while bool(neighbor.did_buffer_overflow):
+        if reallocations == max_reallocations:
+            raise RuntimeError(f"the neighbour list still needs reallocating after {max_reallocations} "
+                               f"reallocations at the start: {describe(neighbor.error.code)}")
+        neighbor, reallocations = reallocate(neighbor_fn, R, neighbor), reallocations + 1
+    return neighbor, reallocations
+
+
 def allocate_replicas(neighbor_fn: partition.NeighborFn, R: jax.Array,
                       overflowed: partition.NeighborList | None = None) -> partition.NeighborList:
     """One neighbour list per replica of ``R [B, N, dim]``, batched ``[B, N, K]`` with one set of
@@ -478,12 +492,7 @@ def simulate(potential: Potential, R: jax.Array, box: Any, *, steps: int, dt: fl
     if ensemble != "nve" and kT is None:
         raise InputError(f"the {ensemble} thermostat needs kT")
     n = R.shape[0]
-    neighbor, reallocations = neighbor_fn.allocate(R), 0
-    while bool(neighbor.did_buffer_overflow):  # a capacity_multiplier below 1: grow before the first force call
-        if reallocations == 10:
-            raise RuntimeError("the neighbour list still needs reallocating after 10 reallocations at the start: "
-                               f"{describe(neighbor.error.code)}")
-        neighbor, reallocations = reallocate(neighbor_fn, R, neighbor), reallocations + 1
+    neighbor, reallocations = allocate(neighbor_fn, R)
     state = dynamics.init(jax.random.PRNGKey(seed), R, mass=mass, kT=0.0 if kT is None else kT, neighbor=neighbor)
     columns = THERMO_COLUMNS + (DISAGREEMENT_COLUMNS if disagreement is not None else ())
     output = _Output(out, symbols or ["X"] * n, columns)
@@ -557,9 +566,7 @@ def relax(potential: Potential, R: jax.Array, *, max_force: float = 1e-3, max_st
             raise InputError(f"{name} must be an integer >= 1, got {value!r}")
     neighbor_fn, energy_fn, _, shift_fn = potential
     init, apply = minimize.fire_descent(energy_fn, shift_fn, dt_start=dt_start, dt_max=dt_max)
-    neighbor = neighbor_fn.allocate(R)
-    while bool(neighbor.did_buffer_overflow):
-        neighbor = reallocate(neighbor_fn, R, neighbor)
+    neighbor, _ = allocate(neighbor_fn, R)
     state = init(R, mass=mass, neighbor=neighbor)
 
     def observe(state, neighbor):

@@ -16,7 +16,7 @@ How it works, and why it is not ``jax_md.partition.neighbor_list``:
   is chosen when a list is allocated, for the box it is allocated in.
 * **Candidates in blocks of atoms.** jax-md's list gathers the ``27 x cell capacity`` candidates
   of every atom at once (their positions, distances and a cumulative sum: about 76 KiB per atom
-  measured at 100,000 atoms, BUILD_NOTES.md), which puts a million atoms out of reach of 24 GB.
+  measured at 100,000 atoms, docs/design.md "Decisions"), which puts a million atoms out of reach of 24 GB.
   Here the candidates of ``chunk`` atoms at a time are filtered and compacted into their ``K``
   slots inside ``lax.map``, so the temporaries are bounded by the block and the memory that grows
   with ``N`` is the list itself, the cell list and the positions.
@@ -349,26 +349,30 @@ def reallocate(neighbor_fn: partition.NeighborFn, R: Array, neighbor: partition.
     """A new list for ``R`` whose capacities have grown by ``growth`` where the old list overflowed.
 
     For a jax-md list, the slots ``K``; for a :class:`PeriodicNeighborList`, also the key slots, the
-    cell list's capacity and (a box that narrowed) the cells' thickness, each where its bit is set;
-    ``kwargs`` go to ``allocate`` (``box=``: the current box of a simulation whose box changes).
+    cell list's capacity and (a box that narrowed) the cells' thickness, each where its bit is set,
+    while the capacities that held keep their size; ``kwargs`` go to ``allocate`` (``box=``: the
+    current box of a simulation whose box changes).
     Reallocation changes shapes and so recompiles whatever consumes the list; growing
     geometrically keeps repeated overflows to a handful of recompilations.
     """
     grown = lambda size: int(np.ceil(growth * size))  # noqa: E731
+    slots = grown(neighbor.idx.shape[1])
     if isinstance(neighbor, PeriodicNeighborList):
+        # Every capacity is at least the old list's: one that did not overflow this time keeps its
+        # size, or capacities that overflow by turns would take it back and forth for ever.
         code = int(neighbor.error.code)
         if not code & REALLOCATE:  # a list from before the overflow (as jax-md's reallocate gets): grow K
             code = int(PEC.NEIGHBOR_LIST_OVERFLOW)
-        if code & KEY_OVERFLOW:
-            kwargs["key_capacity"] = grown(neighbor.key_capacity)
-        if code & PEC.CELL_LIST_OVERFLOW and neighbor.cell_list_capacity is not None:
-            kwargs["cell_capacity"] = grown(neighbor.cell_list_capacity)
+        kwargs["key_capacity"] = grown(neighbor.key_capacity) if code & KEY_OVERFLOW else neighbor.key_capacity
+        if neighbor.cell_list_capacity is not None:
+            capacity = neighbor.cell_list_capacity
+            kwargs["cell_capacity"] = grown(capacity) if code & PEC.CELL_LIST_OVERFLOW else capacity
         if code & PEC.CELL_SIZE_TOO_SMALL:  # a shrinking box: 10% thicker cells leave it room
             kwargs.setdefault("cell_margin", 1.1)
         if not code & PEC.NEIGHBOR_LIST_OVERFLOW:
-            return neighbor_fn.allocate(R, **kwargs)
+            slots = neighbor.idx.shape[1]
     fresh = neighbor_fn.allocate(R, **kwargs)
-    target = min(grown(neighbor.idx.shape[1]), R.shape[0] - 1)
+    target = min(slots, R.shape[0] - 1)
     if fresh.idx.shape[1] < target:
         fresh = neighbor_fn.allocate(R, extra_capacity=target - fresh.idx.shape[1], **kwargs)
     return fresh

@@ -19,12 +19,14 @@ analysis). A :class:`Potential` bundles it for MD with its parameters bound: ``(
 energy_fn(R, neighbor, **kw), displacement_fn, shift_fn)``.
 
 Errors:
-* Called outside ``jit`` (concrete arrays), bad input raises a ``ValueError`` naming the problem:
-  shape, dtype, species out of range, NaN/inf positions, an overflowed neighbour list.
-* Inside ``jit`` nothing can raise, so errors are carried as data: an overflowed neighbour list
-  (``neighbor.did_buffer_overflow``) or a species id out of range makes the energy and the forces
-  NaN instead of silently dropping neighbours. Check ``did_buffer_overflow`` between jitted steps and
-  call :func:`reallocate`, as jax-md does.
+* Called outside ``jit`` (concrete arrays), bad input raises an :class:`a2ijax.errors.InputError`
+  naming the problem: shape, dtype, species out of range, NaN/inf positions, an overflowed
+  neighbour list.
+* Inside ``jit`` nothing can raise, so errors are carried as data: a list that needs reallocating
+  (``neighbor.did_buffer_overflow``; its error bits name why, :func:`a2ijax.neighbors.describe`) or
+  a species id out of range makes the energy and the forces NaN instead of silently dropping
+  neighbours. Check ``did_buffer_overflow`` between jitted steps and call :func:`reallocate`, as
+  jax-md does; :func:`a2ijax.md.run` does both.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@
    compare its radial distribution function with the reference MD's.
 5. Print one summary table; write the dataset, checkpoints, report and plots under ``out``.
 
-It takes about 7 minutes on a 2-core CPU. The accuracy targets of the paper need the longer runs
-in ``experiments/`` (13-21 minutes per system; their models ship as ``a2ijax.pretrained``); the
-quickstart shows the machinery end to end.
+It takes minutes on a 2-core CPU (measured: docs/results.md, "A fresh clone"). The accuracy targets
+of the paper need the longer runs in ``experiments/configs/`` (their models ship as
+``a2ijax.pretrained``); the quickstart shows the machinery end to end.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ MODEL = A2IConfig(cutoff=2.5, width=32, heads=2, layers=1, avg_neighbors=50.0, a
 # One state point, forces first: the dataset-wide loss normalisation with a small energy weight (on
 # one state point its per-atom energy variance is ~70x smaller than over the five LJ state points).
 # Measured against the state-point loss with the energy weight ramped 0.03 -> 1, 400 steps and a
-# short EMA: 57% / 41% against this setting's 37% / 20% (BUILD_NOTES, "Quickstart").
+# short EMA: 57% / 41% against this setting's 37% / 20% (BUILD_NOTES.md history, "Quickstart").
 TRAIN = TrainConfig(steps=800, batch_size=2, learning_rate=3e-3, warmup_steps=30, loss_normalization="dataset",
                     energy_weight=0.015, energy_weight_final=0.3, eval_every=100, checkpoint_every=400,
                     eval_frames=10)

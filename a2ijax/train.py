@@ -86,7 +86,7 @@ class TrainResult:
 def default_training_chunk(backend: str | None = None) -> int:
     """Atoms per rematerialised chunk when training and none is given. 0 on a CPU: one program
     without rematerialisation, timed faster than chunks of 32 and 64 for the LJ training step
-    (BUILD_NOTES, "Accuracy per CPU-hour"; a training batch's ``[B, N, H, K, K]`` attention is tens
+    (BUILD_NOTES.md history, "Accuracy per CPU-hour"; a training batch's ``[B, N, H, K, K]`` attention is tens
     of MB there); elsewhere the MD default (:func:`a2ijax.potential.default_atom_chunk`)."""
     backend = backend or jax.default_backend()
     return 0 if backend == "cpu" else default_atom_chunk(backend)

@@ -24,7 +24,7 @@ from a2ijax.committee import Committee, load_potential
 from a2ijax.dataset import check_cutoff, structure_dataset
 from a2ijax.errors import InputError
 from a2ijax.geometry import closest_distance
-from a2ijax.md import Relaxation, Simulation, check_output_steps, relax, simulate
+from a2ijax.md import Relaxation, Simulation, allocate, check_output_steps, relax, simulate
 from a2ijax.parallel import make_mesh
 from a2ijax.sampling import SamplingConfig, sample_state_point
 from a2ijax.systems import SYSTEMS, get_system
@@ -135,8 +135,9 @@ def relax_structure(checkpoint: Checkpoint | Committee, structure: str, *, max_f
 
         relaxed = atoms.copy()
         relaxed.positions = result.positions
-        neighbor = potential.neighbor_fn.allocate(jnp.asarray(result.positions, R.dtype))
-        forces = -jax.grad(lambda R: potential.energy_fn(R, neighbor=neighbor))(jnp.asarray(result.positions, R.dtype))
+        final = jnp.asarray(result.positions, R.dtype)
+        neighbor, _ = allocate(potential.neighbor_fn, final)
+        forces = -jax.grad(lambda R: potential.energy_fn(R, neighbor=neighbor))(final)
         relaxed.calc = SinglePointCalculator(relaxed, energy=result.energy, forces=np.asarray(forces, np.float64))
         ase.io.write(out, relaxed, format="extxyz")
         print(f"  wrote {out}")

@@ -7,7 +7,7 @@ non-zero.
 
 Usage::
 
-    python experiments/inject_faults.py              # all faults (about 10 minutes on 2 cores)
+    python experiments/inject_faults.py              # all faults (time and count: BUILD_NOTES.md)
     python experiments/inject_faults.py envelope     # faults whose name contains "envelope"
 """
 
@@ -125,6 +125,13 @@ FAULTS = [
      "stale = (moved + 0.5 * strain * reach > threshold)",
      "stale = (moved > threshold)",
      ["tests/test_neighbors.py::test_a_changing_box_is_followed_and_a_box_too_narrow_for_the_cells_is_named"]),
+    ("reallocation-forgets-what-held", "10 a list grows until it holds", "a2ijax/neighbors.py",
+     "else capacity\n        if code & PEC.CELL_SIZE_TOO_SMALL:  # a shrinking box: 10% thicker cells leave it room\n"
+     "            kwargs.setdefault(\"cell_margin\", 1.1)\n        if not code & PEC.NEIGHBOR_LIST_OVERFLOW:\n"
+     "            slots = neighbor.idx.shape[1]\n",
+     "else 0\n        if code & PEC.CELL_SIZE_TOO_SMALL:\n            kwargs.setdefault(\"cell_margin\", 1.1)\n"
+     "        if not code & PEC.NEIGHBOR_LIST_OVERFLOW:\n            slots = 0\n",
+     ["tests/test_md.py::test_allocate_grows_a_list_too_small_for_its_atoms_until_it_holds_every_neighbour"]),
     ("lammps-ghost-centres-dropped", "LAMMPS forces exact on every rank", "a2ijax/lammps.py",
      "            centre[j[i < nlocal]] = True\n",
      "",

@@ -141,7 +141,7 @@ figures = dict(loss_first_10=float(np.mean(losses[:10])), loss_last_10=float(np.
 assert np.all(np.isfinite(losses))
 assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), (losses[:10], losses[-10:])
 # Held-out frames: the fit generalises. Quick mode (200 steps on 18 frames) only starts on the
-# forces, whose error falls slowly for this model family (BUILD_NOTES, learning curves).
+# forces, whose error falls slowly for this model family (BUILD_NOTES.md history, learning curves).
 assert force_ratio < (0.95 if QUICK else 0.5) * initial_ratio, (initial_ratio, force_ratio)
 assert np.corrcoef(f_pred, f_ref)[0, 1] > (0.5 if QUICK else 0.95)
 if not QUICK:

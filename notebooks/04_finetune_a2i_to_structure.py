@@ -14,7 +14,7 @@
 # # 04 — Fine-tuning an A2I model to structure by reweighting (Kob-Andersen)
 #
 # A Kob-Andersen model fitted to energies and forces can get the structure wrong in MD: the earlier
-# KA models put B-B pairs where the reference has none (BUILD_NOTES, "MD with the trained models").
+# KA models put B-B pairs where the reference has none (docs/results.md, "MD with the shipped models").
 # Top-down fine-tuning of the shipped model (`a2ijax.pretrained.load("ka")`): sample MD with the
 # model, reweight the frames to nearby parameters (DiffTRe, `a2ijax.fitting.fit_by_reweighting`),
 # and follow the gradient of the difference between the model's g_ab(r) and the reference
@@ -23,7 +23,7 @@
 #
 # `A2IJAX_NOTEBOOK_QUICK=1` takes one optimiser step on short samples: it shows the pieces; the full
 # mode takes 8 steps on samples of 500 steps, as `experiments/finetune_ka_structure.py` (its figures,
-# and why they fall short of the reference structure: BUILD_NOTES.md, "Differentiable MD").
+# and why they fall short of the reference structure: BUILD_NOTES.md, "Figures no file holds yet").
 
 # %%
 import os
@@ -173,6 +173,6 @@ def objective(params):
 
 
 assert objective(fit.params) < objective(checkpoint.params), (objective(fit.params), objective(checkpoint.params))
-if not QUICK:  # force matching keeps the forces over the fit (BUILD_NOTES: the forces kept, the B-B
+if not QUICK:  # force matching keeps the forces over the fit (BUILD_NOTES.md: the forces kept, the B-B
     # structure not improved: a better-trained model comes first)
     assert float(force_matching(fit.params)) < 1.1 * float(force_matching(checkpoint.params))

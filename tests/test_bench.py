@@ -1,4 +1,4 @@
-"""``a2ijax bench``: rows, ratios and files on a tiny run (the figures themselves live in BUILD_NOTES)."""
+"""``a2ijax bench``: rows, ratios and files on a tiny run (the figures themselves live in docs/results.md)."""
 
 import json
 

@@ -47,6 +47,27 @@ def test_a_checkpoint_from_before_the_run_settings_moved_loads_and_gives_its_num
             np.testing.assert_allclose(-np.asarray(grad), forces, rtol=0, atol=1e-4 * np.abs(forces).max())
 
 
+def test_a_checkpoint_written_on_a_device_this_machine_lacks_loads_its_parameters(tmp_path):
+    """A checkpoint records the device each array was written from ("cpu:0" here; a GPU run's say
+    "cuda:0", and jax 0.8 names the CPU "TFRT_CPU_0"): a copy that names a device this machine lacks
+    loads the same parameters, bit for bit, as host arrays not committed to any device."""
+    import shutil
+
+    reference = load_checkpoint(DATA / "legacy_checkpoint")
+    moved = tmp_path / "legacy_checkpoint"
+    shutil.copytree(DATA / "legacy_checkpoint", moved)
+    sharding = next(moved.glob("*/params/_sharding"))
+    stored = sharding.read_text()
+    assert '\\"device_str\\": \\"cpu:0\\"' in stored
+    sharding.write_text(stored.replace('\\"cpu:0\\"', '\\"cuda:7\\"'))
+    checkpoint = load_checkpoint(moved)
+    leaves, moved_leaves = jax.tree_util.tree_leaves(reference.params), jax.tree_util.tree_leaves(checkpoint.params)
+    assert len(leaves) == len(moved_leaves) > 10
+    for a, b in zip(leaves, moved_leaves, strict=True):
+        assert a.dtype == b.dtype and not b.committed
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_run_settings_are_not_model_settings():
     """(The TOML side: tests/test_train.py, test_config_file_errors_name_the_key.)"""
     assert "atom_chunk" not in A2IConfig().to_dict() and "dtype" not in A2IConfig().to_dict()

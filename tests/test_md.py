@@ -202,3 +202,22 @@ def test_every_list_error_stops_a_run_that_may_not_reallocate_and_names_it(x64, 
         done = run(apply, state, neighbor_fn, neighbor, 4, chunk_steps=2)
         assert done.reallocations >= 1 and bool(jnp.all(jnp.isfinite(done.state.position)))
         assert not bool(done.neighbor.did_buffer_overflow)
+
+
+def test_allocate_grows_a_list_too_small_for_its_atoms_until_it_holds_every_neighbour():
+    """md.allocate: a list whose capacity multiplier (0.5) leaves it short of its own atoms' neighbours
+    grows (counted) until it overflows no more, and then holds the pairs of a list with room to spare;
+    with no reallocation allowed it stops with the cause."""
+    from a2ijax.md import allocate
+
+    side = 12.0
+    R = jittered_lattice((8, 8, 8), side / 8, 0.05, seed=3)
+    short_fn, _, _ = _soft_spheres_on_the_periodic_list(side, capacity_multiplier=0.5)
+    assert bool(short_fn.allocate(R).did_buffer_overflow)
+    with pytest.raises(RuntimeError, match="after 0 reallocations at the start: .*more neighbours than"):
+        allocate(short_fn, R, max_reallocations=0)
+    grown, reallocations = allocate(short_fn, R)
+    assert reallocations >= 1 and not bool(grown.did_buffer_overflow)
+    roomy = _soft_spheres_on_the_periodic_list(side, capacity_multiplier=1.5)[0].allocate(R)
+    pairs = lambda lst: {(i, int(j)) for i, row in enumerate(np.asarray(lst.idx)) for j in row if j < len(R)}  # noqa: E731
+    assert pairs(grown) == pairs(roomy)
