@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from a2ijax.config import ExperimentConfig, experiment_from_dict, from_dict
-from a2ijax.dataset import fluctuations, read_dataset, state_point_groups, write_dataset
+from a2ijax.dataset import fluctuations, write_dataset
 from a2ijax.errors import InputError
 from a2ijax.files import atomic_write
 
@@ -272,8 +272,16 @@ def learn(config: ExperimentConfig, learn_config: LearnConfig, workdir: str | Pa
             continue  # this round's frames are labelled and added already
         if not (here / "selected.json").exists():
             candidates, notes = [], []
-            groups = {name: [i for i in indices if labelled[i].info.get("split") == "train"]
-                      for name, indices in state_point_groups(read_dataset(labelled_path, group.symbols)).items()}
+            # MD starts from a training frame of each state point, whatever its size (the size-split
+            # groups of dataset.state_point_groups are for fluctuations, not for naming state points).
+            groups: dict[str, list[int]] = {}
+            for i, atoms in enumerate(labelled):
+                if atoms.info.get("split") == "train":
+                    groups.setdefault(str(atoms.info.get("state_point", "")), []).append(i)
+            if "" in groups and not learn_config.state_points:
+                raise InputError(f"[learn] runs MD at the state points of the training frames, and "
+                                 f"{len(groups[''])} of them have no state_point header: name the state points "
+                                 "in [learn] state_points")
             for point_name in learn_config.state_points or sorted(groups):
                 if not groups.get(point_name):
                     raise InputError(f"[learn] state point {point_name!r} has no training frame to start MD from")

@@ -64,9 +64,11 @@ def accuracy() -> list[str]:
                          f"{percent(row['force_ratio'])} |")
         worst_e = max(points.values(), key=lambda r: r["energy_ratio"])["energy_ratio"]
         worst_f = max(points.values(), key=lambda r: r["force_ratio"])["force_ratio"]
-        pearson = report.get("per_atom_energy", {}).get("pearson")
-        lines += ["", f"Worst state point: energy {percent(worst_e)}, force {percent(worst_f)}"
-                  + (f"; per-atom energy Pearson r {pearson:.3f}." if pearson is not None else "."), ""]
+        per_atom = report.get("per_atom_energy", {})
+        pearson = f"; per-atom energy Pearson r {per_atom['pearson']:.3f}" if "pearson" in per_atom else ""
+        if "pearson_gauge_fixed" in per_atom:  # several species: each one's offset is not fixed by totals
+            pearson += f" ({per_atom['pearson_gauge_fixed']:.3f} with each species' mean offset removed)"
+        lines += ["", f"Worst state point: energy {percent(worst_e)}, force {percent(worst_f)}{pearson}.", ""]
     return lines
 
 
