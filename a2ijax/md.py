@@ -30,9 +30,9 @@ from jax_md import partition, quantity
 
 from a2ijax.errors import InputError
 from a2ijax.geometry import lattice_matrix, neighbor_pairs
-from a2ijax.neighbors import describe, reallocate
+from a2ijax.neighbors import describe, masked_displacements, reallocate
 from a2ijax.parallel import split_leading
-from a2ijax.potential import Potential, masked_displacements
+from a2ijax.potential import Potential
 
 
 @dataclasses.dataclass

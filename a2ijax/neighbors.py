@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -376,6 +377,23 @@ def reallocate(neighbor_fn: partition.NeighborFn, R: Array, neighbor: partition.
     if fresh.idx.shape[1] < target:
         fresh = neighbor_fn.allocate(R, extra_capacity=target - fresh.idx.shape[1], **kwargs)
     return fresh
+
+
+def masked_displacements(R: Array, idx: Array, displacement_fn: Callable[..., Array], centers: Array | None = None,
+                         **kwargs) -> tuple[Array, Array]:
+    """Displacements ``r_ij = R_j - R_i`` ``[n, K, dim]`` to the neighbours in a Dense index ``idx [n, K]``
+    (empty slots hold ``N``) and the mask ``[n, K]`` of real slots (empty slots get ``r_ii = 0``).
+
+    Row ``r`` of ``idx`` lists the neighbours of atom ``centers[r]`` (default: the first ``n`` atoms);
+    ``kwargs`` (``box``, ``perturbation``) go to ``displacement_fn``.
+    """
+    n_atoms, n = R.shape[0], idx.shape[0]
+    pair_mask = idx < n_atoms
+    own = jnp.arange(n, dtype=idx.dtype) if centers is None else centers
+    j = jnp.where(pair_mask, idx, own[:, None])
+    center = R[own]
+    displacement = jax.vmap(jax.vmap(lambda Rj, Ri: displacement_fn(Rj, Ri, **kwargs), (0, None)))
+    return displacement(R[j], center), pair_mask
 
 
 def lattice_matrix_traced(box: Any) -> Array:

@@ -21,18 +21,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax_md import partition, quantity, space
+from jax_md import partition, quantity
 
 from a2ijax.errors import InputError
+from a2ijax.neighbors import masked_displacements
 
 Array = jax.Array
-
-
-def _neighbor_vectors(R: Array, neighbor: partition.NeighborList, displacement_fn: Callable) -> tuple[Array, Array]:
-    """Displacements ``[N, K, dim]`` to the neighbour slots and the mask of real ones ``[N, K]``."""
-    mask = neighbor.idx < R.shape[0]
-    j = jnp.where(mask, neighbor.idx, 0)
-    return space.map_neighbor(displacement_fn)(R, R[j]), mask
 
 
 def _safe_norm(dR: Array, mask: Array, fill: float) -> Array:
@@ -53,7 +47,7 @@ def pair_correlation(R: Array, neighbor: partition.NeighborList, displacement_fn
     ``G`` a Gaussian of width ``smearing``; 1 for an ideal gas, as ``a2ijax.md.radial_distribution``.
     The neighbour list must reach ``grid[-1] + 3 smearing``.
     """
-    dR, mask = _neighbor_vectors(R, neighbor, displacement_fn)
+    dR, mask = masked_displacements(R, neighbor.idx, displacement_fn)
     r = _safe_norm(dR, mask, 1e6)  # padded slots far beyond the grid: their Gaussians are 0
     smear = _gaussians(r, grid, smearing) * mask[..., None]  # [N, K, G]
     if species is None:
@@ -81,7 +75,7 @@ def bond_angle_distribution(R: Array, neighbor: partition.NeighborList, displace
     legs ``ij`` and ``ik`` are both shorter than ``r_max``, each weighted by a smooth switch that
     falls from 1 to 0 over the last 10% of ``r_max`` (so a leg crossing it changes nothing abruptly):
     ``[G]``, integrating to about 1."""
-    dR, mask = _neighbor_vectors(R, neighbor, displacement_fn)
+    dR, mask = masked_displacements(R, neighbor.idx, displacement_fn)
     r = _safe_norm(dR, mask, 2.0 * r_max)
     x = jnp.clip((r - 0.9 * r_max) / (0.1 * r_max), 0.0, 1.0)
     switch = jnp.where(mask, 1.0 - x * x * (3.0 - 2.0 * x), 0.0)  # [N, K], smoothstep down to 0 at r_max

@@ -46,7 +46,7 @@ from a2ijax.baselines import baseline_neighbor_list
 from a2ijax.errors import InputError
 from a2ijax.geometry import lattice_matrix, perpendicular_widths
 from a2ijax.model import A2IConfig, A2ITransformer, is_float_dtype
-from a2ijax.neighbors import ListError, PeriodicNeighborList, describe, periodic_neighbor_list
+from a2ijax.neighbors import ListError, PeriodicNeighborList, describe, masked_displacements, periodic_neighbor_list
 from a2ijax.neighbors import reallocate as reallocate  # re-exported: a2ijax.reallocate
 
 if TYPE_CHECKING:
@@ -147,23 +147,6 @@ def _check_inputs(config: A2IConfig, R: Array, species: Array | None, mask: Arra
             raise InputError(f"mask must have shape [n_atoms] = ({n},), got {mask.shape}")
         if mask.dtype != jnp.bool_:
             raise InputError(f"mask must be boolean (True for real atoms), got dtype {mask.dtype}")
-
-
-def masked_displacements(R: Array, idx: Array, displacement_fn: DisplacementFn, centers: Array | None = None,
-                         **kwargs) -> tuple[Array, Array]:
-    """Displacements ``r_ij = R_j - R_i`` ``[n, K, dim]`` to the neighbours in a Dense index ``idx [n, K]``
-    (empty slots hold ``N``) and the mask ``[n, K]`` of real slots (empty slots get ``r_ii = 0``).
-
-    Row ``r`` of ``idx`` lists the neighbours of atom ``centers[r]`` (default: the first ``n`` atoms);
-    ``kwargs`` (``box``, ``perturbation``) go to ``displacement_fn``.
-    """
-    n_atoms, n = R.shape[0], idx.shape[0]
-    pair_mask = idx < n_atoms
-    own = jnp.arange(n, dtype=idx.dtype) if centers is None else centers
-    j = jnp.where(pair_mask, idx, own[:, None])
-    center = R[own]
-    displacement = jax.vmap(jax.vmap(lambda Rj, Ri: displacement_fn(Rj, Ri, **kwargs), (0, None)))
-    return displacement(R[j], center), pair_mask
 
 
 def model_inputs(R: Array, idx: Array, displacement_fn: DisplacementFn, species: Array | None,

@@ -31,6 +31,7 @@ import numpy as np
 from jax_md import partition, smap, space
 
 from a2ijax.errors import InputError
+from a2ijax.neighbors import masked_displacements
 
 Array = jax.Array
 
@@ -145,10 +146,7 @@ def _stillinger_weber(displacement_fn, box, species=None, **nl_kwargs):
         if fixed:
             raise InputError(f"Stillinger-Weber {fixed} set the neighbour-list cutoff and cannot change per call")
         sw = {**SW_PARAMETERS, **{k: kwargs.pop(k) for k in list(kwargs) if k in SW_PARAMETERS}}
-        n = R.shape[0]
-        mask = neighbor.idx < n  # [N, K]
-        j = jnp.where(mask, neighbor.idx, 0)
-        dR = jax.vmap(jax.vmap(lambda Rj, Ri: displacement_fn(Rj, Ri, **kwargs), (0, None)))(R[j], R)
+        dR, mask = masked_displacements(R, neighbor.idx, displacement_fn, **kwargs)  # [N, K, 3], [N, K]
         r2 = jnp.sum(dR * dR, -1)
         near = mask & (r2 < cutoff**2)
         r = jnp.sqrt(jnp.where(near, r2, (0.5 * cutoff) ** 2))  # [N, K], safe where unused

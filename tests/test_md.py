@@ -162,8 +162,8 @@ def test_replicas_in_one_compiled_step_equal_independent_runs(periodic_liquid):
 def _soft_spheres_on_the_periodic_list(side: float, **nl_kwargs):
     """A soft pair energy (bounded forces, whatever the crowding) on this package's periodic list,
     the list under test, in real coordinates."""
-    from a2ijax.neighbors import periodic_neighbor_list
-    from a2ijax.potential import masked_displacements, periodic_space
+    from a2ijax.neighbors import masked_displacements, periodic_neighbor_list
+    from a2ijax.potential import periodic_space
 
     displacement, shift = periodic_space(side)
 

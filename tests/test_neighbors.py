@@ -168,7 +168,8 @@ def test_displacements_past_the_size_where_jaxlib_0_10_2_miscompiles_are_right()
     """jaxlib 0.10.2 on CPU returns wrong sums of vmapped matrix-vector products past 32,768 rows in
     float32 (jax-ml/jax#39103). The package's own such products, the displacements of a Dense list
     (60,000 pairs, jitted) and the list's distances (the search above), agree with NumPy."""
-    from a2ijax.potential import masked_displacements, periodic_space
+    from a2ijax.neighbors import masked_displacements
+    from a2ijax.potential import periodic_space
 
     rng = np.random.default_rng(7)
     box = TRICLINIC
