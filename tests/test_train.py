@@ -477,4 +477,9 @@ def test_dft_scale_energies_are_not_at_the_float32_floor(tmp_path):
     naive = [float(np.float32(dataset.energy[i])) - float(np.sum(predictions.per_atom[k], dtype=np.float32))
              for k, i in enumerate(predictions.frame_index)]
     assert report["energy_rmse_per_atom"] * 125 < 0.1 * floor
+    # The training targets too: float32 residuals that give back the float64 totals with their offsets.
+    for bucket in buckets:
+        real = bucket.n_atoms > 0
+        rebuilt = bucket.energy[real].astype(np.float64) + bucket.energy_offset[real]
+        assert np.max(np.abs(rebuilt - dataset.energy[bucket.frame_index[real]])) < 0.1 * floor
     assert np.sqrt(np.mean(np.square(naive))) > 0.1 * floor  # the float32 totals would sit at the floor
