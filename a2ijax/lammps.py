@@ -15,7 +15,8 @@ rank, the callback:
    :func:`a2ijax.export.ghost_form`, the function ``a2ijax export`` serializes), and hands LAMMPS the
    forces on its local atoms, the energy of its local atoms and their virial through the fix's
    energy and virial interface (``fix_modify energy yes virial yes``), so ``thermo`` shows the A2I
-   potential energy and pressure, and NPT works.
+   potential energy and pressure, and a barostat has the pressure it needs (checked against jax-md's;
+   an NPT run through LAMMPS is not among the tests).
 
 Why the forces are exact with no reverse communication. The force on a local atom ``i`` is
 ``-dE/dR_i``, and ``E`` depends on ``R_i`` only through the energies of the atoms within ``r_c`` of
