@@ -281,8 +281,7 @@ class A2IFix:
         types and atom IDs of local then ghost atoms (:meth:`layout`, rebuilt only when it must be)."""
         t0 = time.perf_counter()
         kept = self.kept
-        if (kept is None or kept["nlocal"] != nlocal or len(kept["tags"]) != len(tags)
-                or not np.array_equal(kept["tags"], tags)
+        if (kept is None or kept["nlocal"] != nlocal or not np.array_equal(kept["tags"], tags)
                 or np.max(np.sum((x - kept["x"]) ** 2, axis=1), initial=0.0) >= (0.5 * self.skin) ** 2):
             self.kept = kept = self.layout(x, types, tags, nlocal)
             self.layouts += 1

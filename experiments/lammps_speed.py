@@ -45,7 +45,7 @@ def system(n: int, out: Path) -> tuple[np.ndarray, np.ndarray, float, Path]:
     return R, V, side, data
 
 
-def a2ijax_md(model: str, n: int, warm: int, steps: int, skin: float, out: Path) -> dict:
+def a2ijax_md(model: str, n: int, steps: int, skin: float, out: Path) -> dict:
     import jax
     import jax.numpy as jnp
     from jax_md import simulate
@@ -55,25 +55,26 @@ def a2ijax_md(model: str, n: int, warm: int, steps: int, skin: float, out: Path)
     R, V, side, _ = system(n, out)
     potential = pretrained.load(model).potential(np.eye(3) * side, dr_threshold=skin)
     init, apply = simulate.nve(potential.energy_fn, potential.shift_fn, DT)
-    neighbor = potential.neighbor_fn.allocate(jnp.asarray(R, jnp.float32))
+    neighbor, _ = md.allocate(potential.neighbor_fn, jnp.asarray(R, jnp.float32))
     state = init(jax.random.PRNGKey(0), jnp.asarray(R, jnp.float32), kT=0.0, neighbor=neighbor)
     state = state.set(momentum=jnp.asarray(V, jnp.float32))
     stamps = []
-    t0 = time.perf_counter()  # the first chunk of `warm` steps compiles; the second is timed
-    md.run(apply, state, potential.neighbor_fn, neighbor, 2 * warm, chunk_steps=warm,
+    t0 = time.perf_counter()  # the first chunk of `steps` steps compiles; the second is timed
+    md.run(apply, state, potential.neighbor_fn, neighbor, 2 * steps, chunk_steps=steps,
            on_chunk=lambda *_: stamps.append(time.perf_counter()))
     seconds = stamps[-1] - stamps[0]
     return dict(engine="a2ijax md", ranks=1, n=n, first_s=stamps[0] - t0, seconds=seconds,
+                neighbor_list="cell list" if neighbor.cell_list_fn is not None else "all pairs",
                 us_per_atom_step=1e6 * seconds / (n * steps))
 
 
-def lammps_worker(model: str, n: int, warm: int, steps: int, skin: float, out: Path) -> dict | None:
+def lammps_worker(model: str, n: int, steps: int, skin: float, out: Path) -> dict | None:
     from a2ijax.lammps import run_input
 
     _, _, _, data = system(n, out)
     script = out / f"speed_{n}.in"
     script.write_text(f"units lj\natom_style atomic\nboundary p p p\nread_data {data}\ntimestep {DT}\n"
-                      f"fix integrate all nve\nthermo {warm + steps}\nrun {warm}\n")
+                      f"fix integrate all nve\nthermo {2 * steps}\nrun {steps}\n")
     t0 = time.perf_counter()
     fix = run_input(model, script, ["Ar"], skin=skin)
     first = time.perf_counter() - t0
@@ -96,6 +97,7 @@ def lammps_worker(model: str, n: int, warm: int, steps: int, skin: float, out: P
     ranks = int(fix.lmp.extract_setting("world_size"))
     rank = 0 if fix.comm is None else fix.comm.rank
     row = dict(engine="LAMMPS + A2I (fix external)", ranks=ranks, n=n, first_s=first, seconds=seconds,
+               neighbor_list="host cell list (the fix's layout)",
                us_per_atom_step=1e6 * seconds / (n * steps), run_s=whole,
                run_us_per_atom_step=1e6 * whole / (n * steps), rank0_local=nlocal, rank0_ghost=nghost,
                rank0_host_s=fix.seconds["host"], rank0_model_s=fix.seconds["model"],
@@ -119,7 +121,7 @@ def main() -> None:
     if args.worker:
         engine, n = args.worker[0], int(args.worker[1])
         work = a2ijax_md if engine == "md" else lammps_worker
-        row = work(args.model, n, args.steps, args.steps, args.skin, scratch)
+        row = work(args.model, n, args.steps, args.skin, scratch)
         if row is not None:
             print(json.dumps(row), flush=True)
         return

@@ -29,13 +29,15 @@ import numpy as np
 STATE_POINTS = {"lj": ["rho0.84_T0.85", "rho0.80_T2.0"], "ka": ["rho1.2_T0.6", "rho1.2_T2.0"]}
 
 
-def basis(x: np.ndarray, n: int, p: int = 6) -> np.ndarray:
-    """``envelope(x) * sin(k pi x) / x``, ``k = 1..n`` (the model's polynomial envelope and Bessel
-    basis, a2ijax.model, here in NumPy float64): ``[..., n]``."""
-    xp = x**p
-    c = 1.0 - 0.5 * (p + 1) * (p + 2) * xp + p * (p + 2) * xp * x - 0.5 * p * (p + 1) * xp * x * x
-    k = np.arange(1, n + 1)
-    return np.where(x[..., None] < 1.0, c[..., None] * np.sin(np.pi * k * x[..., None]) / x[..., None], 0.0)
+def basis(x: np.ndarray, n: int) -> np.ndarray:
+    """The model's own radial features in float64: ``envelope(x) * bessel_basis(x, n)`` (the default
+    polynomial envelope, a2ijax.model), ``[..., n]``."""
+    import jax.numpy as jnp
+
+    from a2ijax.model import bessel_basis, envelope
+
+    x = jnp.asarray(x, jnp.float64)
+    return np.asarray(envelope(x)[..., None] * bessel_basis(x, n))
 
 
 def design(frames, cutoff: float, n: int, n_species: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,6 +71,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # the fit and the labels in float64
     from a2ijax.sampling import SamplingConfig, generate
     from a2ijax.systems import get_system
 

@@ -130,7 +130,9 @@ def lammps() -> list[str]:
         return []
     lines = ["## LAMMPS + A2I against `a2ijax md`", "",
              f"The shipped `{data['model']}` model, LJ liquid at density 0.84, NVE, float32; {provenance(data)}. "
-             "LAMMPS through `fix external` (`a2ijax.lammps`), on 1 and 2 MPI ranks of this machine's "
+             "`a2ijax md`: the model through `Checkpoint.potential` and `md.run`, on the package's periodic cell "
+             "list; LAMMPS through `fix external` (`a2ijax.lammps`), whose callback finds neighbours with a host "
+             "cell list, on 1 and 2 MPI ranks of this machine's "
              f"{data.get('cores', '?')} cores. A step's time: `a2ijax md` between two compiled chunks, LAMMPS from "
              "the `run` command's setup to its last step; the whole `run`, setup included, beside it. The rank-0 "
              "columns cover the timed steps: centres evaluated per local atom (the ghost recomputation), the "
