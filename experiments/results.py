@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +34,17 @@ OUT = ROOT / "docs" / "results.md"
 def load(name: str) -> dict | None:
     path = DATA / name
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def section(source: str) -> Callable[[Callable[[dict], list[str]]], Callable[[], list[str]]]:
+    """A section of results.md rendered from ``docs/data/<source>``: none while the file is absent,
+    followed by a blank line."""
+    def wrap(render: Callable[[dict], list[str]]) -> Callable[[], list[str]]:
+        def lines() -> list[str]:
+            data = load(source)
+            return [] if data is None else render(data) + [""]
+        return lines
+    return wrap
 
 
 def provenance(data: dict) -> str:
@@ -72,10 +84,8 @@ def accuracy() -> list[str]:
     return lines
 
 
-def md_memory() -> list[str]:
-    data = load("md_memory.json")
-    if data is None:
-        return []
+@section("md_memory.json")
+def md_memory(data: dict) -> list[str]:
     lines = ["## MD at scale: memory and time per atom-step", "",
              f"The shipped `{data['model']}` model through `Checkpoint.potential(box)` and `a2ijax.md.run` (NVE, "
              f"LJ liquid at density {data['density']}, float32, one process). {provenance(data)}.", "",
@@ -95,13 +105,11 @@ def md_memory() -> list[str]:
     if ratio:
         lines += ["", f"At {ratio['n']:,} atoms over 10,000: time per atom-step x{ratio['us_per_atom_step']:.2f}, "
                   f"memory per atom above the interpreter x{ratio['kib_per_atom']:.2f}."]
-    return lines + [""]
+    return lines
 
 
-def bench() -> list[str]:
-    data = load("bench.json")
-    if data is None:
-        return []
+@section("bench.json")
+def bench(data: dict) -> list[str]:
     env = data["environment"]
     lines = ["## Speed: `a2ijax bench`", "",
              f"{env['backend']} ({env['device']}), {env['dtype']}, jax {env['jax']}, jax-md {env['jax_md']}; "
@@ -121,13 +129,11 @@ def bench() -> list[str]:
                      f"{r['us_per_atom_step']:.3g} | {ratio} | {r['force_flop_per_atom'] / 1e6:.3g} | {rss} |")
     for s in data["skipped"]:
         lines.append(f"\nNot measured: {s['potential']} at N {s['n']}: {s['reason']}")
-    return lines + [""]
+    return lines
 
 
-def lammps() -> list[str]:
-    data = load("lammps_speed.json")
-    if data is None:
-        return []
+@section("lammps_speed.json")
+def lammps(data: dict) -> list[str]:
     lines = ["## LAMMPS + A2I against `a2ijax md`", "",
              f"The shipped `{data['model']}` model, LJ liquid at density 0.84, NVE, float32; {provenance(data)}. "
              "`a2ijax md`: the model through `Checkpoint.potential` and `md.run`, on the package's periodic cell "
@@ -153,13 +159,11 @@ def lammps() -> list[str]:
                      f"{r.get('over_a2ijax_md', 1.0):.2f} | {cell('run_us_per_atom_step', '.1f')} | "
                      f"{cell('rank0_centres_per_local', '.2f')} | {cell('rank0_host_s', '.1f')} | "
                      f"{cell('rank0_model_s', '.1f')} | {counts} |")
-    return lines + [""]
+    return lines
 
 
-def md_checks() -> list[str]:
-    data = load("md_checks.json")
-    if data is None:
-        return []
+@section("md_checks.json")
+def md_checks(data: dict) -> list[str]:
     lines = ["## MD with the shipped models against the reference potentials", "",
              f"{data['steps']:,} NVE steps from a start equilibrated with the reference potential, then Langevin "
              "NVT for the RDF (the mean over r < L/2 of |g_model - g_ref|, beside the same between two reference "
@@ -171,7 +175,7 @@ def md_checks() -> list[str]:
         lines.append(f"| {r['system']} | {r['state_point']} | {r['atoms']} | {'yes' if r['finite'] else 'no'} | "
                      f"{r['drift_model']:.2g} / {r['drift_reference']:.2g} | {r['kT_model']:.4g} / "
                      f"{r['kT_reference']:.4g} | {rdf} | {r['atom_steps_per_s']:,} |")
-    return lines + [""]
+    return lines
 
 
 def compact(value) -> str:
@@ -182,10 +186,8 @@ def compact(value) -> str:
     return format(value, ".3g") if isinstance(value, float) else str(value)
 
 
-def notebooks_full() -> list[str]:
-    data = load("notebooks_full.json")
-    if data is None:
-        return []
+@section("notebooks_full.json")
+def notebooks_full(data: dict) -> list[str]:
     lines = ["## The notebooks in full mode", "",
              f"Each notebook run top to bottom without `A2IJAX_NOTEBOOK_QUICK` (the suite runs them in quick mode), "
              f"its checks and the `figures` its checks cell defines; {provenance(data)}.", "",
@@ -193,13 +195,11 @@ def notebooks_full() -> list[str]:
     for r in data["rows"]:
         figures = compact(r.get("figures", {}))
         lines.append(f"| `{r['notebook']}` | {r['seconds'] / 60:.1f} | {r['checks']} | {figures} |")
-    return lines + [""]
+    return lines
 
 
-def radial_floor() -> list[str]:
-    data = load("radial_floor.json")
-    if data is None:
-        return []
+@section("radial_floor.json")
+def radial_floor(data: dict) -> list[str]:
     sizes = sorted({r["n_radial"] for r in data["rows"]})
     lines = ["## The radial basis's least-squares floor", "",
              "The reference forces of held-out frames fitted, in float64, by pair forces in the model's radial "
@@ -215,18 +215,16 @@ def radial_floor() -> list[str]:
         frames = next(iter(by_n.values()))["frames"]
         cells = " | ".join(percent(by_n[n]["force_rmse_over_std"]) if n in by_n else "" for n in sizes)
         lines.append(f"| {system} | {point} | {frames} | {cells} |")
-    return lines + [""]
+    return lines
 
 
-def fresh_clone() -> list[str]:
-    data = load("fresh_clone.json")
-    if data is None:
-        return []
+@section("fresh_clone.json")
+def fresh_clone(data: dict) -> list[str]:
     lines = ["## A fresh clone: the README's two commands", "",
              f"{provenance(data)}.", "", "| step | seconds | outcome |", "|---|---:|---|"]
     for r in data["rows"]:
         lines.append(f"| `{r['step']}` | {r['seconds']:.0f} | {r['outcome']} |")
-    return lines + [""]
+    return lines
 
 
 def document() -> str:
