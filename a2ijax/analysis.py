@@ -41,7 +41,8 @@ class AttentionMaps:
     """Attention of the centre atoms ``centers [n]`` over their ``K`` neighbour slots.
 
     ``weights [layers, n, H, K, M]``: the weight of key ``m`` for query slot ``j`` (``M = K`` slots,
-    or the ``attention_keys`` nearest ones, listed in ``keys``); ``sink [layers, n, H, K]``: the
+    or the ``attention_keys`` nearest ones, listed in ``keys``; with the pair pathway and an
+    attention range the tokens are those keys, and the slots here are the tokens: ``K = M``); ``sink [layers, n, H, K]``: the
     share of the sink (each query's weights and sink sum to one). ``neighbors [n, K]``: the atom in
     each slot (``N`` where empty); ``keys [n, M]``: the slot of each key; ``distances [n, K]``:
     ``d_ij`` (inf where empty); ``cosines [n, K, M]``: ``cos(theta_jik)`` between query slot ``j``
@@ -97,13 +98,18 @@ def attention_maps(checkpoint: Checkpoint, atoms: ase.Atoms, centers: Any = None
     blocks = [found[f"block_{layer}"]["attention"] for layer in range(config.layers)]
     weights = np.stack([np.asarray(b["weights"][0]) for b in blocks])
     sink = np.stack([np.asarray(b["sink"][0]) for b in blocks])
-    dR, mask = np.asarray(dR, np.float64), np.asarray(pair_mask)
+    dR, mask, slots = np.asarray(dR, np.float64), np.asarray(pair_mask), np.asarray(idx)[centers]
+    if "tokens" in found:  # with the pair pathway the tokens are the keys: the maps cover those slots
+        tokens = np.asarray(found["tokens"][0])
+        dR, mask = np.take_along_axis(dR, tokens[..., None], 1), np.take_along_axis(mask, tokens, 1)
+        slots = np.take_along_axis(slots, tokens, 1)
     d = np.where(mask, np.linalg.norm(dR, axis=-1), np.inf)
     k = dR.shape[1]
-    keys = np.asarray(found["keys"][0]) if "keys" in found else np.broadcast_to(np.arange(k), (len(centers), k))
+    keys = np.asarray(found["keys"][0]) if "keys" in found and "tokens" not in found else np.broadcast_to(
+        np.arange(k), (len(centers), k))
     unit = np.where(mask[..., None], dR / np.where(mask, d, 1.0)[..., None], 0.0)
     cosines = np.einsum("nkx,nmx->nkm", unit, np.take_along_axis(unit, keys[..., None], 1))
-    neighbors = np.where(mask, np.asarray(idx)[centers], len(R))
+    neighbors = np.where(mask, slots, len(R))
     return AttentionMaps(centers, neighbors, np.asarray(keys), d, np.clip(cosines, -1.0, 1.0), weights, sink)
 
 

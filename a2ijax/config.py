@@ -105,6 +105,9 @@ class TrainConfig:
       learning_rate: peak learning rate of AdamW, reached after ``warmup_steps``, then cosine decay
         to ``learning_rate * final_lr_fraction``.
       weight_decay: AdamW decoupled weight decay.
+      pair_lr_fraction: the pair pathway's weights (``[model] pair_radial``) move at this fraction of
+        the learning rate: they start at their least-squares optimum (``a2ijax.pair_fit``), where Adam's
+        steps of about the learning rate per weight would only add minibatch noise to a fitted potential.
       clip_norm: clip the global gradient norm to this value (0: no clipping).
       energy_weight, energy_weight_final, force_weight, force_weight_final: loss weights, initial
         and final; a final weight left out keeps the initial one for the whole run.
@@ -135,6 +138,7 @@ class TrainConfig:
     warmup_steps: int = 50
     final_lr_fraction: float = 0.01
     weight_decay: float = 1e-6
+    pair_lr_fraction: float = 0.01
     clip_norm: float = 10.0
     energy_weight: float = 1.0
     energy_weight_final: float | None = None
@@ -170,11 +174,11 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise InputError(f"[train] {name} must be >= 0 (or left out: the initial weight throughout), "
                                  f"got {getattr(self, name)}")
-        for name in ("learning_rate", "final_lr_fraction", "weight_decay", "clip_norm"):
+        for name in ("learning_rate", "final_lr_fraction", "weight_decay", "clip_norm", "pair_lr_fraction"):
             if not math.isfinite(getattr(self, name)):
                 raise InputError(f"[train] {name} must be finite, got {getattr(self, name)}")
-        if self.final_lr_fraction < 0 or self.weight_decay < 0 or self.clip_norm < 0:
-            raise InputError("[train] final_lr_fraction, weight_decay and clip_norm must be >= 0")
+        if min(self.final_lr_fraction, self.weight_decay, self.clip_norm, self.pair_lr_fraction) < 0:
+            raise InputError("[train] final_lr_fraction, weight_decay, clip_norm and pair_lr_fraction must be >= 0")
         if self.loss_normalization not in LOSS_NORMALIZATIONS:
             raise InputError(f"[train] loss_normalization must be one of {LOSS_NORMALIZATIONS}, "
                              f"got {self.loss_normalization!r}")

@@ -29,6 +29,16 @@ every query are the ``M`` nearest neighbours, weighted by an envelope in ``d / r
 ``d / r_c``, so the attention costs ``K x M`` instead of ``K^2``; the queries (every token) and the
 pooled readout keep the full cutoff.
 
+Pair pathway (optional, ``pair_radial`` ``P``): ``E_i`` gains ``1/2 sum_j V_ab(d_ij)`` over every
+neighbour within the cutoff, ``V_ab = sum_p w_abp c(d/r_c) sin(p pi d/r_c) / (d/r_c)`` with ``w`` a
+symmetric table per species pair: an exact, smooth pair potential beside the transformer, with no
+normalisation between it and the energy, so its weights can start from a least-squares fit
+(``a2ijax.pair_fit``) and the transformer learns the many-body rest (its readout starts at zero).
+With an attention range as well, the transformer's tokens are the ``M`` keys alone: attention, the
+blocks' dense layers and the pooled readout work on ``M`` tokens inside ``r_att`` instead of ``K``
+inside ``r_c``, and the pair pathway carries the tail between ``r_att`` and ``r_c``. This departs
+from the paper's single pathway; docs/design.md, "The pair pathway", says why.
+
 Core repulsion (optional, ``core_radii``): a fixed pair wall that is exactly zero, with its first two
 derivatives, at and beyond a radius per species pair, and grows like ``(r_ab / d)^12`` below it. The
 trainer sets the radii to the closest approach of each species pair in the training data, so the
@@ -82,6 +92,10 @@ class A2IConfig:
         weights, ``E_i = sum_j c_j g(h_j) / avg_neighbors``: a sum of per-neighbour terms, which holds a
         pair potential exactly (each term's size is free, where the pooled readout sees a mean of
         normalised tokens).
+      pair_radial: size ``P`` of the Bessel basis of the pair pathway (0: none, the paper's single
+        pathway); see the module docstring. With ``attention_keys`` set, the transformer's tokens
+        are the ``M`` keys, and its pooled sum is divided by ``avg_neighbors (r_att / r_c)^3``, the
+        same density's count inside ``r_att``.
       attention_cutoff: attention range ``r_att`` (0: the cutoff). With ``0 < r_att <= r_c``, every
         token (query) attends only to the ``attention_keys`` nearest neighbours, weighted by an
         envelope that vanishes at ``r_att``: attention costs ``K x M`` instead of ``K^2``, while the
@@ -120,6 +134,7 @@ class A2IConfig:
     n_radial: int = 8
     radial_embedding: str = "linear"
     readout: str = "pooled"
+    pair_radial: int = 0
     attention_cutoff: float = 0.0
     attention_keys: int = 0
     angular_order: int = 2
@@ -140,7 +155,7 @@ class A2IConfig:
         for name in ("n_species", "width", "heads", "layers", "mlp_ratio", "n_radial"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
-        for name in ("angular_order", "attention_keys"):
+        for name in ("angular_order", "attention_keys", "pair_radial"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 0, f"{name} must be an int >= 0, got {value!r}")
         need(self.width % self.heads == 0,
@@ -339,26 +354,6 @@ class A2ITransformer(nn.Module):
         x = d / rc
         c = envelope(x, cfg.envelope, cfg.envelope_exponent)  # [n, K]
 
-        init = nn.initializers.normal(1.0)
-        center_table = self.param("center_embedding", init, (cfg.n_species, cfg.width), cfg.param_dtype)
-        neighbor_table = self.param("neighbor_embedding", init, (cfg.n_species, cfg.width), cfg.param_dtype)
-        center = _lookup(center_table, species_center)  # [n, D]
-        neighbor = _lookup(neighbor_table, species_neighbor)  # [n, K, D]
-
-        angular = None
-        if cfg.featurization == "invariant":
-            geometry = bessel_basis(x, cfg.n_radial)  # [n, K, n_radial]
-            if cfg.angular_order > 0:
-                angular = tensor_powers(dR / d[..., None], cfg.angular_order)  # [n, K, dim^l] each
-        else:
-            geometry = jnp.concatenate([dR / rc, x[..., None]], -1)  # [n, K, dim + 1]
-        embedded = nn.Dense(cfg.width, name="embed_geometry", **dense)(geometry)  # [n, K, D]
-        if cfg.radial_embedding == "pair_mlp":
-            pair_table = self.param("pair_embedding", init, (cfg.n_species**2, cfg.width), cfg.param_dtype)
-            pair = _lookup(pair_table, species_center[:, None] * cfg.n_species + species_neighbor)  # [n, K, D]
-            embedded = nn.Dense(cfg.width, name="embed_geometry_out", **dense)(nn.silu(embedded + pair))
-        tokens = embedded + neighbor + center[:, None, :]
-
         keys, c_keys, crowded = None, c, None
         if cfg.attention_keys:
             # The M nearest slots are the keys, weighted by an envelope that vanishes at r_att: a
@@ -368,21 +363,61 @@ class A2ITransformer(nn.Module):
             c_keys = envelope(-minus_d / r_att, cfg.envelope, cfg.envelope_exponent)  # [n, M]
             crowded = jnp.sum(d < r_att, -1) > cfg.attention_keys  # [n]: keys with weight were cut off
             self.sow("intermediates", "keys", keys)  # for a2ijax.analysis; nothing unless asked for
+        # The tokens: every neighbour slot, or with the pair pathway and an attention range, the M keys.
+        t_dR, t_d, t_x, t_species, t_c, pooled_count = dR, d, x, species_neighbor, c, cfg.avg_neighbors
+        if cfg.pair_radial and keys is not None:
+            t_dR, t_species = _gather_slots(dR, keys), _gather_slots(species_neighbor, keys)  # [n, M, ...]
+            t_d, t_c = -minus_d, c_keys
+            t_x = t_d / r_att
+            pooled_count = cfg.avg_neighbors * (cfg.attention_cutoff / cfg.cutoff) ** 3
+            self.sow("intermediates", "tokens", keys)  # the token slots (every token is a key)
+            keys = None
+
+        init = nn.initializers.normal(1.0)
+        center_table = self.param("center_embedding", init, (cfg.n_species, cfg.width), cfg.param_dtype)
+        neighbor_table = self.param("neighbor_embedding", init, (cfg.n_species, cfg.width), cfg.param_dtype)
+        center = _lookup(center_table, species_center)  # [n, D]
+        neighbor = _lookup(neighbor_table, t_species)  # [n, T, D]
+
+        angular = None
+        if cfg.featurization == "invariant":
+            geometry = bessel_basis(t_x, cfg.n_radial)  # [n, T, n_radial]
+            if cfg.angular_order > 0:
+                angular = tensor_powers(t_dR / t_d[..., None], cfg.angular_order)  # [n, T, dim^l] each
+        else:
+            geometry = jnp.concatenate([t_dR / rc, (t_d / rc)[..., None]], -1)  # [n, T, dim + 1]
+        embedded = nn.Dense(cfg.width, name="embed_geometry", **dense)(geometry)  # [n, T, D]
+        if cfg.radial_embedding == "pair_mlp":
+            pair_table = self.param("pair_embedding", init, (cfg.n_species**2, cfg.width), cfg.param_dtype)
+            pair = _lookup(pair_table, species_center[:, None] * cfg.n_species + t_species)  # [n, T, D]
+            embedded = nn.Dense(cfg.width, name="embed_geometry_out", **dense)(nn.silu(embedded + pair))
+        tokens = embedded + neighbor + center[:, None, :]
+
         for layer in range(cfg.layers):
-            tokens = Block(cfg, self.dtype, name=f"block_{layer}")(tokens, c_keys, angular, keys)  # [n, K, D]
+            tokens = Block(cfg, self.dtype, name=f"block_{layer}")(tokens, c_keys, angular, keys)  # [n, T, D]
         tokens = nn.LayerNorm(name="norm_out", **dense)(tokens)
+        # With the pair pathway the readout starts at zero: step 0 is the pair potential alone.
+        readout = nn.Dense(1, name="readout", **dense,
+                           **(dict(kernel_init=nn.initializers.zeros) if cfg.pair_radial else {}))
         if cfg.readout == "tokens":  # sum of per-token energies
             y = nn.Dense(cfg.width, name="readout_hidden", **dense)(tokens + center[:, None, :].astype(tokens.dtype))
-            y = nn.Dense(1, name="readout", **dense)(nn.silu(y))[..., 0]  # [n, K]
-            y = jnp.einsum("nk,nk->n", c.astype(y.dtype), y) / cfg.avg_neighbors  # [n]
+            y = readout(nn.silu(y))[..., 0]  # [n, T]
+            y = jnp.einsum("nk,nk->n", t_c.astype(y.dtype), y) / pooled_count  # [n]
         else:  # an MLP of the pooled tokens
-            pooled = jnp.einsum("nk,nkd->nd", c.astype(tokens.dtype), tokens) / cfg.avg_neighbors  # [n, D]
+            pooled = jnp.einsum("nk,nkd->nd", t_c.astype(tokens.dtype), tokens) / pooled_count  # [n, D]
             y = nn.Dense(cfg.width, name="readout_hidden", **dense)(pooled + center.astype(pooled.dtype))
-            y = nn.Dense(1, name="readout", **dense)(nn.silu(y))[:, 0]  # [n]
+            y = readout(nn.silu(y))[:, 0]  # [n]
 
         scale = self.param("energy_scale", nn.initializers.ones, (cfg.n_species,), cfg.param_dtype)
         shift = self.param("energy_shift", nn.initializers.zeros, (cfg.n_species,), cfg.param_dtype)
         energy = _lookup(scale, species_center) * y + _lookup(shift, species_center)
+        if cfg.pair_radial:
+            w = self.param("pair_weights", nn.initializers.zeros, (cfg.n_species, cfg.n_species, cfg.pair_radial),
+                           cfg.param_dtype)
+            w = 0.5 * (w + jnp.swapaxes(w, 0, 1))  # V_ab = V_ba
+            phi = c[..., None] * bessel_basis(x, cfg.pair_radial)  # [n, K, P]; 0 at empty slots (x = 2)
+            w_ij = w[species_center[:, None], species_neighbor]  # [n, K, P]
+            energy = energy + 0.5 * jnp.einsum("nkp,nkp->n", phi.astype(w_ij.dtype), w_ij).astype(energy.dtype)
         if cfg.core_radii:
             radii = jnp.asarray(cfg.core_radii, d.dtype).reshape(cfg.n_species, cfg.n_species)
             r_ab = radii[species_center[:, None], species_neighbor]  # [n, K]; padded slots sit at 2 r_c

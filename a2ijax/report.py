@@ -77,7 +77,8 @@ def error_report(dataset: Dataset, predictions: Predictions, fluctuation: dict[s
         ref = fluctuation.get(name, {})
         sp_f = np.concatenate([(predictions.forces[k] - dataset.forces[frames[k]]).ravel() for k in rows])
         row = dict(frames=len(rows), energy_rmse=_rmse(e_err[rows]), energy_fluctuation=ref.get("energy_std", np.nan),
-                   force_rmse=_rmse(sp_f), force_std=ref.get("force_std", np.nan))
+                   force_rmse=_rmse(sp_f), force_std=ref.get("force_std", np.nan),
+                   energy_bias_per_atom=float(np.mean(e_err[rows] / n[rows])))
         row["energy_ratio"] = row["energy_rmse"] / row["energy_fluctuation"]
         row["force_ratio"] = row["force_rmse"] / row["force_std"]
         report["state_points"][name] = row

@@ -37,6 +37,7 @@ from a2ijax.dataset import Dataset, read_dataset
 from a2ijax.errors import InputError
 from a2ijax.files import atomic_write
 from a2ijax.loss import batch_errors, normalised_loss, predict_fn, rotate_batch
+from a2ijax.pair_fit import fit_pair_weights
 from a2ijax.parallel import global_batch, is_main_process, make_mesh, padded_rows, replicate, replicated, split_leading
 from a2ijax.potential import default_atom_chunk, fixed_neighbor_list, potential_builder
 from a2ijax.report import final_report, validation_errors
@@ -100,23 +101,35 @@ def prepare_run(dataset: Dataset, config: ExperimentConfig, *, atom_chunk: int |
     if not len(data.splits["valid"]):
         raise InputError(f"{dataset.path}: no validation frames")
     config = with_core_repulsion(config, data.statistics)
+    if config.model.pair_radial and not config.baseline.name:
+        # The pair pathway starts from its least-squares fit (a2ijax.pair_fit), kept with the statistics.
+        weights, shift, fit = fit_pair_weights(config, data)
+        data.statistics.update(pair_weights=weights.tolist(), pair_energy_shift=shift.tolist(), pair_fit=fit)
     chunk = default_training_chunk() if atom_chunk is None else atom_chunk
     init_fn, energy_fn, per_atom = potential_builder(config, fixed_species(dataset, config), atom_chunk=chunk)
     return Run(config, data, init_fn, energy_fn, per_atom)
 
 
 def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
-    """AdamW (weight decay on matrices only) with warm-up, cosine decay and global-norm clipping."""
+    """AdamW (weight decay on matrices only) with warm-up, cosine decay and global-norm clipping; the
+    pair pathway's weights at ``pair_lr_fraction`` of the rate."""
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, train.learning_rate, max(train.warmup_steps, 1), max(train.steps, train.warmup_steps + 1),
         end_value=train.learning_rate * train.final_lr_fraction)
-    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)  # noqa: E731 (matrices only)
+    # Matrices only: not biases, scales, or the pair pathway's weights (a fitted potential, not a layer).
+    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim == 2, params)  # noqa: E731
     chain = [optax.clip_by_global_norm(train.clip_norm)] if train.clip_norm > 0 else []
-    return optax.chain(*chain, optax.adamw(schedule, weight_decay=train.weight_decay, mask=decay_mask))
+    chain.append(optax.adamw(schedule, weight_decay=train.weight_decay, mask=decay_mask))
+    if train.pair_lr_fraction != 1.0:  # the pair pathway's fitted weights move slower (TrainConfig)
+        pair_mask = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
+            lambda path, _: getattr(path[-1], "key", None) == "pair_weights", params)
+        chain.append(optax.masked(optax.scale(train.pair_lr_fraction), pair_mask))
+    return optax.chain(*chain)
 
 
 def init_state(run: Run) -> TrainState:
-    """Initial parameters with the fitted shift and the force-RMS scale, optimiser state, EMA, key."""
+    """Initial parameters with the fitted shift, the force-RMS scale and the pair pathway's
+    least-squares weights (:func:`prepare_run`), optimiser state, EMA, key."""
     config, data = run.config, run.data
     key = jax.random.PRNGKey(config.train.seed)
     key, init_key = jax.random.split(key)
@@ -127,6 +140,9 @@ def init_state(run: Run) -> TrainState:
     leaves = params["params"]
     leaves["energy_shift"] = jnp.asarray(data.statistics["energy_shift"], leaves["energy_shift"].dtype)
     leaves["energy_scale"] = jnp.full_like(leaves["energy_scale"], math.sqrt(data.statistics["force_mean_square"]))
+    if "pair_weights" in data.statistics:  # the pair pathway's fit, with the shift fitted beside it
+        leaves["pair_weights"] = jnp.asarray(data.statistics["pair_weights"], leaves["pair_weights"].dtype)
+        leaves["energy_shift"] = jnp.asarray(data.statistics["pair_energy_shift"], leaves["energy_shift"].dtype)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=make_optimizer(config.train).init(params),
                       ema=jax.tree_util.tree_map(jnp.copy, params), key=key)
 
