@@ -14,6 +14,7 @@ the transformer, whose readout starts at zero, learns what is left.
 
 from __future__ import annotations
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,17 +27,24 @@ from a2ijax.model import bessel_basis, envelope
 MAX_FIT_FRAMES = 400  # evenly spaced training frames; the fit has at most a few hundred columns
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _basis_and_slope(x: jax.Array, n: int, kind: str, p: int) -> tuple[jax.Array, jax.Array]:
+    def phi(x):
+        return envelope(x, kind, p)[..., None] * bessel_basis(x, n)
+
+    return jax.jvp(phi, (x,), (jnp.ones_like(x),))  # phi is elementwise in x
+
+
 def pair_basis(d: np.ndarray, cutoff: float, n: int, kind: str = "polynomial", p: int = 6
                ) -> tuple[np.ndarray, np.ndarray]:
     """``phi_p(d)`` and ``d phi_p / d d`` for distances ``d [P]``: ``[P, n]`` each (the model's own
     envelope and Bessel functions, evaluated by JAX in float64)."""
-    def phi(x):
-        return envelope(x, kind, p)[..., None] * bessel_basis(x, n)
-
+    d = np.asarray(d, np.float64)
+    size = 1 << max(int(len(d)) - 1, 1).bit_length()  # padded to a power of two: few shapes, few compilations
     with jax.enable_x64(True):
-        x = jnp.asarray(np.asarray(d, np.float64) / cutoff)
-        value, slope = jax.jvp(phi, (x,), (jnp.ones_like(x),))  # phi is elementwise in x
-        return np.asarray(value), np.asarray(slope) / cutoff
+        x = jnp.asarray(np.pad(d, (0, size - len(d)), constant_values=cutoff) / cutoff)
+        value, slope = _basis_and_slope(x, n, kind, p)
+        return np.asarray(value)[:len(d)], np.asarray(slope)[:len(d)] / cutoff
 
 
 def species_pair_columns(n_species: int) -> np.ndarray:

@@ -53,13 +53,19 @@ def directory(name: str) -> Path:
 def load(name: str) -> Checkpoint:
     """The shipped model ``name`` as a :class:`a2ijax.checkpoint.Checkpoint` (``.potential(box)``
     for jax-md, ``.config``, ``.params``, ``.meta``, with ``meta["report"]`` its test report)."""
-    path = directory(name)
+    return load_directory(directory(name))
+
+
+def load_directory(path: str | Path) -> Checkpoint:
+    """A model in the shipped layout (``meta.json``, ``params.msgpack``, ``report.json``) from any
+    directory: an exported run, or an earlier version of a shipped model kept for comparison."""
+    path = Path(path)
     try:
         meta = json.loads((path / "meta.json").read_text())
         meta["report"] = json.loads((path / "report.json").read_text())
         params = flax.serialization.msgpack_restore((path / "params.msgpack").read_bytes())
     except (OSError, ValueError) as error:
-        raise CheckpointError(f"pretrained model {name!r} in {path} is corrupt or unreadable: {error}") from error
+        raise CheckpointError(f"pretrained model in {path} is corrupt or unreadable: {error}") from error
     meta = upgrade_stored_meta(meta)
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), params)
     return Checkpoint(path, int(meta["step"]), experiment_from_dict(meta["config"]), params, meta)

@@ -34,17 +34,15 @@ from a2ijax.train import train_and_evaluate
 from a2ijax.trained_md import run_md
 
 STATE_POINT = "rho0.84_T0.85"
-# Attention over each token's 24 nearest neighbours within 1.5 (the LJ config's, which won its A/B
-# pilot): a step costs 0.6x the full-cutoff attention's, so the same minutes buy more steps.
+# The LJ config's model: attention over each token's 24 nearest neighbours within 1.5, and the pair
+# pathway (16 Bessel functions over the cutoff, started from its least-squares fit; docs/design.md,
+# "The pair pathway"), so the transformer's tokens are those 24 keys.
 MODEL = A2IConfig(cutoff=2.5, width=32, heads=2, layers=1, avg_neighbors=50.0, attention_cutoff=1.5,
-                  attention_keys=24)
-# One state point, forces first: the dataset-wide loss normalisation with a small energy weight (on
-# one state point its per-atom energy variance is ~70x smaller than over the five LJ state points).
-# Measured against the state-point loss with the energy weight ramped 0.03 -> 1, 400 steps and a
-# short EMA: 57% / 41% against this setting's 37% / 20% (BUILD_NOTES.md history, "Quickstart").
-TRAIN = TrainConfig(steps=800, batch_size=2, learning_rate=3e-3, warmup_steps=30, loss_normalization="dataset",
-                    energy_weight=0.015, energy_weight_final=0.3, eval_every=100, checkpoint_every=400,
-                    eval_frames=10)
+                  attention_keys=24, pair_radial=16)
+# One state point and the report's own measure as the loss (state-point normalisation), energies and
+# forces at equal weight: step 0 is already the least-squares pair potential, so neither term dominates.
+TRAIN = TrainConfig(steps=800, batch_size=2, learning_rate=3e-3, warmup_steps=30, energy_weight=1.0,
+                    force_weight=1.0, eval_every=100, checkpoint_every=400, eval_frames=10)
 SAMPLING = SamplingConfig(frames_per_point=100, stride=50, equilibration=3000, segment_frames=10)
 
 

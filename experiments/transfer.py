@@ -7,7 +7,8 @@ For each system, frames are sampled with the project's own sampler (``a2ijax.sam
 which no training set uses) at temperatures between the sampled ones, below the coldest or the
 liquid's, and at about twice the atoms (``POINTS``), labelled by the reference potential, written to
 ``<frames>/<system>.xyz`` once (later runs reuse the file) and evaluated with ``a2ijax.report.evaluate``
-for every model given: the shipped model by default, or ``--model system=run-directory``. Per state
+for every model given: the shipped model by default, or ``--model system=directory`` (a training run,
+or a model in the shipped layout, such as an earlier shipped version). Per state
 point: energy RMSE over the energy fluctuation of those frames, force RMSE over their force std, and
 the mean energy error per atom (the bias a transfer to a new state point shows).
 """
@@ -58,7 +59,8 @@ def unseen_frames(name: str, path: Path, frames: int, equilibration: int) -> Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--systems", nargs="+", default=["lj", "ka", "sw"], choices=sorted(POINTS))
-    parser.add_argument("--model", action="append", default=[], help="system=run directory (default: shipped)")
+    parser.add_argument("--model", action="append", default=[],
+                        help="system=directory: a run or a model in the shipped layout (default: the shipped model)")
     parser.add_argument("--frames", type=int, default=40, help="frames per state point")
     parser.add_argument("--equilibration", type=int, default=10000, help="MD steps before the first frame")
     parser.add_argument("--frames-dir", type=Path, default=Path("runs/transfer_frames"))
@@ -76,7 +78,12 @@ def main() -> None:
         path = args.frames_dir / f"{name}.xyz"
         if not path.exists():
             unseen_frames(name, path, args.frames, args.equilibration)
-        checkpoint = load_checkpoint(models[name]) if name in models else pretrained.load(name)
+        if name not in models:
+            checkpoint = pretrained.load(name)
+        elif (Path(models[name]) / "params.msgpack").is_file():  # a model in the shipped layout
+            checkpoint = pretrained.load_directory(models[name])
+        else:
+            checkpoint = load_checkpoint(models[name])
         report, _ = evaluate(checkpoint, path)
         for point, row in report["state_points"].items():
             rows.append(dict(system=name, model=models.get(name, f"pretrained {name}"), state_point=point, **row))

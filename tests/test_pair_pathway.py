@@ -120,13 +120,16 @@ def test_training_starts_from_the_pair_fit_and_it_holds_most_of_a_pair_potential
     dataset = run.data.dataset
     from a2ijax.potential import fixed_neighbor_list
 
+    @jax.jit
+    def forces(R, idx, species, box):
+        nbrs = fixed_neighbor_list(idx, R)
+        return -jax.grad(lambda R: run.energy_fn(state.params, R, neighbor=nbrs, species=species, box=box))(R)
+
     squared, total = 0.0, 0.0
     for bucket in run.data.buckets["train"]:
         for row in range(len(bucket)):
-            R = jnp.asarray(bucket.R[row])
-            nbrs = fixed_neighbor_list(jnp.asarray(bucket.idx[row]), R)
-            kw = dict(neighbor=nbrs, species=jnp.asarray(bucket.species[row]), box=jnp.asarray(bucket.box[row]))
-            F = -jax.grad(lambda R: run.energy_fn(state.params, R, **kw))(R)
+            F = forces(jnp.asarray(bucket.R[row]), jnp.asarray(bucket.idx[row]), jnp.asarray(bucket.species[row]),
+                       jnp.asarray(bucket.box[row]))
             n = int(bucket.n_atoms[row])
             squared += float(jnp.sum((F[:n] - bucket.forces[row, :n]) ** 2))
             total += float(np.sum(dataset.forces[int(bucket.frame_index[row])] ** 2))
