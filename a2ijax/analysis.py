@@ -42,11 +42,11 @@ class AttentionMaps:
 
     ``weights [layers, n, H, K, M]``: the weight of key ``m`` for query slot ``j`` (``M = K`` slots,
     or the ``attention_keys`` nearest ones, listed in ``keys``; with the pair pathway and an
-    attention range the tokens are those keys, and the slots here are the tokens: ``K = M``); ``sink [layers, n, H, K]``: the
-    share of the sink (each query's weights and sink sum to one). ``neighbors [n, K]``: the atom in
-    each slot (``N`` where empty); ``keys [n, M]``: the slot of each key; ``distances [n, K]``:
-    ``d_ij`` (inf where empty); ``cosines [n, K, M]``: ``cos(theta_jik)`` between query slot ``j``
-    and key ``m``.
+    attention range the tokens are those keys, and the slots here are the tokens: ``K = M``);
+    ``sink [layers, n, H, K]``: the share of the sink (each query's weights and sink sum to one).
+    ``neighbors [n, K]``: the atom in each slot (``N`` where empty); ``keys [n, M]``: the slot of
+    each key; ``distances [n, K]``: ``d_ij`` (inf where empty); ``cosines [n, K, M]``:
+    ``cos(theta_jik)`` between query slot ``j`` and key ``m``.
     """
 
     centers: np.ndarray

@@ -6,15 +6,18 @@ sin(p pi d/r_c) / (d/r_c)``, and the forces are linear in the same weights. So t
 under the training loss is one linear least-squares problem: every training frame's energy (after the
 per-species shift) and every force component are rows, each scaled as the loss scales it (the
 frame's energy and force scale and the loss weights at the end of the run), and the columns are
-``phi_p`` summed per unordered species pair, and the species counts: the per-species shift is refitted
-with the pair potential (fitted alone, it absorbs the mean pair energy of the frames). The trainer starts the pathway there
-(:func:`a2ijax.train.init_state`), so step 0 is already the best pair potential the basis holds and
-the transformer, whose readout starts at zero, learns what is left.
+``phi_p`` summed per unordered species pair, and the species counts: the per-species shift is
+refitted with the pair potential (fitted alone, it absorbs the mean pair energy of the frames). The
+trainer starts the pathway there (:func:`a2ijax.train.init_state`), so step 0 is already the best
+pair potential the basis holds and the transformer, whose readout starts at zero, learns what is
+left.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +28,10 @@ from a2ijax.geometry import minimum_image, neighbor_pairs
 from a2ijax.model import bessel_basis, envelope
 
 MAX_FIT_FRAMES = 400  # evenly spaced training frames; the fit has at most a few hundred columns
+# Ridge penalties tried on the pair weights, relative to the design's mean squared column, and the bound
+# on the weights over the energy scale that picks the first acceptable one (fit_pair_weights).
+RIDGES = (0.0, 1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2)
+WEIGHT_BOUND = 1e2
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -50,7 +57,8 @@ def pair_basis(d: np.ndarray, cutoff: float, n: int, kind: str = "polynomial", p
 def species_pair_columns(n_species: int) -> np.ndarray:
     """``[S, S]`` column block of each ordered species pair: one block per unordered pair."""
     table = np.zeros((n_species, n_species), int)
-    for m, (a, b) in enumerate((a, b) for a in range(n_species) for b in range(a, n_species)):
+    pairs = [(a, b) for a in range(n_species) for b in range(a, n_species)]
+    for m, (a, b) in enumerate(pairs):
         table[a, b] = table[b, a] = m
     return table
 
@@ -76,8 +84,9 @@ def frame_rows(R: np.ndarray, cell: np.ndarray, pbc, species: np.ndarray, cutoff
 def fit_pair_weights(config: ExperimentConfig, data: PreparedData,
                      max_frames: int = MAX_FIT_FRAMES) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """The pair pathway's weights ``[S, S, P]`` (symmetric) and the per-species energy shift ``[S]``
-    that minimise the training loss of the pair model alone, and the fit's force RMSE over the force
-    RMS and energy RMSE per atom on the frames used."""
+    that minimise the training loss of the pair model alone (with the ridge below, the largest of
+    ``RIDGES`` if none keeps the weights in bound), and the fit's force RMSE over the force RMS,
+    energy RMSE per atom, frames used and ridge."""
     model, train = config.model, config.train
     dataset, shift = data.dataset, np.asarray(data.statistics["energy_shift"], np.float64)
     frames = data.splits["train"]
@@ -100,12 +109,25 @@ def fit_pair_weights(config: ExperimentConfig, data: PreparedData,
         force_rows[-1][1:] = True
     A, y, w = np.concatenate(rows), np.concatenate(targets), np.concatenate(weights)
     is_force = np.concatenate(force_rows)
-    solution, *_ = np.linalg.lstsq(A * w[:, None], y * w, rcond=None)
+    # Where the frames sample few distances (a crystal's shells), the plain least-squares weights reach
+    # 1e6 and cancel, which float32 cannot evaluate (the SW crystal: forces 10-25x the std after 500
+    # steps): the smallest ridge of RIDGES that keeps every weight within WEIGHT_BOUND times the energy
+    # scale (force RMS x cutoff), so float32's round-off in their sum stays near 1e-5 of that scale.
+    A_w, pair_columns = A * w[:, None], A.shape[1] - model.n_species
+    column_scale = np.sum(A_w[:, :pair_columns] ** 2) / pair_columns
+    bound = WEIGHT_BOUND * math.sqrt(data.statistics["force_mean_square"]) * model.cutoff
+    for ridge in RIDGES:
+        regulariser = np.zeros((pair_columns, A.shape[1]))
+        regulariser[:, :pair_columns] = math.sqrt(ridge * column_scale) * np.eye(pair_columns)
+        solution, *_ = np.linalg.lstsq(np.concatenate([A_w, regulariser]),
+                                       np.concatenate([y * w, np.zeros(pair_columns)]), rcond=None)
+        if np.max(np.abs(solution[:pair_columns])) <= bound:
+            break
     residual = A @ solution - y
     atoms = np.asarray([len(dataset.positions[f]) for f in frames], np.float64)
     fit = dict(force_rmse_over_rms=float(np.sqrt(np.mean(residual[is_force] ** 2) / np.mean(y[is_force] ** 2))),
                energy_rmse_per_atom=float(np.sqrt(np.mean((residual[~is_force] / atoms) ** 2))),
-               frames=int(len(frames)))
+               frames=int(len(frames)), ridge=ridge)
     blocks = species_pair_columns(model.n_species)
     table = solution[:-model.n_species].reshape(-1, model.pair_radial)[blocks]  # [S, S, P], symmetric
     return table, shift + solution[-model.n_species:], fit

@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--before", action="append", required=True, help="system=model directory (attention only)")
     parser.add_argument("--after", action="append", required=True, help="system=model directory (pair pathway)")
     parser.add_argument("--run", action="append", default=[], help="system=training directory of --after")
+    parser.add_argument("--before-minutes", action="append", default=[],
+                        help="system=minutes: the --before model's training time as recorded when it was trained")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     from a2ijax.dataset import read_dataset
@@ -34,6 +36,7 @@ def main() -> None:
 
     before, after = (dict(item.split("=", 1) for item in group) for group in (args.before, args.after))
     runs = dict(item.split("=", 1) for item in args.run)
+    before_minutes = {k: float(v) for k, v in (item.split("=", 1) for item in args.before_minutes)}
     rows = []
     for system in before:
         for route, path in (("attention only", before[system]), ("pair pathway", after[system])):
@@ -41,7 +44,7 @@ def main() -> None:
             dataset = read_dataset(model.config.data.path, model.symbols)
             seconds = step_seconds(dataset, model.config, steps=10)
             points = model.meta["report"]["state_points"].values()
-            minutes = None
+            minutes = before_minutes.get(system) if route == "attention only" else None
             if route == "pair pathway" and system in runs:
                 metrics = [json.loads(line) for line in (Path(runs[system]) / "metrics.jsonl").read_text().splitlines()
                            if line.strip()]
@@ -51,7 +54,8 @@ def main() -> None:
                              worst_force_ratio=max(r["force_ratio"] for r in points)))
             print(json.dumps(rows[-1]), flush=True)
     out = dict(command="python experiments/routes.py " + " ".join(
-        [f"--before {b}" for b in args.before] + [f"--after {a}" for a in args.after] + [f"--run {r}" for r in args.run]),
+        [f"--before {b}" for b in args.before] + [f"--after {a}" for a in args.after] + [f"--run {r}" for r in args.run]
+        + [f"--before-minutes {m}" for m in args.before_minutes]),
         date=time.strftime("%Y-%m-%d %H:%M"), machine=platform.machine(), rows=rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))

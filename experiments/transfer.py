@@ -90,8 +90,8 @@ def main() -> None:
             print(f"{name} {point:>20}: energy {100 * row['energy_ratio']:6.1f}% of the fluctuation, force "
                   f"{100 * row['force_ratio']:5.1f}% of the std, bias {row['energy_bias_per_atom']:+.4f} per atom",
                   flush=True)
-    out = dict(command="python experiments/transfer.py " + " ".join(
-        f"--systems {' '.join(args.systems)}".split() + [f"--model {m}" for m in args.model] + [f"--frames {args.frames}"]),
+    words = ["--systems", *args.systems] + [f"--model {m}" for m in args.model] + [f"--frames {args.frames}"]
+    out = dict(command="python experiments/transfer.py " + " ".join(words),
         date=time.strftime("%Y-%m-%d %H:%M"), machine=platform.machine(), points=POINTS, rows=rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
