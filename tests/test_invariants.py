@@ -157,13 +157,7 @@ def test_forces_match_finite_differences(periodic_liquid, featurization):
     R, side, species = periodic_liquid
     _, neighbor_fn, nbrs, params, energy_fn = periodic_model(featurization, R, side, species, 5, layers=2)
     F = quantity.force(lambda R, **kw: energy_fn(params, R, **kw))(R, neighbor=nbrs)
-    assert_nontrivial(F)
-    h = 1e-5
-    rng = np.random.default_rng(0)
-    for atom, axis in zip(rng.integers(0, R.shape[0], 6), rng.integers(0, 3, 6), strict=True):
-        dR = jnp.zeros_like(R).at[atom, axis].set(h)
-        fd = -(energy_fn(params, R + dR, nbrs) - energy_fn(params, R - dR, nbrs)) / (2 * h)
-        np.testing.assert_allclose(fd, F[atom, axis], rtol=1e-6, atol=1e-8)
+    assert_forces_are_central_differences(energy_fn, params, R, nbrs, F, samples=6, seed=0)
     # Newton's third law in aggregate: translation invariance makes the total force vanish.
     np.testing.assert_allclose(jnp.sum(F, 0), 0.0, atol=1e-10 * R.shape[0] * float(jnp.max(jnp.abs(F))))
 
@@ -226,6 +220,16 @@ def test_neighbor_list_equals_all_pairs_free(free_cluster):
     _, pair_energy = pair_model(displacement, box, config, species)
     np.testing.assert_allclose(energy_fn(params, R, nbrs, per_atom=True), pair_energy(params, R, per_atom=True),
                                rtol=1e-10, atol=1e-12)
+
+
+def assert_forces_are_central_differences(energy_fn, params, R, nbrs, F, samples: int, seed: int, h: float = 1e-5):
+    """Non-trivial forces ``F`` equal central differences of the energy at ``samples`` random (atom, axis)."""
+    assert_nontrivial(F)
+    rng = np.random.default_rng(seed)
+    for atom, axis in zip(rng.integers(0, R.shape[0], samples), rng.integers(0, 3, samples), strict=True):
+        dR = jnp.zeros_like(R).at[atom, axis].set(h)
+        fd = -(energy_fn(params, R + dR, nbrs) - energy_fn(params, R - dR, nbrs)) / (2 * h)
+        np.testing.assert_allclose(fd, F[atom, axis], rtol=1e-6, atol=1e-8)
 
 
 # 6. Smooth cutoff ------------------------------------------------------------------------------
