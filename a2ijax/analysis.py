@@ -105,8 +105,7 @@ def attention_maps(checkpoint: Checkpoint, atoms: ase.Atoms, centers: Any = None
         slots = np.take_along_axis(slots, tokens, 1)
     d = np.where(mask, np.linalg.norm(dR, axis=-1), np.inf)
     k = dR.shape[1]
-    keys = np.asarray(found["keys"][0]) if "keys" in found and "tokens" not in found else np.broadcast_to(
-        np.arange(k), (len(centers), k))
+    keys = np.asarray(found["keys"][0]) if "keys" in found else np.broadcast_to(np.arange(k), (len(centers), k))
     unit = np.where(mask[..., None], dR / np.where(mask, d, 1.0)[..., None], 0.0)
     cosines = np.einsum("nkx,nmx->nkm", unit, np.take_along_axis(unit, keys[..., None], 1))
     neighbors = np.where(mask, slots, len(R))

@@ -362,7 +362,6 @@ class A2ITransformer(nn.Module):
             minus_d, keys = jax.lax.top_k(-d, min(cfg.attention_keys, k))  # [n, M] each
             c_keys = envelope(-minus_d / r_att, cfg.envelope, cfg.envelope_exponent)  # [n, M]
             crowded = jnp.sum(d < r_att, -1) > cfg.attention_keys  # [n]: keys with weight were cut off
-            self.sow("intermediates", "keys", keys)  # for a2ijax.analysis; nothing unless asked for
         # The tokens: every neighbour slot, or with the pair pathway and an attention range, the M keys.
         t_dR, t_d, t_x, t_species, t_c, pooled_count = dR, d, x, species_neighbor, c, cfg.avg_neighbors
         if cfg.pair_radial and keys is not None:
@@ -372,6 +371,8 @@ class A2ITransformer(nn.Module):
             pooled_count = cfg.avg_neighbors * (cfg.attention_cutoff / cfg.cutoff) ** 3
             self.sow("intermediates", "tokens", keys)  # the token slots (every token is a key)
             keys = None
+        if keys is not None:
+            self.sow("intermediates", "keys", keys)  # for a2ijax.analysis; nothing unless asked for
 
         init = nn.initializers.normal(1.0)
         center_table = self.param("center_embedding", init, (cfg.n_species, cfg.width), cfg.param_dtype)

@@ -72,10 +72,13 @@ def load_directory(path: str | Path) -> Checkpoint:
 
 
 def resolve(checkpoint: str | Path | Checkpoint) -> Checkpoint:
-    """A loaded checkpoint as it is, a checkpoint directory (``load_checkpoint``), or the name of a
-    shipped model: what the commands that take either accept."""
+    """A loaded checkpoint as it is, a checkpoint directory (``load_checkpoint``), a model in the
+    shipped layout (:func:`load_directory`), or the name of a shipped model: what the commands that
+    take either accept."""
     if isinstance(checkpoint, Checkpoint):
         return checkpoint
+    if (Path(checkpoint) / "params.msgpack").is_file():
+        return load_directory(checkpoint)
     if not Path(checkpoint).exists() and str(checkpoint) in names():
         return load(str(checkpoint))
     return load_checkpoint(checkpoint)

@@ -67,13 +67,15 @@ class TrainState:
 @dataclasses.dataclass
 class Run:
     """What a run needs before its first step (:func:`prepare_run`): the config completed from the
-    data, the prepared data and the potential's ``init_fn``, ``energy_fn`` and ``per_atom``."""
+    data, the prepared data, the potential's ``init_fn``, ``energy_fn`` and ``per_atom``, and, with
+    the pair pathway, its least-squares start ``(weights [S, S, P], energy shift [S])``."""
 
     config: ExperimentConfig
     data: PreparedData
     init_fn: Callable
     energy_fn: Callable
     per_atom: bool
+    pair_start: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclasses.dataclass
@@ -101,13 +103,14 @@ def prepare_run(dataset: Dataset, config: ExperimentConfig, *, atom_chunk: int |
     if not len(data.splits["valid"]):
         raise InputError(f"{dataset.path}: no validation frames")
     config = with_core_repulsion(config, data.statistics)
+    pair_start = None
     if config.model.pair_radial and not config.baseline.name:
-        # The pair pathway starts from its least-squares fit (a2ijax.pair_fit), kept with the statistics.
-        weights, shift, fit = fit_pair_weights(config, data)
-        data.statistics.update(pair_weights=weights.tolist(), pair_energy_shift=shift.tolist(), pair_fit=fit)
+        # The pair pathway starts from its least-squares fit (a2ijax.pair_fit); its errors are recorded.
+        *pair_start, fit = fit_pair_weights(config, data)
+        data.statistics.update(pair_fit=fit)
     chunk = default_training_chunk() if atom_chunk is None else atom_chunk
     init_fn, energy_fn, per_atom = potential_builder(config, fixed_species(dataset, config), atom_chunk=chunk)
-    return Run(config, data, init_fn, energy_fn, per_atom)
+    return Run(config, data, init_fn, energy_fn, per_atom, None if pair_start is None else tuple(pair_start))
 
 
 def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
@@ -129,7 +132,7 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
 
 def init_state(run: Run) -> TrainState:
     """Initial parameters with the fitted shift, the force-RMS scale and the pair pathway's
-    least-squares weights (:func:`prepare_run`), optimiser state, EMA, key."""
+    least-squares start (``run.pair_start``), optimiser state, EMA, key."""
     config, data = run.config, run.data
     key = jax.random.PRNGKey(config.train.seed)
     key, init_key = jax.random.split(key)
@@ -140,9 +143,10 @@ def init_state(run: Run) -> TrainState:
     leaves = params["params"]
     leaves["energy_shift"] = jnp.asarray(data.statistics["energy_shift"], leaves["energy_shift"].dtype)
     leaves["energy_scale"] = jnp.full_like(leaves["energy_scale"], math.sqrt(data.statistics["force_mean_square"]))
-    if "pair_weights" in data.statistics:  # the pair pathway's fit, with the shift fitted beside it
-        leaves["pair_weights"] = jnp.asarray(data.statistics["pair_weights"], leaves["pair_weights"].dtype)
-        leaves["energy_shift"] = jnp.asarray(data.statistics["pair_energy_shift"], leaves["energy_shift"].dtype)
+    if run.pair_start is not None:  # the pair pathway's fit, with the shift fitted beside it
+        weights, shift = run.pair_start
+        leaves["pair_weights"] = jnp.asarray(weights, leaves["pair_weights"].dtype)
+        leaves["energy_shift"] = jnp.asarray(shift, leaves["energy_shift"].dtype)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=make_optimizer(config.train).init(params),
                       ema=jax.tree_util.tree_map(jnp.copy, params), key=key)
 

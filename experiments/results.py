@@ -52,6 +52,12 @@ def provenance(data: dict) -> str:
     return f"`{data.get('command', '?')}`, {data.get('date', '?')}, {machine}; {data.get('recorded', '')}".rstrip("; ")
 
 
+def table(columns: list[str], align: str, rows: list[list[str]]) -> list[str]:
+    """A Markdown table: ``columns``, one alignment mark per column (``l`` or ``r``), ``rows`` of cells."""
+    marks = "".join("---|" if a == "l" else "---:|" for a in align)
+    return ["| " + " | ".join(columns) + " |", "|" + marks] + ["| " + " | ".join(row) + " |" for row in rows]
+
+
 def percent(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -224,14 +230,14 @@ def routes(data: dict) -> list[str]:
              "The same data and test split, each system trained once per route: the attention-only model (the "
              "paper's single pathway, the models shipped before) and the model with the pair pathway started from "
              "its least-squares fit (docs/design.md, \"The pair pathway\"). Worst state point of the test split; "
-             f"seconds per training step from `a2ijax.train.step_seconds` in one run. {provenance(data)}.", "",
-             "| system | route | steps | training minutes | s per step | worst energy ratio | worst force ratio |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for r in data["rows"]:
-        minutes = f"{r['train_minutes']:.1f}" if r.get("train_minutes") else "?"
-        lines.append(f"| {r['system']} | {r['route']} | {r['steps']:,} | {minutes} | {r['step_seconds']:.3f} | "
-                     f"{percent(r['worst_energy_ratio'])} | {percent(r['worst_force_ratio'])} |")
-    return lines
+             f"seconds per training step from `a2ijax.train.step_seconds` in one run; the step of the checkpoint "
+             f"shipped (the best by validation loss). {provenance(data)}.", ""]
+    return lines + table(
+        ["system", "route", "best step", "training minutes", "s per step", "worst energy ratio", "worst force ratio"],
+        "llrrrrr",
+        [[r["system"], r["route"], f"{r['steps']:,}", f"{r['train_minutes']:.1f}" if r.get("train_minutes") else "?",
+          f"{r['step_seconds']:.3f}", percent(r["worst_energy_ratio"]), percent(r["worst_force_ratio"])]
+         for r in data["rows"]])
 
 
 @section("transfer.json")
@@ -240,13 +246,11 @@ def transfer(data: dict) -> list[str]:
              "Frames from the project's sampler at temperatures between and beyond the sampled ones and at about "
              "twice the atoms (`experiments/transfer.py`, seed 7, which no training set uses), evaluated with "
              "`a2ijax.report.evaluate`: energy RMSE over those frames' energy fluctuation, force RMSE over their "
-             f"force std, and the mean energy error per atom. {provenance(data)}.", "",
-             "| system | model | state point | frames | energy ratio | force ratio | bias per atom |",
-             "|---|---|---|---:|---:|---:|---:|"]
-    for r in data["rows"]:
-        lines.append(f"| {r['system']} | {r['model']} | {r['state_point']} | {r['frames']} | "
-                     f"{percent(r['energy_ratio'])} | {percent(r['force_ratio'])} | {r['energy_bias_per_atom']:+.4f} |")
-    return lines
+             f"force std, and the mean energy error per atom. {provenance(data)}.", ""]
+    return lines + table(
+        ["system", "model", "state point", "frames", "energy ratio", "force ratio", "bias per atom"], "lllrrrr",
+        [[r["system"], r["model"], r["state_point"], str(r["frames"]), percent(r["energy_ratio"]),
+          percent(r["force_ratio"]), f"{r['energy_bias_per_atom']:+.4f}"] for r in data["rows"]])
 
 
 @section("fresh_clone.json")

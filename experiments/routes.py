@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     from a2ijax.dataset import read_dataset
-    from a2ijax.pretrained import load_directory
+    from a2ijax.pretrained import resolve
     from a2ijax.train import step_seconds
 
     before, after = (dict(item.split("=", 1) for item in group) for group in (args.before, args.after))
@@ -40,7 +40,7 @@ def main() -> None:
     rows = []
     for system in before:
         for route, path in (("attention only", before[system]), ("pair pathway", after[system])):
-            model = load_directory(path)
+            model = resolve(path)
             dataset = read_dataset(model.config.data.path, model.symbols)
             seconds = step_seconds(dataset, model.config, steps=10)
             points = model.meta["report"]["state_points"].values()

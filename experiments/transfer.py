@@ -69,7 +69,6 @@ def main() -> None:
     if args.frames < 2 or args.equilibration < 0:
         parser.error("--frames must be >= 2 and --equilibration >= 0")
     from a2ijax import pretrained
-    from a2ijax.checkpoint import load_checkpoint
     from a2ijax.report import evaluate
 
     models = dict(item.split("=", 1) for item in args.model)
@@ -78,13 +77,7 @@ def main() -> None:
         path = args.frames_dir / f"{name}.xyz"
         if not path.exists():
             unseen_frames(name, path, args.frames, args.equilibration)
-        if name not in models:
-            checkpoint = pretrained.load(name)
-        elif (Path(models[name]) / "params.msgpack").is_file():  # a model in the shipped layout
-            checkpoint = pretrained.load_directory(models[name])
-        else:
-            checkpoint = load_checkpoint(models[name])
-        report, _ = evaluate(checkpoint, path)
+        report, _ = evaluate(pretrained.resolve(models.get(name, name)), path)
         for point, row in report["state_points"].items():
             rows.append(dict(system=name, model=models.get(name, f"pretrained {name}"), state_point=point, **row))
             print(f"{name} {point:>20}: energy {100 * row['energy_ratio']:6.1f}% of the fluctuation, force "

@@ -126,7 +126,7 @@ def test_training_starts_from_the_pair_fit_and_it_holds_most_of_a_pair_potential
     assert fit["frames"] == 10 and fit["force_rmse_over_rms"] < 0.05
     assert fit["ridge"] > 0
     bound = WEIGHT_BOUND * np.sqrt(run.data.statistics["force_mean_square"]) * run.config.model.cutoff
-    assert np.max(np.abs(run.data.statistics["pair_weights"])) <= bound
+    assert np.max(np.abs(run.pair_start[0])) <= bound
     state = init_state(run)
     dataset = run.data.dataset
     from a2ijax.potential import fixed_neighbor_list
