@@ -1,13 +1,15 @@
-"""Recover Lennard-Jones sigma and epsilon from a target g(r) and pressure by differentiable MD.
+"""Recover Lennard-Jones sigma and epsilon from a target g(r), pressure and mean potential energy by differentiable MD.
 
     python experiments/fit_lj_structure.py --out runs/fit_lj               # both methods
     python experiments/fit_lj_structure.py --out /tmp/fit --quick          # a few steps, to try it
 
 The target: the reference LJ fluid (``a2ijax.systems``, sigma = epsilon = 1) at rho = 0.84,
-kT = 0.85 (Nose-Hoover NVT, 256 atoms): its smoothed g(r) (``a2ijax.observables.pair_correlation``)
-and pressure averaged over ``--target-steps`` steps. The fit starts from sigma = 1.12, epsilon = 0.88
-(12% off each) and minimises ``sum (g - g_target)^2 / G + w_P (P - P_target)^2`` with Adam (its learning rate
-decayed from ``--lr`` to ``--final-lr`` along a cosine), by
+kT = 0.85 (Nose-Hoover NVT, 256 atoms): its smoothed g(r) (``a2ijax.observables.pair_correlation``),
+pressure and potential energy per atom averaged over ``--target-steps`` steps. g(r) and the pressure
+pin sigma but hardly epsilon (at fixed kT they move little with it); the potential energy per atom
+scales with epsilon. The fit starts from sigma = 1.12, epsilon = 0.88 (12% off each) and minimises
+``sum (g - g_target)^2 / G + w_P (P - P_target)^2 + w_U (U/N - U_target/N)^2`` with Adam (its learning
+rate decayed from ``--lr`` to ``--final-lr`` along a cosine), by
 
 * **reweighting** (DiffTRe, ``a2ijax.fitting.fit_by_reweighting``): samples of ``--sample-steps``
   steps drawn at the current parameters whenever N_eff / N falls below 0.9;
@@ -33,7 +35,7 @@ import optax
 from jax_md import space
 
 from a2ijax import diffmd, fitting, observables
-from a2ijax.cli import POSITIVE, POSITIVE_INT
+from a2ijax.cli import NON_NEGATIVE, POSITIVE, POSITIVE_INT
 from a2ijax.files import atomic_write
 from a2ijax.systems import lattice_positions, parametric_energy
 
@@ -52,7 +54,7 @@ def setup():
     def observe(params, R, neighbor):
         rdf = observables.pair_correlation(R, neighbor, displacement, side**3, grid, 0.04)[0, 0]
         pressure = observables.pressure(lambda R, **kw: energy_fn(params, R, neighbor, **kw), R, box, KT)
-        return dict(rdf=rdf, pressure=pressure)
+        return dict(rdf=rdf, pressure=pressure, energy=energy_fn(params, R, neighbor) / N)
 
     return side, box, shift, neighbor_fn, truth, energy_fn, observe, grid
 
@@ -69,6 +71,8 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=POSITIVE_INT, default=2000)
     parser.add_argument("--segment-steps", type=POSITIVE_INT, default=400)
     parser.add_argument("--pressure-weight", type=POSITIVE, default=0.01)
+    parser.add_argument("--energy-weight", type=NON_NEGATIVE, default=1.0,
+                        help="weight of the potential energy per atom (0: g(r) and pressure only)")
     parser.add_argument("--methods", nargs="+", default=["reweighting", "backprop"])
     args = parser.parse_args()
     if args.quick:
@@ -90,8 +94,11 @@ def main() -> None:
     targets, _ = diffmd.reweighted_mean(observe, energy_fn, truth, target_sample)
     targets = {k: np.asarray(v) for k, v in targets.items()}
     print(f"targets from {args.target_steps} steps in {time.perf_counter() - started:.1f} s: "
-          f"pressure {float(targets['pressure']):.4f}, g(r) peak {float(targets['rdf'].max()):.3f}")
-    weights = dict(rdf=1.0, pressure=args.pressure_weight)
+          f"pressure {float(targets['pressure']):.4f}, U/N {float(targets['energy']):.4f}, "
+          f"g(r) peak {float(targets['rdf'].max()):.3f}")
+    weights = dict(rdf=1.0, pressure=args.pressure_weight, energy=args.energy_weight)
+    if args.energy_weight == 0:  # the fit by g(r) and pressure alone
+        targets.pop("energy"), weights.pop("energy")
     start = {k: jnp.asarray(v) for k, v in START.items()}
     results = {}
 

@@ -183,9 +183,10 @@ def md_checks(data: dict) -> list[str]:
         model, reference = r["nve"]["model"], r["nve"]["reference"]
         rdf = ", ".join(f"{pair} {d:.3g} / {r['rdf_noise_floor'][pair]:.3g} ({d / r['rdf_noise_floor'][pair]:.2f}x)"
                         for pair, d in r["rdf_difference"].items())
+        over_run = abs(model["drift_per_atom_per_time"]) * model["steps"] * r["dt"]
         rows.append([r["system"], r["state_point"], str(r["atoms"]), "yes" if model["finite"] else "no",
                      f"{model['drift_per_atom_per_time']:.2g} / {reference['drift_per_atom_per_time']:.2g}",
-                     f"{abs(model['drift_per_atom_per_time']) * model['steps'] * r['dt'] / reference['max_excursion_per_atom']:.2f}",
+                     f"{over_run / reference['max_excursion_per_atom']:.2f}",
                      f"{model['temperature_mean']:.4g} / {reference['temperature_mean']:.4g}", rdf,
                      f"{model['atom_steps_per_s']:,.0f}"])
     return lines + table(["system", "state point", "N", "finite", "drift model / reference", "drift over the run / "
@@ -266,9 +267,10 @@ def transfer(data: dict) -> list[str]:
 def fit_lj(data: dict) -> list[str]:
     settings = data["settings"]
     lines = ["## Differentiable MD: Lennard-Jones sigma and epsilon from structure and energy", "",
-             f"The reference LJ fluid's g(r), pressure (weight {settings['pressure_weight']:g}) and potential energy per "
-             f"atom (weight {settings['energy_weight']:g}) at rho 0.84, kT 0.85 as targets; LJ started 12% off in both "
-             f"parameters and fitted by {settings['steps']} Adam steps through MD (`experiments/fit_lj_structure.py`); "
+             f"The reference LJ fluid's g(r), pressure (weight {settings['pressure_weight']:g}) and potential energy "
+             f"per atom (weight {settings['energy_weight']:g}) at rho 0.84, kT 0.85 as targets; LJ started 12% off in "
+             f"both parameters and fitted by {settings['steps']} Adam steps through MD "
+             "(`experiments/fit_lj_structure.py`); "
              f"the parameters are the mean over the last quarter of the steps. {provenance(data)}.", ""]
     return lines + table(
         ["route", "sigma", "epsilon", "minutes", "samples or segments"], "lrrrr",
