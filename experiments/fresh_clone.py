@@ -2,7 +2,8 @@
 
 Clones the repository's committed HEAD into ``--dir`` (removed first), then runs the README's first
 command in its two parts (install; ``a2ijax quickstart``) and its second (the test suite), each
-timed, in one shell each, and writes the steps, their seconds and outcomes as JSON:
+timed, in one shell each, and writes the steps, their seconds and outcomes, and the quickstart's
+figures (its ``quickstart/summary.json``), as JSON:
 
     python experiments/fresh_clone.py --out runs/fresh_clone.json
 
@@ -78,11 +79,13 @@ def main() -> None:
         if done.returncode:
             print(text[-4000:])
             break
+    summary = where / "quickstart" / "summary.json"
+    quickstart = json.loads(summary.read_text()) if summary.is_file() else None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(command="python experiments/fresh_clone.py", commit=head,
                                    date=time.strftime("%Y-%m-%d %H:%M"), machine=platform.machine(),
-                                   rows=rows), indent=1) + "\n")
+                                   rows=rows, quickstart=quickstart), indent=1) + "\n")
     print(f"wrote {out}")
 
 

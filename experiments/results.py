@@ -285,6 +285,14 @@ def fresh_clone(data: dict) -> list[str]:
              f"{provenance(data)}.", "", "| step | seconds | outcome |", "|---|---:|---|"]
     for r in data["rows"]:
         lines.append(f"| `{r['step']}` | {r['seconds']:.0f} | {r['outcome']} |")
+    q = data.get("quickstart")
+    if q:
+        lines += ["", "The quickstart's model on its held-out frames: energy RMSE "
+                  f"{percent(q['energy_rmse_over_fluctuation'])} of the MD energy fluctuation, force RMSE "
+                  f"{percent(q['force_rmse_over_std'])} of the force std, "
+                  f"per-atom energies Pearson r {q['per_atom_energy_pearson']:.5f}; its NVE run: drift "
+                  f"{q['md_drift_per_atom_per_time']:.2g} per atom per time unit, mean kT {q['md_mean_kT']:.3f}, RDF "
+                  f"difference {q['rdf_mean_abs_difference']:.3f} (`quickstart/summary.json`)."]
     return lines
 
 
