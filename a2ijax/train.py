@@ -106,11 +106,12 @@ def prepare_run(dataset: Dataset, config: ExperimentConfig, *, atom_chunk: int |
     pair_start = None
     if config.model.pair_radial and not config.baseline.name:
         # The pair pathway starts from its least-squares fit (a2ijax.pair_fit); its errors are recorded.
-        *pair_start, fit = fit_pair_weights(config, data)
+        weights, shift, fit = fit_pair_weights(config, data)
+        pair_start = (weights, shift)
         data.statistics.update(pair_fit=fit)
     chunk = default_training_chunk() if atom_chunk is None else atom_chunk
     init_fn, energy_fn, per_atom = potential_builder(config, fixed_species(dataset, config), atom_chunk=chunk)
-    return Run(config, data, init_fn, energy_fn, per_atom, None if pair_start is None else tuple(pair_start))
+    return Run(config, data, init_fn, energy_fn, per_atom, pair_start)
 
 
 def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:

@@ -98,7 +98,7 @@ def main() -> None:
           f"g(r) peak {float(targets['rdf'].max()):.3f}")
     weights = dict(rdf=1.0, pressure=args.pressure_weight, energy=args.energy_weight)
     if args.energy_weight == 0:  # the fit by g(r) and pressure alone
-        targets.pop("energy"), weights.pop("energy")
+        del targets["energy"], weights["energy"]
     start = {k: jnp.asarray(v) for k, v in START.items()}
     results = {}
 
