@@ -8,7 +8,10 @@ first ``--train-frames`` training frames and one validation frame, split headers
 (the same number of frames from the same kind of MD) and, with ``--max-disagreement``, by
 disagreement below an upper trust level (candidates above it are taken for unphysical), and plots
 the committee mean's test error (worst state point, and the force RMSE) against the number of
-training frames. Rerunning continues every loop where it stopped.
+training frames. Rerunning continues every loop where it stopped. ``<out>/curves.json``: the command,
+date, machine and every loop's rows (round, training frames, the committee mean's force RMSE and worst
+state point's energy and force ratios on the test split); recorded in ``docs/data/active_learning.json``
+for docs/results.md.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import platform
+import sys
+import time
 from pathlib import Path
 
 import ase.io
@@ -51,7 +57,7 @@ def main() -> None:
     if not Path(config.data.path).exists():
         start_set(args.source, Path(config.data.path), args.train_frames)
     out = Path(args.out)
-    curves = {}
+    curves, started = {}, time.strftime("%Y-%m-%d %H:%M")
     arms = {"disagreement": dict(selection="disagreement"), "random": dict(selection="random")}
     arms.update({f"disagreement_below_{level:g}": dict(selection="disagreement", max_disagreement=level)
                  for level in args.max_disagreement})
@@ -62,7 +68,11 @@ def main() -> None:
             print(f"{selection}: round {row['round']}: {row['train_frames']} training frames, force RMSE "
                   f"{row['force_rmse']:.3f}, worst ratios energy {row['worst_energy_ratio']:.3f} force "
                   f"{row['worst_force_ratio']:.3f}")
-    atomic_write(out / "curves.json", lambda f: json.dump(curves, f, indent=1))
+    record = dict(command=" ".join(["python", "experiments/active_learning.py", *sys.argv[1:]]),
+                  date=f"{started} to {time.strftime('%H:%M')}", machine=platform.machine(),
+                  rounds=settings.rounds, members=settings.members, frames_per_round=settings.frames_per_round,
+                  curves=curves)
+    atomic_write(out / "curves.json", lambda f: json.dump(record, f, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")

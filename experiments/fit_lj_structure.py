@@ -74,14 +74,19 @@ def main() -> None:
     parser.add_argument("--energy-weight", type=NON_NEGATIVE, default=1.0,
                         help="weight of the potential energy per atom (0: g(r) and pressure only)")
     parser.add_argument("--methods", nargs="+", default=["reweighting", "backprop"])
+    parser.add_argument("--seed", type=int, default=0, help="the key of every MD run (targets, samples, segments)")
+    parser.add_argument("--adam-b2", type=float, default=0.999, help="Adam's second-moment decay, in (0, 1)")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.target_steps, args.sample_steps, args.segment_steps = 3, 1000, 200, 40
     if args.final_lr > args.lr:
         parser.error(f"--final-lr ({args.final_lr}) must not exceed --lr ({args.lr})")
+    if not 0 < args.adam_b2 < 1:
+        parser.error(f"--adam-b2 ({args.adam_b2}) must lie in (0, 1)")
     schedule = optax.cosine_decay_schedule(args.lr, args.steps, alpha=args.final_lr / args.lr)
+    optimizer = optax.adam(schedule, b2=args.adam_b2)
     side, box, shift, neighbor_fn, truth, energy_fn, observe, grid = setup()
-    key = jax.random.PRNGKey(0)
+    key = jax.random.PRNGKey(args.seed)
     R0 = jnp.asarray(lattice_positions(N, side, jitter=0.05, seed=0))
     neighbor = neighbor_fn.allocate(R0)
     started = time.perf_counter()
@@ -114,7 +119,7 @@ def main() -> None:
             return sample
 
         t = time.perf_counter()
-        fit = fitting.fit_by_reweighting(start, energy_fn, draw, observe, targets, optax.adam(schedule), args.steps,
+        fit = fitting.fit_by_reweighting(start, energy_fn, draw, observe, targets, optimizer, args.steps,
                                          weights=weights, callback=progress("reweighting"), track=floats)
         results["reweighting"] = summary(fit, time.perf_counter() - t, truth)
 
@@ -128,7 +133,7 @@ def main() -> None:
 
         t = time.perf_counter()
         fit = fitting.fit_by_backprop(start, segment_loss, neighbor_fn, warm.frames[-1], warm.neighbor, targets,
-                                      optax.adam(schedule), args.steps, key=jax.random.fold_in(key, 2),
+                                      optimizer, args.steps, key=jax.random.fold_in(key, 2),
                                       weights=weights, callback=progress("backprop"), track=floats)
         results["backprop"] = summary(fit, time.perf_counter() - t, truth)
 

@@ -27,7 +27,8 @@ def test_every_shipped_model_and_recorded_experiment_has_its_section():
     sections = {"md_memory.json": "## MD at scale", "bench.json": "## Speed", "lammps_speed.json": "## LAMMPS",
                 "md_checks.json": "## MD with the shipped models", "fresh_clone.json": "## A fresh clone",
                 "notebooks_full.json": "## The notebooks in full mode",
-                "radial_floor.json": "## The radial basis's least-squares floor"}
+                "radial_floor.json": "## The radial basis's least-squares floor",
+                "active_learning.json": "## Active learning"}
     for name, heading in sections.items():
         if (ROOT / "docs" / "data" / name).is_file():
             assert heading in text, name
