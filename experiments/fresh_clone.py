@@ -23,6 +23,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from a2ijax.files import atomic_write
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = " && a2ijax quickstart"
 
@@ -82,10 +84,9 @@ def main() -> None:
     summary = where / "quickstart" / "summary.json"
     quickstart = json.loads(summary.read_text()) if summary.is_file() else None
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(command="python experiments/fresh_clone.py", commit=head,
-                                   date=time.strftime("%Y-%m-%d %H:%M"), machine=platform.machine(),
-                                   rows=rows, quickstart=quickstart), indent=1) + "\n")
+    record = dict(command="python experiments/fresh_clone.py", commit=head, date=time.strftime("%Y-%m-%d %H:%M"),
+                  machine=platform.machine(), rows=rows, quickstart=quickstart)
+    atomic_write(out, lambda f: f.write(json.dumps(record, indent=1) + "\n"))
     print(f"wrote {out}")
 
 

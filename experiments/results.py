@@ -270,7 +270,7 @@ def fit_lj(data: dict) -> list[str]:
              f"The reference LJ fluid's g(r), pressure (weight {settings['pressure_weight']:g}) and potential energy "
              f"per atom (weight {settings['energy_weight']:g}) at rho 0.84, kT 0.85 as targets; LJ started 12% off in "
              f"both parameters and fitted by {settings['steps']} Adam steps (b2 {settings['adam_b2']:g}) through MD "
-             f"(`experiments/fit_lj_structure.py`, seed {settings.get('seed', 0)}; the other seed measured, and the "
+             f"(`experiments/fit_lj_structure.py`, seed {settings['seed']}; the other seed measured, and the "
              "earlier settings' stall, in docs/design.md, \"Known limits\"); "
              f"the parameters are the mean over the last quarter of the steps. {provenance(data)}.", ""]
     return lines + table(
