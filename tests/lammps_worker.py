@@ -6,7 +6,8 @@
 Run directly by ``tests/test_lammps.py`` for one rank (:func:`lammps_nve`) and under ``mpiexec -n 2``
 for two. Records: the forces after ``run 0`` (ordered by atom ID), the potential energy LAMMPS's
 thermo shows and the one the callback set at every step, positions after ``STEPS`` steps, the
-pressure, and how many local atoms have a neighbour within the cutoff owned by another rank.
+pressure, how many local atoms have a neighbour within the cutoff owned by another rank, and how
+many atoms a rank owns after the run that it did not own before (moved between ranks).
 """
 
 from __future__ import annotations
@@ -54,17 +55,26 @@ def lammps_nve(checkpoint, data: Path, steps: int, elements=("Ar",)) -> dict:
     lmp = fix.lmp
     forces = np.ctypeslib.as_array(lmp.gather_atoms("f", 1, 3), shape=(lmp.get_natoms() * 3,)).reshape(-1, 3).copy()
     crossing = crossing_count(fix)
+    owned = set(local_tags(lmp).tolist())
     pe_start = float(lmp.get_thermo("pe"))
     pressure_start = float(lmp.get_thermo("press"))
     lmp.command(f"run {steps}")
+    arrived = sum(t not in owned for t in local_tags(lmp).tolist())
+    if fix.comm is not None:
+        arrived = fix.comm.allreduce(arrived)
     positions = np.ctypeslib.as_array(lmp.gather_atoms("x", 1, 3), shape=(lmp.get_natoms() * 3,)).reshape(-1, 3)
     record = dict(ranks=int(lmp.extract_setting("world_size")), forces=forces.tolist(), pe_start=pe_start,
                   pressure_start=pressure_start, pe_end=float(lmp.get_thermo("pe")),
                   pressure_end=float(lmp.get_thermo("press")), positions=positions.tolist(),
                   energies={str(k): v for k, v in sorted(fix.energies.items())}, crossing=crossing,
-                  calls=fix.calls, programs=len(fix.programs))
+                  arrived=int(arrived), calls=fix.calls, programs=len(fix.programs))
     lmp.close()
     return record
+
+
+def local_tags(lmp) -> np.ndarray:
+    """The IDs of the atoms this rank owns now."""
+    return np.asarray(lmp.numpy.extract_atom("id", nelem=int(lmp.extract_global("nlocal"))))
 
 
 def crossing_count(fix) -> int:

@@ -3,7 +3,7 @@
 The independent engine is LAMMPS itself: its velocity Verlet, its ghost atoms and, on two ranks, its
 spatial decomposition. The same model, start and time step in ``a2ijax.md.run`` must give the same
 trajectory (float64: 1e-10 of the box), energies and pressure; two ranks must give the forces and
-trajectory of one, with environments that cross the rank boundary.
+trajectory of one, with environments that cross the rank boundary and atoms that move between ranks.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from a2ijax.md import energy_observables, run
 from a2ijax.potential import fixed_neighbor_list
 from a2ijax.systems import lattice_positions
 
-N, STEPS = 256, 100
+# 40 steps: the fastest atoms cross half the skin within about 10, so LAMMPS rebuilds its ghosts and
+# moves atoms between ranks several times (each callback costs 0.2-0.5 s on this CPU in float64).
+N, STEPS = 256, 40
 SIDE = (N / 0.84) ** (1 / 3)  # 6.73: wider than the tiny model's ghost shell, 2 x 2.0 + 0.2
 
 
@@ -53,8 +55,8 @@ def one_rank(trained, start):
 
 def test_one_rank_lammps_run_is_the_a2ijax_md_run(x64, trained, start, one_rank):
     """LAMMPS NVE through the fix against a2ijax.md.run with the same model, start and step: positions
-    after 100 steps within 1e-10 of the box, the potential energy at every step (the callback's and
-    LAMMPS's thermo) within 1e-10, and the pressure (LAMMPS: fix virial + kinetic) within 1e-8."""
+    after ``STEPS`` steps within 1e-10 of the box, the potential energy at every step (the callback's
+    and LAMMPS's thermo) within 1e-10, and the pressure (LAMMPS: fix virial + kinetic) within 1e-8."""
     R, V, _ = start
     checkpoint = load_checkpoint(trained[1])
     potential = checkpoint.potential(np.eye(3) * SIDE, dr_threshold=0.2)
@@ -78,13 +80,14 @@ def test_one_rank_lammps_run_is_the_a2ijax_md_run(x64, trained, start, one_rank)
     pressure = quantity.pressure(potential.energy_fn, md.state.position, jnp.eye(3) * SIDE, kinetic_energy=kinetic,
                                  neighbor=md.neighbor)
     np.testing.assert_allclose(one_rank["pressure_end"], float(pressure), rtol=1e-8)
-    # Buckets: a handful of compilations for the 100 steps' callbacks, not one per step.
+    # Buckets: a handful of compilations for the steps' callbacks, not one per step.
     assert one_rank["calls"] > STEPS and one_rank["programs"] <= 0.1 * one_rank["calls"]
 
 
 def test_two_ranks_give_the_forces_and_the_trajectory_of_one(trained, start, one_rank, tmp_path):
-    """``mpiexec -n 2``: LAMMPS splits the box in two, environments cross the boundary, and the step-0
-    forces (float rounding) and the trajectory after 100 steps (1e-10 of the box) are one rank's."""
+    """``mpiexec -n 2``: LAMMPS splits the box in two, environments cross the boundary, atoms move
+    from one rank to the other during the run, and the step-0 forces (float rounding) and the
+    trajectory after ``STEPS`` steps (1e-10 of the box) are one rank's."""
     out = tmp_path / "two.json"
     mpiexec = Path(sys.executable).parent / "mpiexec"
     worker = Path(__file__).with_name("lammps_worker.py")
@@ -92,6 +95,7 @@ def test_two_ranks_give_the_forces_and_the_trajectory_of_one(trained, start, one
                     str(out)], check=True, timeout=600, env=child_env(JAX_ENABLE_X64="1"))
     two = json.loads(out.read_text())
     assert two["ranks"] == 2 and two["crossing"] > 0 and one_rank["crossing"] == 0
+    assert two["arrived"] > 0 and one_rank["arrived"] == 0
     forces = np.asarray(one_rank["forces"])
     assert np.max(np.abs(forces)) > 1.0  # non-trivial forces
     np.testing.assert_allclose(two["forces"], forces, rtol=0, atol=1e-11 * np.max(np.abs(forces)))
