@@ -31,7 +31,7 @@ from a2ijax.potential import fixed_neighbor_list
 from a2ijax.systems import lattice_positions
 
 # 40 steps: the fastest atoms cross half the skin within about 10, so LAMMPS rebuilds its ghosts and
-# moves atoms between ranks several times (each callback costs 0.2-0.5 s on this CPU in float64).
+# moves atoms between ranks within the run (checked); each callback costs 0.2-0.5 s here in float64.
 N, STEPS = 256, 40
 SIDE = (N / 0.84) ** (1 / 3)  # 6.73: wider than the tiny model's ghost shell, 2 x 2.0 + 0.2
 
