@@ -64,6 +64,13 @@ def prepared(checkpoint: Checkpoint | Committee, atoms: ase.Atoms) -> tuple[jax.
             jnp.asarray(atoms.get_positions(), dtype))
 
 
+def masses(checkpoint: Checkpoint | Committee, atoms: ase.Atoms) -> Any:
+    """The masses MD and FIRE move the atoms with: the checkpoint's reference system's (in its units),
+    else the structure's own (ASE's, in amu)."""
+    name = checkpoint.meta.get("system", "")
+    return get_system(name).mass if name in SYSTEMS else jnp.asarray(atoms.get_masses())
+
+
 def run_md(checkpoint: Checkpoint | Committee, atoms: ase.Atoms, *, steps: int, dt: float, kT: float | None,
            ensemble: str, pressure: float | None = None, mass: Any = 1.0, thermo_every: int = 10,
            trajectory_every: int = 100, skin: float | None = None, capacity_multiplier: float = 1.25,
@@ -120,12 +127,13 @@ def run_md(checkpoint: Checkpoint | Committee, atoms: ase.Atoms, *, steps: int, 
 def relax_structure(checkpoint: Checkpoint | Committee, structure: str, *, max_force: float = 1e-3,
                     max_steps: int = 10000, skin: float | None = None, out: str | None = None) -> Relaxation:
     """``a2ijax relax``: the last frame of ``structure`` minimised at fixed cell with FIRE
-    (:func:`a2ijax.md.relax`), written to ``out`` (extended XYZ with energy and forces) if given."""
+    (:func:`a2ijax.md.relax`) moving the atoms with their :func:`masses`, written to ``out`` (extended
+    XYZ with energy and forces) if given."""
     atoms = read_structure(structure)
     box, species, R = prepared(checkpoint, atoms)
     skin = 0.1 * checkpoint.config.model.cutoff if skin is None else skin
     potential = checkpoint.potential(box, species, dr_threshold=skin)
-    result = relax(potential, R, max_force=max_force, max_steps=max_steps)
+    result = relax(potential, R, max_force=max_force, max_steps=max_steps, mass=masses(checkpoint, atoms))
     units = units_of(checkpoint)
     state = "converged" if result.converged else "NOT converged"
     print(f"FIRE {state} after {result.steps} steps: energy {result.energy:.8g} ({units['energy']}), largest force "
@@ -177,6 +185,5 @@ def md_from_checkpoint(checkpoint: str | Checkpoint | Committee, *, structure: s
     dt = dt if dt is not None else (system.dt if system is not None else None)
     if dt is None:
         raise InputError("give dt: the checkpoint's data has no reference system to take it from")
-    mass = system.mass if system is not None else jnp.asarray(atoms.get_masses())
-    return run_md(checkpoint, atoms, steps=steps, dt=dt, kT=kT, mass=mass, seed=velocity_seed,
+    return run_md(checkpoint, atoms, steps=steps, dt=dt, kT=kT, mass=masses(checkpoint, atoms), seed=velocity_seed,
                   thermo_every=thermo_every, trajectory_every=trajectory_every, **kwargs)
