@@ -557,8 +557,8 @@ def relax(potential: Potential, R: jax.Array, *, max_force: float = 1e-3, max_st
     checked between chunks, as in MD. ``dt_start`` and ``dt_max`` are FIRE's time steps, in the
     potential's time unit, and ``mass`` the atoms' masses in its mass unit: FIRE is MD with a
     steering force, so its largest step must stay below the stiffest vibration's stability limit,
-    which scales with the square root of the mass. jax-md's defaults (0.1 and 0.4) suit LJ units with
-    mass 1; with mass 1 in metal units the shipped SW model's relaxed crystal shook itself apart within
+    which scales with the square root of the mass. jax-md's defaults (0.1 and 0.4) are set for LJ units
+    with mass 1; with mass 1 in metal units the shipped SW model's relaxed crystal shook itself apart within
     10 steps of reaching dt_max, and with silicon's 28.09 amu it stays at its minimum
     (``tests/test_ensembles.py``).
     """
