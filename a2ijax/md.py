@@ -556,11 +556,9 @@ def relax(potential: Potential, R: jax.Array, *, max_force: float = 1e-3, max_st
     Steps run in compiled chunks of ``chunk_steps`` with the neighbour list updated every step and
     checked between chunks, as in MD. ``dt_start`` and ``dt_max`` are FIRE's time steps, in the
     potential's time unit, and ``mass`` the atoms' masses in its mass unit: FIRE is MD with a
-    steering force, so its largest step must stay below the stiffest vibration's stability limit,
-    which scales with the square root of the mass. jax-md's defaults (0.1 and 0.4) are set for LJ units
-    with mass 1; with mass 1 in metal units the shipped SW model's relaxed crystal shook itself apart within
-    10 steps of reaching dt_max, and with silicon's 28.09 amu it stays at its minimum
-    (``tests/test_ensembles.py``).
+    steering force, so ``dt_max`` must stay below the stiffest vibration's stability limit, which
+    scales with the square root of the mass. jax-md's defaults (0.1 and 0.4) are set for LJ units
+    with mass 1; silicon under the shipped SW model needs its 28.09 amu (``tests/test_ensembles.py``).
     """
     from jax_md import minimize
 

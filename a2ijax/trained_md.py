@@ -27,7 +27,7 @@ from a2ijax.geometry import closest_distance
 from a2ijax.md import Relaxation, Simulation, allocate, check_output_steps, relax, simulate
 from a2ijax.parallel import make_mesh
 from a2ijax.sampling import SamplingConfig, sample_state_point
-from a2ijax.systems import SYSTEMS, get_system
+from a2ijax.systems import SYSTEMS, ReferenceSystem, get_system
 
 
 def read_structure(path: str) -> ase.Atoms:
@@ -64,11 +64,16 @@ def prepared(checkpoint: Checkpoint | Committee, atoms: ase.Atoms) -> tuple[jax.
             jnp.asarray(atoms.get_positions(), dtype))
 
 
-def masses(checkpoint: Checkpoint | Committee, atoms: ase.Atoms) -> Any:
-    """The masses MD and FIRE move the atoms with: the checkpoint's reference system's (in its units),
-    else the structure's own (ASE's, in amu)."""
+def reference_system(checkpoint: Checkpoint | Committee) -> ReferenceSystem | None:
+    """The reference system the checkpoint's data came from, or None for data from elsewhere."""
     name = checkpoint.meta.get("system", "")
-    return get_system(name).mass if name in SYSTEMS else jnp.asarray(atoms.get_masses())
+    return get_system(name) if name in SYSTEMS else None
+
+
+def masses(system: ReferenceSystem | None, atoms: ase.Atoms) -> Any:
+    """The masses MD and FIRE move the atoms with: the reference ``system``'s (in its units), else the
+    structure's own (ASE's, in amu)."""
+    return system.mass if system is not None else jnp.asarray(atoms.get_masses())
 
 
 def run_md(checkpoint: Checkpoint | Committee, atoms: ase.Atoms, *, steps: int, dt: float, kT: float | None,
@@ -127,13 +132,14 @@ def run_md(checkpoint: Checkpoint | Committee, atoms: ase.Atoms, *, steps: int, 
 def relax_structure(checkpoint: Checkpoint | Committee, structure: str, *, max_force: float = 1e-3,
                     max_steps: int = 10000, skin: float | None = None, out: str | None = None) -> Relaxation:
     """``a2ijax relax``: the last frame of ``structure`` minimised at fixed cell with FIRE
-    (:func:`a2ijax.md.relax`) moving the atoms with their :func:`masses`, written to ``out`` (extended
+    (:func:`a2ijax.md.relax`) moving the atoms with the :func:`masses` MD uses, written to ``out`` (extended
     XYZ with energy and forces) if given."""
     atoms = read_structure(structure)
     box, species, R = prepared(checkpoint, atoms)
     skin = 0.1 * checkpoint.config.model.cutoff if skin is None else skin
     potential = checkpoint.potential(box, species, dr_threshold=skin)
-    result = relax(potential, R, max_force=max_force, max_steps=max_steps, mass=masses(checkpoint, atoms))
+    result = relax(potential, R, max_force=max_force, max_steps=max_steps,
+                    mass=masses(reference_system(checkpoint), atoms))
     units = units_of(checkpoint)
     state = "converged" if result.converged else "NOT converged"
     print(f"FIRE {state} after {result.steps} steps: energy {result.energy:.8g} ({units['energy']}), largest force "
@@ -170,13 +176,13 @@ def md_from_checkpoint(checkpoint: str | Checkpoint | Committee, *, structure: s
         checkpoint = load_potential(checkpoint)
     # Independent streams for the equilibration and the velocities, both from one seed.
     sampler_seed, velocity_seed = (int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(2))
-    system_name = checkpoint.meta.get("system", "")
-    system = get_system(system_name) if system_name in SYSTEMS else None
+    system = reference_system(checkpoint)
     if structure is not None:
         atoms = read_structure(structure)
     else:
         if system is None:
-            raise InputError(f"the checkpoint's data has no reference system ({system_name!r}): use a structure")
+            raise InputError(f"the checkpoint's data has no reference system ({checkpoint.meta.get('system', '')!r}): "
+                             "use a structure")
         point = system.state_point(state_point)
         sampling = SamplingConfig(frames_per_point=1, stride=50, equilibration=equilibrate, seed=sampler_seed)
         atoms = sample_state_point(system, point, sampling, seed=sampler_seed)[-1]
@@ -185,5 +191,5 @@ def md_from_checkpoint(checkpoint: str | Checkpoint | Committee, *, structure: s
     dt = dt if dt is not None else (system.dt if system is not None else None)
     if dt is None:
         raise InputError("give dt: the checkpoint's data has no reference system to take it from")
-    return run_md(checkpoint, atoms, steps=steps, dt=dt, kT=kT, mass=masses(checkpoint, atoms), seed=velocity_seed,
+    return run_md(checkpoint, atoms, steps=steps, dt=dt, kT=kT, mass=masses(system, atoms), seed=velocity_seed,
                   thermo_every=thermo_every, trajectory_every=trajectory_every, **kwargs)
