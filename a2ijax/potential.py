@@ -241,11 +241,21 @@ def _sharded_energy(model: A2ITransformer, atom_chunk: int, params: Any, R: Arra
     return energy[:n] if per_atom else energy
 
 
-def _init(model: A2ITransformer, key: Array, R: Array, idx: Array, displacement_fn: DisplacementFn,
-          species: Array | None) -> Any:
-    """Parameters from a few atoms: their shapes do not depend on ``N`` or ``K``."""
-    inputs = model_inputs(R, idx[: min(R.shape[0], 4)], displacement_fn, species, None)
-    return jax.jit(model.init)(key, *inputs)
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init_program(model: A2ITransformer, key: Array, dim: int, dtype: str) -> Any:
+    """``model.init`` on one centre with two neighbours, compiled once per model, dimension and
+    position dtype: a parameter's shape and value depend on the configuration and its path in the
+    model, not on the atoms, ``N`` or ``K``, so no system needs a program of its own (the compiled
+    program is mostly the random initialisers)."""
+    dR = 0.5 * model.config.cutoff * jnp.eye(2, dim, dtype=dtype)[None]  # [1, 2, dim]
+    species = jnp.zeros((1,), jnp.int32)
+    return model.init(key, dR, species, jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), bool))
+
+
+def _init(model: A2ITransformer, key: Array, R: Array) -> Any:
+    """The model's parameters for positions like ``R`` (:func:`_init_program`)."""
+    R = jnp.asarray(R)
+    return _init_program(model, key, R.shape[-1], R.dtype.name)
 
 
 def _a2i_functions(displacement_fn: DisplacementFn, config: A2IConfig, species: Array | None, atom_chunk: int,
@@ -284,7 +294,7 @@ def _a2i_functions(displacement_fn: DisplacementFn, config: A2IConfig, species: 
         s = kwargs.pop("species", species)
         _check_inputs(config, R, s, None)
         neighbor = _neighbors(neighbor)
-        return _init(model_for(neighbor), key, R, neighbor.idx, lambda a, b: displacement_fn(a, b, **kwargs), s)
+        return _init(model_for(neighbor), key, R)
 
     def energy_fn(params: Any, R: Array, neighbor: Any = None, *, species: Array | None = species,
                   mask: Array | None = None, per_atom: bool = False, **kwargs) -> Array:
@@ -450,7 +460,7 @@ def a2i_pair(
     def init_fn(key: Array, R: Array, neighbor: Any = None, **kwargs) -> Any:
         s = kwargs.pop("species", species)
         _check_inputs(config, R, s, None)
-        return _init(model, key, R, all_pairs_index(R.shape[0]), lambda a, b: displacement_fn(a, b, **kwargs), s)
+        return _init(model, key, R)
 
     def energy_fn(params: Any, R: Array, neighbor: Any = None, *, species: Array | None = species,
                   mask: Array | None = None, per_atom: bool = False, **kwargs) -> Array:

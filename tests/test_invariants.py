@@ -51,20 +51,31 @@ def energy_and_forces(energy_fn, params, R, **kw):
     return E, -G
 
 
+@partial(jax.jit, static_argnums=0)
+def atom_energies_and_forces(energy_fn, params, R, neighbor, species):
+    """``(per-atom energies, their sum, forces)`` in one program (species an argument, not a constant:
+    one compilation serves a system and its permutation)."""
+    def total(R):
+        energies = energy_fn(params, R, neighbor, species=species, per_atom=True)
+        return jnp.sum(energies), energies
+
+    (E, energies), G = jax.value_and_grad(total, has_aux=True)(R)
+    return energies, E, -G
+
+
 # 1. Permutation --------------------------------------------------------------------------------
 @pytest.mark.parametrize("featurization", FEATURIZATIONS)
 def test_permutation_permutes_atom_energies_and_forces(periodic_liquid, featurization):
     R, side, species = periodic_liquid
     _, neighbor_fn, nbrs, params, energy_fn = periodic_model(featurization, R, side, species, 0, layers=2)
-    E_i = energy_fn(params, R, nbrs, per_atom=True)
-    E, F = energy_and_forces(energy_fn, params, R, neighbor=nbrs)
+    E_i, E, F = atom_energies_and_forces(energy_fn, params, R, nbrs, species)
     assert_nontrivial(F)
 
     perm = jnp.asarray(np.random.default_rng(5).permutation(R.shape[0]))
     Rp, sp = R[perm], species[perm]
     nbrs_p = neighbor_fn.allocate(Rp)
-    E_ip = energy_fn(params, Rp, nbrs_p, species=sp, per_atom=True)
-    Ep, Fp = energy_and_forces(energy_fn, params, Rp, neighbor=nbrs_p, species=sp)
+    assert nbrs_p.idx.shape == nbrs.idx.shape  # the same program for both
+    E_ip, Ep, Fp = atom_energies_and_forces(energy_fn, params, Rp, nbrs_p, sp)
     np.testing.assert_allclose(E_ip, E_i[perm], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(Ep, E, rtol=1e-12)
     np.testing.assert_allclose(Fp, F[perm], rtol=1e-9, atol=1e-11)
@@ -191,12 +202,11 @@ def test_neighbor_list_equals_all_pairs_periodic(periodic_liquid, featurization)
     R, side, species = periodic_liquid
     displacement, neighbor_fn, nbrs, params, energy_fn = periodic_model(featurization, R, side, species, 7)
     _, pair_energy = pair_model(displacement, side, small_config(featurization), species)
-    E_nl, F_nl = energy_and_forces(lambda p, R: energy_fn(p, R, nbrs, per_atom=True).sum(), params, R)
-    E_ap, F_ap = energy_and_forces(pair_energy, params, R)
+    e_nl, E_nl, F_nl = atom_energies_and_forces(energy_fn, params, R, nbrs, species)
+    e_ap, _, F_ap = atom_energies_and_forces(pair_energy, params, R, None, species)
     assert_nontrivial(F_nl)
     assert nbrs.idx.shape[1] < R.shape[0] - 1  # the list really prunes
-    np.testing.assert_allclose(energy_fn(params, R, nbrs, per_atom=True), pair_energy(params, R, per_atom=True),
-                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(e_nl, e_ap, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(F_nl, F_ap, rtol=1e-8, atol=1e-10)
 
     # More padding slots, and the slots of each atom in another order: nothing changes.
@@ -379,6 +389,31 @@ def test_batched_energy_and_forces_matches_single_systems(periodic_liquid):
     np.testing.assert_allclose(F_b[0], F_big, rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(F_b[1, :n_small], F_small, rtol=1e-9, atol=1e-11)
     np.testing.assert_array_equal(F_b[1, n_small:], 0.0)
+
+
+# 9. One compilation: a model's parameters do not depend on the system ------------------------------
+def test_init_gives_one_set_of_parameters_for_every_system_from_one_program(periodic_liquid):
+    """init_fn on a periodic liquid (64 atoms, its list's K) and on a free cluster of 18 atoms (all pairs)
+    with one key: the same parameters to the bit, from one compiled program; another key draws every
+    random one anew."""
+    from a2ijax.potential import _init_program
+
+    R, side, species = periodic_liquid
+    config = small_config("invariant", attention_cutoff=1.5, attention_keys=6)
+    before = _init_program._cache_size()
+    _, neighbor_fn, nbrs, params, _ = periodic_model("invariant", R, side, species, 21, attention_cutoff=1.5,
+                                                     attention_keys=6)
+    init_fn, _ = pair_model(space.free()[0], 100.0, config, species[:18])
+    cluster = init_fn(jax.random.PRNGKey(21), R[:18] * 0.9)
+    assert _init_program._cache_size() == before + 1
+    leaves, other = jax.tree.leaves(params), jax.tree.leaves(cluster)
+    assert len(leaves) == len(other) > 10
+    for a, b in zip(leaves, other, strict=True):
+        np.testing.assert_array_equal(a, b)
+    changed = jax.tree.leaves(init_fn(jax.random.PRNGKey(22), R[:18]))
+    drawn = [np.ptp(np.asarray(a)) > 0 for a in leaves]  # random, not a constant (biases, scales)
+    assert sum(drawn) > 5
+    assert [not np.array_equal(a, b) for a, b in zip(leaves, changed, strict=True)] == drawn
 
 
 # Chunked evaluation is an execution detail: it must not change the numbers ------------------------

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import child_env
+from conftest import child_env, shared_directory
 from jax_md import quantity, simulate, space
 from lammps_worker import lammps_nve, write_data
 
@@ -48,9 +48,15 @@ def start(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_rank(trained, start):
-    with jax.enable_x64(True):
-        return lammps_nve(trained[1], start[2], STEPS)
+def one_rank(trained, start, tmp_path_factory):
+    """The one-rank LAMMPS run's record, run once per test session (shared by the xdist workers: both
+    tests below read it, and a second run would cost as much as the first)."""
+    with shared_directory(tmp_path_factory, "lammps-one-rank") as (directory, ready):
+        record = directory / "one.json"
+        if not ready:
+            with jax.enable_x64(True):
+                record.write_text(json.dumps(lammps_nve(trained[1], start[2], STEPS)))  # floats exactly, as repr
+    return json.loads(record.read_text())
 
 
 def test_one_rank_lammps_run_is_the_a2ijax_md_run(x64, trained, start, one_rank):
