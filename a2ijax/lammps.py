@@ -73,10 +73,14 @@ FIX_ID = "a2i"
 #: Centres per rematerialised chunk on a CPU: the ghost form of the shipped LJ model took 0.56 s per
 #: call at 4,000 atoms with 128 against 0.68 s with the MD default of 32 (this machine, 2026-12-02).
 CPU_ATOM_CHUNK = 128
-#: Neighbour slots over the most any centre has when a program's sizes are chosen (as the MD list's
-#: ``capacity_multiplier``): with 1.1, the shipped LJ model at 4,000 atoms outgrew its slots and
-#: recompiled within 20 steps.
+#: Neighbour slots over the most any centre has when a program's slots are chosen (as the MD list's
+#: ``capacity_multiplier``), at the start and whenever a layout needs more than the program has.
 SLOT_ROOM = 1.25
+#: Atoms (local and ghost) over the count of a layout when a program's atoms are chosen: LAMMPS's
+#: ghost count moves with every re-neighbouring (by up to 10% within 40 steps for a 256-atom LJ liquid,
+#: which compiled the ghost form three times with no room), and padding atoms cost memory for their
+#: positions only, no model work. Centres get no room beyond their bucket: each padded one is work.
+ATOM_ROOM = 1.2
 #: Commands that start dynamics or a minimisation: the fix goes in before the first of them.
 RUNS = ("run", "minimize", "rerun")
 
@@ -254,11 +258,13 @@ class A2IFix:
         if config.attention_keys:  # within r_att + skin now: within r_att until the next layout
             inside = np.bincount(row_of[i][d < config.attention_cutoff + self.skin], minlength=len(rows))
             keys = 8 * -(-max(config.attention_keys, int(inside.max(initial=0))) // 8)
-        # Padded sizes only grow (the largest seen so far), and start with room (SLOT_ROOM): a layout
-        # that needs less reuses the program.
-        slots = 8 * max(1, -(-int(np.ceil(SLOT_ROOM * counts.max(initial=1))) // 8))
-        needed = (bucket(n + 1), bucket(len(rows)), slots, keys)
-        self.capacity = tuple(max(a, b) for a, b in zip(self.capacity, needed, strict=True))
+        # Padded sizes only grow, and a size that no longer holds grows with room (ATOM_ROOM, SLOT_ROOM),
+        # as an MD neighbour list is reallocated: a layout that fits reuses the program.
+        needed = (n + 1, len(rows), int(counts.max(initial=1)), keys)
+        sized = (lambda x: bucket(int(np.ceil(ATOM_ROOM * x))), bucket,
+                 lambda x: 8 * max(1, -(-int(np.ceil(SLOT_ROOM * x)) // 8)), lambda x: x)
+        self.capacity = tuple(have if want <= have else size(want)
+                              for have, want, size in zip(self.capacity, needed, sized, strict=True))
         atoms, centres, slots, keys = self.capacity
         idx = np.full((centres, slots), atoms, np.int32)
         idx[row_of[i], slot] = j

@@ -86,8 +86,9 @@ def test_one_rank_lammps_run_is_the_a2ijax_md_run(x64, trained, start, one_rank)
     pressure = quantity.pressure(potential.energy_fn, md.state.position, jnp.eye(3) * SIDE, kinetic_energy=kinetic,
                                  neighbor=md.neighbor)
     np.testing.assert_allclose(one_rank["pressure_end"], float(pressure), rtol=1e-8)
-    # Buckets: a handful of compilations for the steps' callbacks, not one per step.
-    assert one_rank["calls"] > STEPS and one_rank["programs"] <= 0.1 * one_rank["calls"]
+    # Padded sizes with room (a2ijax.lammps.ATOM_ROOM, SLOT_ROOM): one compilation for every callback,
+    # while LAMMPS's ghost count moves by several percent.
+    assert one_rank["calls"] > STEPS and one_rank["programs"] == 1
 
 
 def test_two_ranks_give_the_forces_and_the_trajectory_of_one(trained, start, one_rank, tmp_path):
