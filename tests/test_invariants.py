@@ -401,8 +401,7 @@ def test_init_gives_one_set_of_parameters_for_every_system_from_one_program(peri
     R, side, species = periodic_liquid
     config = small_config("invariant", attention_cutoff=1.5, attention_keys=6)
     before = _init_program._cache_size()
-    _, neighbor_fn, nbrs, params, _ = periodic_model("invariant", R, side, species, 21, attention_cutoff=1.5,
-                                                     attention_keys=6)
+    params = periodic_model("invariant", R, side, species, 21, attention_cutoff=1.5, attention_keys=6)[3]
     init_fn, _ = pair_model(space.free()[0], 100.0, config, species[:18])
     cluster = init_fn(jax.random.PRNGKey(21), R[:18] * 0.9)
     assert _init_program._cache_size() == before + 1
