@@ -260,12 +260,14 @@ class A2IFix:
             keys = 8 * -(-max(config.attention_keys, int(inside.max(initial=0))) // 8)
         # Padded sizes only grow, and a size that no longer holds grows with room (ATOM_ROOM, SLOT_ROOM),
         # as an MD neighbour list is reallocated: a layout that fits reuses the program.
-        needed = (n + 1, len(rows), int(counts.max(initial=1)), keys)
-        sized = (lambda x: bucket(int(np.ceil(ATOM_ROOM * x))), bucket,
-                 lambda x: 8 * max(1, -(-int(np.ceil(SLOT_ROOM * x)) // 8)), lambda x: x)
-        self.capacity = tuple(have if want <= have else size(want)
-                              for have, want, size in zip(self.capacity, needed, sized, strict=True))
-        atoms, centres, slots, keys = self.capacity
+        atoms, centres, slots, most_keys = self.capacity
+        if n + 1 > atoms:
+            atoms = bucket(int(np.ceil(ATOM_ROOM * (n + 1))))
+        centres = max(centres, bucket(len(rows)))
+        if counts.max(initial=1) > slots:
+            slots = 8 * -(-int(np.ceil(SLOT_ROOM * counts.max(initial=1))) // 8)
+        keys = max(keys, most_keys)
+        self.capacity = (atoms, centres, slots, keys)
         idx = np.full((centres, slots), atoms, np.int32)
         idx[row_of[i], slot] = j
         species = np.zeros(atoms, np.int32)

@@ -253,9 +253,9 @@ def _init_program(model: A2ITransformer, key: Array, dim: int, dtype: str) -> An
 
 
 def _init(model: A2ITransformer, key: Array, R: Array) -> Any:
-    """The model's parameters for positions like ``R`` (:func:`_init_program`)."""
-    R = jnp.asarray(R)
-    return _init_program(model, key, R.shape[-1], R.dtype.name)
+    """The model's parameters for positions like ``R`` (:func:`_init_program`; only ``R``'s dimension
+    and dtype are read, so the positions stay where they are)."""
+    return _init_program(model, key, R.shape[-1], jnp.result_type(R).name)
 
 
 def _a2i_functions(displacement_fn: DisplacementFn, config: A2IConfig, species: Array | None, atom_chunk: int,
