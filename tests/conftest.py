@@ -55,6 +55,18 @@ def shared_directory(tmp_path_factory, name: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests of the shared trained model (:func:`trained_committee`, about a minute to build)
+    open the second half of the run. pytest-xdist's worksteal starts each worker on one half, so the
+    second worker builds the model first while the first runs tests that do not need it. In
+    collection order both workers' first tests needed it, and one core idled ~50 s while the other
+    built it (per-test timeline of 2026-12-03, BUILD_NOTES.md "Test suite and CI")."""
+    shared = [item for item in items if "trained_committee" in item.fixturenames]
+    others = [item for item in items if "trained_committee" not in item.fixturenames]
+    half = len(items) // 2
+    items[:] = others[:half] + shared + others[half:]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
     """A persistent XLA cache for the run, shared by the xdist workers: the training tests compile
