@@ -55,10 +55,11 @@ def shared_directory(tmp_path_factory, name: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+@pytest.hookimpl(trylast=True)  # after `-m 'not slow'` has deselected: halves of the tests that run
 def pytest_collection_modifyitems(config, items):
     """The tests of the shared trained model (:func:`trained_committee`, about a minute to build)
     open the second half of the run. pytest-xdist's worksteal starts each worker on one half, so the
-    second worker builds the model first while the first runs tests that do not need it. In
+    worker on the second half builds the model first while the other runs tests that do not need it. In
     collection order both workers' first tests needed it, and one core idled ~50 s while the other
     built it (per-test timeline of 2026-12-03, BUILD_NOTES.md "Test suite and CI")."""
     shared = [item for item in items if "trained_committee" in item.fixturenames]
