@@ -111,9 +111,9 @@ def baseline_neighbor_list(name: str, displacement_fn: Callable, box: Any, *, cu
         def atoms(R, kwargs):
             return one_hot_species(kwargs.pop("species", fixed), R.shape[0], n_species)
 
-        # One compiled program: run op by op, NequIP's initialisers dispatch ~300 small programs.
-        init_program = jax.jit(lambda key, R, neighbor, atoms, kwargs: init(key, R, _sparse(neighbor), atoms=atoms,
-                                                                             **kwargs))
+        @jax.jit  # one compiled program: run op by op, NequIP's initialisers dispatch ~300 small ones
+        def init_program(key, R, neighbor, one_hot, kwargs):
+            return init(key, R, _sparse(neighbor), atoms=one_hot, **kwargs)
 
         def init_fn(key, R, neighbor, **kwargs):
             return init_program(key, R, neighbor, atoms(R, kwargs), kwargs)

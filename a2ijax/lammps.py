@@ -264,8 +264,9 @@ class A2IFix:
         if n + 1 > atoms:
             atoms = bucket(int(np.ceil(ATOM_ROOM * (n + 1))))
         centres = max(centres, bucket(len(rows)))
-        if counts.max(initial=1) > slots:
-            slots = 8 * -(-int(np.ceil(SLOT_ROOM * counts.max(initial=1))) // 8)
+        most = int(counts.max(initial=1))
+        if most > slots:
+            slots = 8 * -(-int(np.ceil(SLOT_ROOM * most)) // 8)
         keys = max(keys, most_keys)
         self.capacity = (atoms, centres, slots, keys)
         idx = np.full((centres, slots), atoms, np.int32)
