@@ -41,9 +41,9 @@ MODEL = A2IConfig(cutoff=2.5, width=32, heads=2, layers=1, avg_neighbors=50.0, a
                   attention_keys=24, pair_radial=16)
 # One state point and the report's own measure as the loss (state-point normalisation), energies and
 # forces at equal weight: step 0 is already the least-squares pair potential, so neither term dominates.
-# 200 steps: within 5 minutes on a 2-core CPU even on a slow host (docs/results.md, "A fresh clone").
-# 400 steps took 327 s on such a host, and their validation errors at step 100 (energy 1.5% of the
-# fluctuation, force 0.33% of the std) were already far inside the quickstart's targets (10%, 5%).
+# 200 steps: within 5 minutes on a 2-core CPU even on a slow host, where 400 were not, and far inside
+# the quickstart's targets (energy 10%, force 5%): docs/results.md, "A fresh clone"; BUILD_NOTES.md,
+# "Test suite and CI".
 TRAIN = TrainConfig(steps=200, batch_size=2, learning_rate=3e-3, warmup_steps=30, energy_weight=1.0,
                     force_weight=1.0, eval_every=100, checkpoint_every=100, eval_frames=10)
 SAMPLING = SamplingConfig(frames_per_point=100, stride=50, equilibration=3000, segment_frames=10)
