@@ -28,7 +28,7 @@ from jax_md import quantity
 from a2ijax.batching import frame_box, frame_pairs, pad_frames
 from a2ijax.checkpoint import Checkpoint, load_checkpoint
 from a2ijax.dataset import structure_dataset
-from a2ijax.geometry import dense_index
+from a2ijax.geometry import attention_key_slots, dense_index
 from a2ijax.potential import a2i_builder, fixed_neighbor_list
 
 
@@ -84,8 +84,7 @@ class A2ICalculator(Calculator):
         model = self.checkpoint.config.model
         keys = 0
         if model.attention_keys:  # every atom attends to all its neighbours inside the range
-            inside = np.bincount(i[d < model.attention_cutoff], minlength=len(atoms))
-            keys = 8 * -(-max(model.attention_keys, int(inside.max(initial=0))) // 8)
+            keys = attention_key_slots(i, d, model.attention_cutoff, model.attention_keys)
         padded = pad_frames(frame, np.zeros(1, int), neighbors, len(atoms), capacity, self.cutoff)
         dtype = jnp.result_type(float)
         params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, dtype), self.checkpoint.params)

@@ -157,6 +157,14 @@ def dense_index(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:
     return index
 
 
+def attention_key_slots(centre: np.ndarray, d: np.ndarray, radius: float, least: int) -> int:
+    """Attention-key slots for host pairs (``centre[p]`` the row of pair ``p``, ``d[p]`` its length):
+    the most pairs of one row inside ``radius``, at least ``least``, rounded up to a multiple of 8 so
+    that small changes in the structure reuse a compiled program."""
+    most = int(np.bincount(centre[d < radius]).max(initial=0))
+    return 8 * -(-max(least, most) // 8)
+
+
 def closest_distance(R: np.ndarray, cell: np.ndarray, pbc, cutoff: float) -> float:
     """The smallest distance between two atoms, if below ``cutoff``; else inf."""
     _, _, d = neighbor_pairs(R, cell, pbc, cutoff)

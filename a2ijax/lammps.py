@@ -65,7 +65,7 @@ import numpy as np
 from a2ijax.checkpoint import Checkpoint, unit_style
 from a2ijax.errors import InputError
 from a2ijax.export import ghost_form
-from a2ijax.geometry import neighbor_pairs
+from a2ijax.geometry import attention_key_slots, neighbor_pairs
 from a2ijax.potential import run_settings
 from a2ijax.pretrained import resolve
 
@@ -256,8 +256,7 @@ class A2IFix:
         config = self.checkpoint.config.model
         keys = 0
         if config.attention_keys:  # within r_att + skin now: within r_att until the next layout
-            inside = np.bincount(row_of[i][d < config.attention_cutoff + self.skin], minlength=len(rows))
-            keys = 8 * -(-max(config.attention_keys, int(inside.max(initial=0))) // 8)
+            keys = attention_key_slots(row_of[i], d, config.attention_cutoff + self.skin, config.attention_keys)
         # Padded sizes only grow, and a size that no longer holds grows with room (ATOM_ROOM, SLOT_ROOM),
         # as an MD neighbour list is reallocated: a layout that fits reuses the program.
         atoms, centres, slots, most_keys = self.capacity

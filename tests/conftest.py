@@ -59,9 +59,9 @@ def shared_directory(tmp_path_factory, name: str):
 def pytest_collection_modifyitems(config, items):
     """The tests of the shared trained model (:func:`trained_committee`, about a minute to build)
     open the second half of the run. pytest-xdist's worksteal starts each worker on one half, so the
-    worker on the second half builds the model first while the other runs tests that do not need it. In
-    collection order both workers' first tests needed it, and one core idled ~50 s while the other
-    built it (per-test timeline of 2026-12-03, BUILD_NOTES.md "Test suite and CI")."""
+    worker on the second half builds the model first while the other runs tests that do not need
+    it. In collection order both workers' first tests needed it, and one core idled ~50 s while the
+    other built it (per-test timeline of 2026-12-03, BUILD_NOTES.md "Test suite and CI")."""
     shared = [item for item in items if "trained_committee" in item.fixturenames]
     others = [item for item in items if "trained_committee" not in item.fixturenames]
     half = len(items) // 2
